@@ -1,0 +1,32 @@
+"""jaxrnn: recurrent neural networks for JAX as pure functions.
+
+A cell is a `Cell` of pure functions (``init``, ``initial_carry``, ``step``, ``project``,
+``recur``); `unroll` runs it over a sequence with ``jax.lax.scan``; `stack` builds multi-layer,
+bidirectional networks.
+"""
+
+from jaxrnn import initializers
+from jaxrnn._src.cell import Cell, make_cell
+from jaxrnn._src.elman import ElmanParams, elman
+from jaxrnn._src.gru import GRUParams, gru
+from jaxrnn._src.layers import Network, stack
+from jaxrnn._src.lstm import LSTMCarry, LSTMParams, lstm
+from jaxrnn._src.unroll import unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cell",
+    "ElmanParams",
+    "GRUParams",
+    "LSTMCarry",
+    "LSTMParams",
+    "Network",
+    "elman",
+    "gru",
+    "initializers",
+    "lstm",
+    "make_cell",
+    "stack",
+    "unroll",
+]

@@ -1,0 +1,213 @@
+"""The runner: the one place in jaxrnn that loops over time."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrnn._src import checks
+from jaxrnn._src.cell import Cell
+
+
+def _expand_to(flag: jax.Array, leaf: jax.Array) -> jax.Array:
+    """Broadcasts a ``(*batch,)`` flag against a ``(*batch, ...)`` leaf."""
+    return jnp.reshape(flag, flag.shape + (1,) * (leaf.ndim - flag.ndim))
+
+
+def select_tree(flag: jax.Array, on_true, on_false):
+    """``where(flag, a, b)`` leaf by leaf, ``flag`` of shape ``(*batch,)``."""
+    return jax.tree_util.tree_map(
+        lambda a, b: jnp.where(_expand_to(flag, a), a, b), on_true, on_false
+    )
+
+
+def _zero_where_not(flag: jax.Array, tree):
+    return jax.tree_util.tree_map(
+        lambda a: jnp.where(_expand_to(flag, a), a, jnp.zeros((), a.dtype)), tree
+    )
+
+
+def _cast_carry(carry, dtype):
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, carry
+    )
+
+
+def step_flags(
+    time: int,
+    batch_shape: tuple,
+    seq_lengths: jax.Array | None,
+    mask: jax.Array | None,
+    resets: jax.Array | None,
+):
+    """Folds ``seq_lengths`` into a time-major step mask; drops resets in the padding.
+
+    Returns ``(mask, resets)``, each ``(time, *batch)`` bool or ``None``.
+    """
+    if seq_lengths is not None:
+        t = jnp.arange(time).reshape((time,) + (1,) * len(batch_shape))
+        valid = t < seq_lengths[None]
+        mask = valid if mask is None else mask & valid
+        if resets is not None:
+            resets = resets & valid
+    return mask, resets
+
+
+def run_time_major(
+    cell: Cell,
+    params,
+    xs: jax.Array,
+    carry,
+    *,
+    mask: jax.Array | None,
+    resets: jax.Array | None,
+    reverse: bool,
+    unroll: int | bool,
+):
+    """Runs validated, time-major inputs: ``xs: (time, *batch, features)``.
+
+    The input projection is hoisted out of the loop: ``project`` runs once on the whole
+    sequence (one large matmul), and the scan body only does ``recur``.
+    """
+    batch_shape = tuple(xs.shape[1:-1])
+    xw = cell.project(params, xs)
+    if mask is not None:
+        # Zero the input of skipped steps: their (ignored) computation then cannot make NaN
+        # gradients leak out of the padding.
+        xw = _zero_where_not(mask, xw)
+    initial = None
+    if resets is not None:
+        initial = _cast_carry(cell.initial_carry(batch_shape, xs.dtype), xs.dtype)
+
+    def body(c, inputs):
+        xw_t, m_t, r_t = inputs
+        if r_t is not None and not reverse:
+            c = select_tree(r_t, initial, c)
+        c_new, y = cell.recur(params, c, xw_t)
+        if m_t is not None:
+            c_new = select_tree(m_t, c_new, c)
+            y = _zero_where_not(m_t, y)
+        if r_t is not None and reverse:
+            c_new = select_tree(r_t, initial, c_new)
+        return c_new, y
+
+    carry, ys = lax.scan(body, carry, (xw, mask, resets), reverse=reverse, unroll=unroll)
+    return ys, carry
+
+
+def unroll(
+    cell: Cell,
+    params,
+    xs: jax.Array,
+    carry=None,
+    *,
+    time_major: bool = False,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    seq_lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    resets: jax.Array | None = None,
+):
+    r"""Runs ``cell`` over a sequence: ``jax.lax.scan`` with masks, lengths and resets.
+
+    Signature, with ``B = *batch`` (any number of batch dims, including none)::
+
+        unroll(cell, params, xs: (*B, T, F), carry=None) -> (ys: (*B, T, O), carry)
+
+    Semantically equal to this Python loop (``time_major=False``; ``mask``, ``resets`` and
+    ``seq_lengths`` indexed per sequence)::
+
+        carry = cell.initial_carry(B) if carry is None else carry
+        order = reversed(range(T)) if reverse else range(T)
+        for t in order:                       # one sequence shown; every row likewise
+            valid = mask[t] and t < seq_lengths
+            if resets[t] and t < seq_lengths and not reverse:
+                carry = cell.initial_carry()  # a boundary just before step t
+            if valid:
+                carry, ys[t] = cell.step(params, carry, xs[t])
+            else:
+                ys[t] = 0                     # carry held
+            if resets[t] and t < seq_lengths and reverse:
+                carry = cell.initial_carry()  # the same boundary, crossed the other way
+
+    so right-padded sequences (``seq_lengths``) get zero outputs in the padding, their final
+    carry is the carry after their last valid step (held, not stored per step: memory for it is
+    O(batch · hidden)), and ``reverse=True`` runs each sequence backwards over its valid part
+    only, writing ``ys`` in the input's order (as PyTorch's packed bidirectional RNNs).
+
+    The input projection ``cell.project`` runs once over the whole sequence before the loop;
+    the loop runs ``cell.recur``.
+
+    Args:
+      cell: a `Cell`.
+      params: the cell's params (from ``cell.init``).
+      xs: ``(*batch, time, input_size)``, or ``(time, *batch, input_size)`` with
+        ``time_major=True``. Floating point; computation runs in its dtype.
+      carry: the initial carry, as ``cell.initial_carry(batch_shape)``; default zeros.
+      time_major: layout of ``xs``, ``ys``, ``mask`` and ``resets``.
+      reverse: run from the last (valid) step to the first.
+      unroll: the scan's unroll factor (``lax.scan``'s ``unroll``).
+      seq_lengths: ``(*batch,)`` ints; sequence ``b`` occupies steps ``[0, seq_lengths[b])``.
+        Lengths beyond ``time`` act as ``time``; lengths ``<= 0`` leave the carry untouched.
+      mask: ``(*batch, time)`` bool; where ``False`` the step is skipped: carry held, output
+        zero (as Keras masks).
+      resets: ``(*batch, time)`` bool; where ``True`` a new sequence starts at that step: the
+        carry returns to ``cell.initial_carry()`` (zeros, not the ``carry`` argument) before
+        it, as Haiku's ``ResetCore`` — so several sequences can be packed in one row. With
+        ``reverse=True`` each packed sequence runs backwards on its own.
+
+    Returns:
+      ``(ys, carry)``: ``ys`` in the layout of ``xs`` with features replaced by the cell's
+      output size; ``carry`` the final carry.
+
+    Raises:
+      TypeError, ValueError: at trace time, for a non-Cell, integer ``xs``, params of another
+      cell or input size, a carry, ``seq_lengths``, ``mask`` or ``resets`` of the wrong
+      structure, shape or dtype. NaN in ``xs`` is never replaced: it propagates.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrnn
+      >>> cell = jaxrnn.lstm(16)
+      >>> params = cell.init(jax.random.PRNGKey(0), input_size=4)
+      >>> xs = jax.random.normal(jax.random.PRNGKey(1), (2, 10, 4))   # (batch, time, features)
+      >>> ys, carry = jaxrnn.unroll(cell, params, xs, seq_lengths=jnp.array([10, 7]))
+      >>> ys.shape, carry.h.shape
+      ((2, 10, 16), (2, 16))
+      >>> bool(jnp.all(ys[1, 7:] == 0))
+      True
+    """
+    fn = "unroll"
+    checks.check_cell(fn, cell)
+    xs = checks.check_xs(fn, xs)
+    checks.check_unroll_factor(fn, unroll)
+    checks.check_params(fn, cell, params, xs.shape[-1])
+    if time_major:
+        time, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])
+        flag_shape, layout = (time, *batch_shape), "(time, *batch) with time_major=True"
+    else:
+        time, batch_shape = xs.shape[-2], tuple(xs.shape[:-2])
+        flag_shape, layout = (*batch_shape, time), "(*batch, time)"
+    if carry is None:
+        carry = cell.initial_carry(batch_shape, xs.dtype)
+    else:
+        checks.check_carry(fn, cell, carry, batch_shape, xs.dtype)
+    carry = _cast_carry(carry, xs.dtype)
+    if seq_lengths is not None:
+        seq_lengths = checks.check_seq_lengths(fn, seq_lengths, batch_shape)
+    if mask is not None:
+        mask = checks.check_step_flags(fn, "mask", mask, flag_shape, layout)
+    if resets is not None:
+        resets = checks.check_step_flags(fn, "resets", resets, flag_shape, layout)
+
+    if not time_major:
+        xs = jnp.moveaxis(xs, -2, 0)
+        mask = None if mask is None else jnp.moveaxis(mask, -1, 0)
+        resets = None if resets is None else jnp.moveaxis(resets, -1, 0)
+    mask, resets = step_flags(time, batch_shape, seq_lengths, mask, resets)
+    ys, carry = run_time_major(
+        cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
+    )
+    if not time_major:
+        ys = jax.tree_util.tree_map(lambda y: jnp.moveaxis(y, 0, -2), ys)
+    return ys, carry
