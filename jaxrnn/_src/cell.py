@@ -99,7 +99,8 @@ def make_cell(
       ...     h = jnp.tanh(x @ params["w"] + h * params["decay"])
       ...     return h, h
       >>> def init(key, input_size, *, dtype=jnp.float32):
-      ...     return {"w": jax.random.normal(key, (input_size, 4), dtype), "decay": jnp.full(4, 0.9)}
+      ...     w = jax.random.normal(key, (input_size, 4), dtype)
+      ...     return {"w": w, "decay": jnp.full(4, 0.9, dtype)}
       >>> cell = jaxrnn.make_cell(step, init, lambda batch_shape=(), dtype=jnp.float32:
       ...                         jnp.zeros((*batch_shape, 4), dtype))
       >>> params = cell.init(jax.random.PRNGKey(0), 3)

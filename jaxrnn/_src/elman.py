@@ -101,9 +101,7 @@ def elman(
         return recur(params, h, project(params, x))
 
     def check_params(params) -> None:
-        cell_lib.check_fused_params(
-            name, params, ElmanParams, hidden_size, hidden_size, use_bias
-        )
+        cell_lib.check_fused_params(name, params, ElmanParams, hidden_size, hidden_size, use_bias)
 
     return cell_lib.Cell(
         init=init,
