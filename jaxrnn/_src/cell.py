@@ -41,6 +41,9 @@ class Cell(NamedTuple):
         check ``xs`` (``None``: not checked).
       check_params: ``params -> None``; raises ``ValueError`` when params do not belong to this cell
         (e.g. another hidden size). ``None``: not checked.
+      kind: which built-in recurrence this is (``"elman_tanh"``, ``"elman_relu"``, ``"lstm"``,
+        ``"gru"``), so the runner can take its sequence-level fast path; ``None`` for user cells
+        (and cells the fast path does not cover), which run the generic scan.
     """
 
     init: Callable[..., Params]
@@ -54,6 +57,7 @@ class Cell(NamedTuple):
     params_type: type | None = None
     input_size_of: Callable[[Params], int] | None = None
     check_params: Callable[[Params], None] | None = None
+    kind: str | None = None
 
 
 def _identity_project(params: Params, xs: Array) -> Array:

@@ -115,4 +115,5 @@ def elman(
         params_type=ElmanParams,
         input_size_of=lambda p: p.w_x.shape[0],
         check_params=check_params,
+        kind=f"elman_{activation}",
     )

@@ -114,4 +114,5 @@ def gru(
         params_type=GRUParams,
         input_size_of=lambda p: p.w_x.shape[0],
         check_params=check_params,
+        kind="gru",
     )

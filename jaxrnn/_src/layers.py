@@ -20,7 +20,7 @@ class Network(NamedTuple):
       init: ``init(key, input_size, *, dtype=jnp.float32) -> params``; ``params[layer][d]`` is
         the params of direction ``d`` (0 forward, 1 backward) of ``layer``.
       apply: ``apply(params, xs, carry=None, *, seq_lengths=None, mask=None, resets=None,
-        key=None, time_major=False, unroll=1) -> (ys, carries)``; ``carries[layer][d]`` is the
+        key=None, time_major=False, unroll=None) -> (ys, carries)``; ``carries[layer][d]`` is the
         final carry of that layer and direction.
       initial_carry: ``initial_carry(batch_shape=(), dtype=jnp.float32) -> carries``.
       cells: the cell of each layer.
@@ -121,7 +121,7 @@ def stack(
         resets=None,
         key=None,
         time_major: bool = False,
-        unroll: int | bool = 1,
+        unroll: int | bool | None = None,
     ):
         """Runs the network; see `stack`. Returns ``(ys, carries)``."""
         if not isinstance(params, (tuple, list)) or len(params) != num_layers:

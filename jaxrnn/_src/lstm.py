@@ -151,4 +151,5 @@ def lstm(
         params_type=LSTMParams,
         input_size_of=lambda p: p.w_x.shape[0],
         check_params=check_params,
+        kind=None if proj_size else "lstm",
     )

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrnn._src import checks
+from jaxrnn._src import checks, fastpath
 from jaxrnn._src.cell import Cell
 
 
@@ -63,13 +63,41 @@ def run_time_major(
     mask: jax.Array | None,
     resets: jax.Array | None,
     reverse: bool,
-    unroll: int | bool,
+    unroll: int | bool | None,
 ):
     """Runs validated, time-major inputs: ``xs: (time, *batch, features)``.
+
+    Built-in cells take the sequence-level fast path (`fastpath.run`: hoisted projection,
+    fused gates, hoisted weight gradients); other cells run the reference scan
+    (`reference_run_time_major`). Both compute the same function.
+    """
+    if fastpath.supports(cell, params):
+        return fastpath.run(
+            cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
+        )
+    return reference_run_time_major(
+        cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
+    )
+
+
+def reference_run_time_major(
+    cell: Cell,
+    params,
+    xs: jax.Array,
+    carry,
+    *,
+    mask: jax.Array | None,
+    resets: jax.Array | None,
+    reverse: bool,
+    unroll: int | bool | None,
+):
+    """The reference runner: ``lax.scan`` over ``cell.recur``, differentiated by JAX.
 
     The input projection is hoisted out of the loop: ``project`` runs once on the whole
     sequence (one large matmul), and the scan body only does ``recur``.
     """
+    if unroll is None:
+        unroll = 1
     batch_shape = tuple(xs.shape[1:-1])
     xw = cell.project(params, xs)
     if mask is not None:
@@ -104,7 +132,7 @@ def unroll(
     *,
     time_major: bool = False,
     reverse: bool = False,
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
     seq_lengths: jax.Array | None = None,
     mask: jax.Array | None = None,
     resets: jax.Array | None = None,
@@ -137,7 +165,10 @@ def unroll(
     only, writing ``ys`` in the input's order (as PyTorch's packed bidirectional RNNs).
 
     The input projection ``cell.project`` runs once over the whole sequence before the loop;
-    the loop runs ``cell.recur``.
+    the loop runs ``cell.recur``. The built-in cells (Elman, LSTM without ``proj_size``, GRU)
+    take a sequence-level fast path that computes the same function with the recurrent weight
+    gradients hoisted out of the reverse loop (one matmul over all steps), while forward-mode
+    differentiation (``jax.jvp``, ``jax.jacfwd``, Hessians) keeps working.
 
     Args:
       cell: a `Cell`.
@@ -147,7 +178,9 @@ def unroll(
       carry: the initial carry, as ``cell.initial_carry(batch_shape)``; default zeros.
       time_major: layout of ``xs``, ``ys``, ``mask`` and ``resets``.
       reverse: run from the last (valid) step to the first.
-      unroll: the scan's unroll factor (``lax.scan``'s ``unroll``).
+      unroll: the scan's unroll factor (``lax.scan``'s ``unroll``); ``None`` (default) picks a
+        measured factor for the built-in cells on this backend (and 1 for other cells). It
+        changes speed only, never the result.
       seq_lengths: ``(*batch,)`` ints; sequence ``b`` occupies steps ``[0, seq_lengths[b])``.
         Lengths beyond ``time`` act as ``time``; lengths ``<= 0`` leave the carry untouched.
       mask: ``(*batch, time)`` bool; where ``False`` the step is skipped: carry held, output
@@ -180,7 +213,8 @@ def unroll(
     fn = "unroll"
     checks.check_cell(fn, cell)
     xs = checks.check_xs(fn, xs)
-    checks.check_unroll_factor(fn, unroll)
+    if unroll is not None:
+        checks.check_unroll_factor(fn, unroll)
     checks.check_params(fn, cell, params, xs.shape[-1])
     if time_major:
         time, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])

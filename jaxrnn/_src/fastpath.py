@@ -1,0 +1,259 @@
+r"""Sequence-level fast path for the built-in cells (Elman, LSTM, GRU).
+
+The runner's reference path scans ``cell.recur`` and lets JAX differentiate the scan. Its
+reverse pass accumulates the recurrent weight gradient step by step, a rank-``batch`` update of
+the whole ``(state, gates)`` matrix inside the serial loop. Here the recurrence of a built-in
+cell is a `jax.custom_jvp` whose tangent rule is *linear* and hoists the weight terms:
+
+.. math::
+
+    \dot z_t = \underbrace{\dot{xw}_t + h^{in}_t \dot W_h + \dot b_h}_{\text{one matmul over
+    all } t} + \dot h^{in}_t W_h
+
+The first part is one ``(time·batch, state) × (state, gates)`` matmul outside the loop, computed
+from the primal states; the loop only carries ``(ḣ, ċ)`` through the gate derivatives, which
+are themselves computed for all steps at once after the primal scan. Reverse mode transposes
+this rule: the reverse scan carries only ``(dh, dc)``, emits ``dz_t``, and the weight gradient
+becomes ``dW_h = H_inᵀ · dZ``, one matmul. Being a JVP rule (not a `jax.custom_vjp`), forward
+mode, ``jacfwd`` and Hessians keep working.
+
+Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
+steps hold the carry and output zero, resets put the carry back to zeros before a step (after
+it when running in reverse).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+KINDS = ("elman_tanh", "elman_relu", "lstm", "gru")
+
+# Measured unroll factors (benchmarks/speed.py --tune): ((max batch*hidden, factor), ...) per
+# backend, the first row whose bound is >= batch*hidden wins. Any factor gives the same numbers.
+UNROLL_TABLE = {
+    "cpu": ((4096, 8), (1 << 62, 2)),
+    "gpu": ((1 << 62, 8),),
+}
+
+
+def supports(cell, params) -> bool:
+    """Whether ``cell`` (with these params) can take the fast path."""
+    return cell.kind in KINDS and getattr(params, "w_p", None) is None
+
+
+def default_unroll(batch_size: int, hidden_size: int, backend: str | None = None) -> int:
+    """The scan unroll factor the fast path uses when the caller leaves ``unroll`` to it."""
+    backend = backend or jax.default_backend()
+    table = UNROLL_TABLE.get("gpu" if backend in ("gpu", "cuda", "rocm") else backend)
+    if table is None:
+        table = UNROLL_TABLE["cpu"]
+    size = batch_size * hidden_size
+    return next(factor for bound, factor in table if size <= bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-cell recurrences. ``primal(xw_t, hw_t, carry_in) -> (carry_new, y, residuals)`` where
+# ``hw_t = h_in @ W_h (+ b_h for the GRU)``; ``coefficients(residuals, h_in)`` turns the stacked
+# residuals into the gate derivatives for all steps at once; ``tangent(dx_t, dhw_t, dcarry_in,
+# coef_t) -> (dcarry_new, dy)`` is linear in ``dx_t, dhw_t, dcarry_in``.
+
+
+def _elman_primal(act):
+    def primal(xw, hw, carry):
+        h = act(xw + hw)
+        return (h,), h, (h,)
+
+    return primal
+
+
+def _elman_coefficients(relu):
+    def coefficients(res, h_in):
+        del h_in
+        (h,) = res
+        return ((h > 0).astype(h.dtype),) if relu else (1 - h * h,)
+
+    return coefficients
+
+
+def _elman_tangent(dx, dhw, dcarry, coef):
+    del dcarry
+    (slope,) = coef
+    dh = slope * (dx + dhw)
+    return (dh,), dh
+
+
+def _lstm_primal(xw, hw, carry):
+    _, c = carry
+    i, f, g, o = jnp.split(xw + hw, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c_new = f * c + i * g
+    tc = jnp.tanh(c_new)
+    h = o * tc
+    return (h, c_new), h, (jnp.concatenate([i, f, g, o], axis=-1), c, tc)
+
+
+def _lstm_coefficients(res, h_in):
+    del h_in
+    gates, c_in, tc = res
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    slopes = jnp.concatenate(
+        [g * i * (1 - i), c_in * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
+    )
+    return slopes, f, o * (1 - tc * tc)
+
+
+def _lstm_tangent(dx, dhw, dcarry, coef):
+    _, dc = dcarry
+    slopes, f, out_slope = coef
+    di, df, dg, do = jnp.split(slopes * (dx + dhw), 4, axis=-1)
+    dc_new = f * dc + di + df + dg
+    dh = do + out_slope * dc_new
+    return (dh, dc_new), dh
+
+
+def _gru_primal(xw, hw, carry):
+    (h,) = carry
+    xr, xz, xn = jnp.split(xw, 3, axis=-1)
+    hr, hz, hn = jnp.split(hw, 3, axis=-1)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    h_new = (1.0 - z) * n + z * h
+    return (h_new,), h_new, (r, z, n, hn)
+
+
+def _gru_coefficients(res, h_in):
+    r, z, n, hn = res
+    return r * (1 - r), hn, r, z * (1 - z) * (h_in - n), (1 - z) * (1 - n * n), z
+
+
+def _gru_tangent(dx, dhw, dcarry, coef):
+    (dh,) = dcarry
+    r_slope, hn, r, z_slope, n_slope, z = coef
+    dxr, dxz, dxn = jnp.split(dx, 3, axis=-1)
+    dhr, dhz, dhn = jnp.split(dhw, 3, axis=-1)
+    dr = r_slope * (dxr + dhr)
+    dh_new = n_slope * (dxn + dr * hn + r * dhn) + z_slope * (dxz + dhz) + z * dh
+    return (dh_new,), dh_new
+
+
+_RECURRENCES = {
+    "elman_tanh": (_elman_primal(jnp.tanh), _elman_coefficients(False), _elman_tangent),
+    "elman_relu": (_elman_primal(jax.nn.relu), _elman_coefficients(True), _elman_tangent),
+    "lstm": (_lstm_primal, _lstm_coefficients, _lstm_tangent),
+    "gru": (_gru_primal, _gru_coefficients, _gru_tangent),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared scan skeleton: resets, the recurrent matmul, masks; for the primal and the tangent.
+
+
+def _flag(flag, leaf):
+    return flag[..., None] if flag.ndim < leaf.ndim else flag
+
+
+def _zeros_where(flag, carry):
+    return tuple(jnp.where(_flag(flag, a), jnp.zeros((), a.dtype), a) for a in carry)
+
+
+def _scan(update, w_h, carry, xs, mask, resets, reverse, unroll):
+    """Scans ``update(carry_in, hw_t, x_t) -> (carry_new, y, extra)`` with the runner's masks."""
+
+    def body(carry, inputs):
+        x_t, m_t, r_t = inputs
+        c_in = carry
+        if r_t is not None and not reverse:
+            c_in = _zeros_where(r_t, c_in)
+        c_new, y, extra = update(c_in, c_in[0] @ w_h, x_t)
+        if m_t is not None:
+            c_new = tuple(jnp.where(_flag(m_t, a), a, b) for a, b in zip(c_new, c_in))
+            y = jnp.where(_flag(m_t, y), y, jnp.zeros((), y.dtype))
+        if r_t is not None and reverse:
+            c_new = _zeros_where(r_t, c_new)
+        return c_new, (y, extra)
+
+    return lax.scan(body, carry, (xs, mask, resets), reverse=reverse, unroll=unroll)
+
+
+def _primal_scan(kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets, save):
+    primal = _RECURRENCES[kind][0]
+
+    def update(c_in, hw, xw_t):
+        if b_in is not None:
+            hw = hw + b_in
+        c_new, y, res = primal(xw_t, hw, c_in)
+        return c_new, y, (c_in[0], res) if save else None
+
+    return _scan(update, w_h, carry, xw, mask, resets, reverse, unroll)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _recurrence(kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets):
+    carry, (ys, _) = _primal_scan(
+        kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets, save=False
+    )
+    return ys, carry
+
+
+@_recurrence.defjvp
+def _recurrence_jvp(kind, reverse, unroll, primals, tangents):
+    xw, w_h, b_in, carry, mask, resets = primals
+    dxw, dw_h, db_in, dcarry, _, _ = tangents
+    carry_out, (ys, (h_in, res)) = _primal_scan(
+        kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets, save=True
+    )
+    _, coefficients, tangent = _RECURRENCES[kind]
+    coef = coefficients(res, h_in)
+    # The weight terms for all steps at once: one (time*batch, state) x (state, gates) matmul.
+    hoisted = (h_in.reshape(-1, h_in.shape[-1]) @ dw_h).reshape(xw.shape)
+    if b_in is not None:
+        hoisted = hoisted + db_in
+    if kind == "gru":
+        xs = (dxw, hoisted, coef)  # the GRU's reset gate multiplies the recurrent part alone
+    else:
+        xs = (dxw + hoisted, None, coef)  # additive gates: merge, saving an add per step
+
+    def update(dc_in, dhw, inputs):
+        dx_t, dhw_hoisted_t, coef_t = inputs
+        if dhw_hoisted_t is not None:
+            dhw = dhw + dhw_hoisted_t
+        dc_new, dy = tangent(dx_t, dhw, dc_in, coef_t)
+        return dc_new, dy, None
+
+    dcarry_out, (dys, _) = _scan(update, w_h, dcarry, xs, mask, resets, reverse, unroll)
+    return (ys, carry_out), (dys, dcarry_out)
+
+
+def run(cell, params, xs, carry, *, mask, resets, reverse, unroll):
+    """The fast path of ``unroll.run_time_major`` for a built-in cell (`supports` is true).
+
+    Args and returns as ``run_time_major``: ``xs: (time, *batch, features)`` validated,
+    ``mask``/``resets``: ``(time, *batch)`` bool or ``None``; returns ``(ys, carry)``.
+    """
+    kind = cell.kind
+    dtype = xs.dtype
+    xw = cell.project(params, xs)
+    w_h = params.w_h.astype(dtype)
+    b_h = None if params.b_h is None else params.b_h.astype(dtype)
+    if kind == "gru":
+        b_in = b_h  # b_hn sits inside the reset gate: it stays in the loop
+    else:
+        b_in = None
+        if b_h is not None:
+            xw = xw + b_h  # fold the recurrent bias into the hoisted projection
+    if mask is not None:
+        # As the reference: skipped steps see a zero input, so NaN in the padding cannot leak.
+        xw = jnp.where(mask[..., None], xw, jnp.zeros((), dtype))
+    if unroll is None:
+        batch = 1
+        for d in xs.shape[1:-1]:
+            batch *= d
+        unroll = default_unroll(batch, w_h.shape[0])
+    leaves, treedef = jax.tree_util.tree_flatten(carry)
+    ys, leaves = _recurrence(kind, reverse, unroll, xw, w_h, b_in, tuple(leaves), mask, resets)
+    return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))
