@@ -180,53 +180,79 @@ def _scan(update, w_h, carry, xs, mask, resets, reverse, unroll):
     return lax.scan(body, carry, (xs, mask, resets), reverse=reverse, unroll=unroll)
 
 
-def _primal_scan(kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets, save):
+def _matmul(a, w):
+    """``a @ w`` over all leading dims as one 2-D matmul."""
+    return (a.reshape(-1, a.shape[-1]) @ w).reshape(*a.shape[:-1], w.shape[-1])
+
+
+def _project(xs, w_x, b_x):
+    xw = _matmul(xs, w_x)
+    return xw if b_x is None else xw + b_x
+
+
+def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
+    kind, reverse, unroll, hoist = static
     primal = _RECURRENCES[kind][0]
 
-    def update(c_in, hw, xw_t):
+    def update(c_in, hw, x_t):
+        xw_t = x_t if hoist else _project(x_t, w_x, b_x)
         if b_in is not None:
             hw = hw + b_in
         c_new, y, res = primal(xw_t, hw, c_in)
         return c_new, y, (c_in[0], res) if save else None
 
-    return _scan(update, w_h, carry, xw, mask, resets, reverse, unroll)
+    xs = _project(xs, w_x, b_x) if hoist else xs
+    return _scan(update, w_h, carry, xs, mask, resets, reverse, unroll)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _recurrence(kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets):
-    carry, (ys, _) = _primal_scan(
-        kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets, save=False
-    )
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _recurrence(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
+    """The masked recurrence of one built-in cell; ``static = (kind, reverse, unroll, hoist)``.
+
+    ``hoist`` only moves the primal's input projection out of the loop (one large matmul)
+    or into it (a small one per step, which is faster on CPU); the tangent rule hoists it
+    either way.
+    """
+    carry, (ys, _) = _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=False)
     return ys, carry
 
 
 @_recurrence.defjvp
-def _recurrence_jvp(kind, reverse, unroll, primals, tangents):
-    xw, w_h, b_in, carry, mask, resets = primals
-    dxw, dw_h, db_in, dcarry, _, _ = tangents
+def _recurrence_jvp(static, primals, tangents):
+    xs, w_x, b_x, w_h, b_in, carry, mask, resets = primals
+    dxs, dw_x, db_x, dw_h, db_in, dcarry, _, _ = tangents
+    kind, reverse, unroll, _ = static
     carry_out, (ys, (h_in, res)) = _primal_scan(
-        kind, reverse, unroll, xw, w_h, b_in, carry, mask, resets, save=True
+        static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=True
     )
     _, coefficients, tangent = _RECURRENCES[kind]
     coef = coefficients(res, h_in)
-    # The weight terms for all steps at once: one (time*batch, state) x (state, gates) matmul.
-    hoisted = (h_in.reshape(-1, h_in.shape[-1]) @ dw_h).reshape(xw.shape)
+    # Every weight and input term for all steps at once, outside the loop: one matmul each.
+    dxw = _matmul(dxs, w_x) + _matmul(xs, dw_x)
+    if b_x is not None:
+        dxw = dxw + db_x
+    dhw = _matmul(h_in, dw_h)
     if b_in is not None:
-        hoisted = hoisted + db_in
+        dhw = dhw + db_in
     if kind == "gru":
-        xs = (dxw, hoisted, coef)  # the GRU's reset gate multiplies the recurrent part alone
+        inputs = (dxw, dhw, coef)  # the GRU's reset gate multiplies the recurrent part alone
     else:
-        xs = (dxw + hoisted, None, coef)  # additive gates: merge, saving an add per step
+        inputs = (dxw + dhw, None, coef)  # additive gates: merged, saving an add per step
 
-    def update(dc_in, dhw, inputs):
-        dx_t, dhw_hoisted_t, coef_t = inputs
+    def update(dc_in, dhw_t, inputs_t):
+        dx_t, dhw_hoisted_t, coef_t = inputs_t
         if dhw_hoisted_t is not None:
-            dhw = dhw + dhw_hoisted_t
-        dc_new, dy = tangent(dx_t, dhw, dc_in, coef_t)
+            dhw_t = dhw_t + dhw_hoisted_t
+        dc_new, dy = tangent(dx_t, dhw_t, dc_in, coef_t)
         return dc_new, dy, None
 
-    dcarry_out, (dys, _) = _scan(update, w_h, dcarry, xs, mask, resets, reverse, unroll)
+    dcarry_out, (dys, _) = _scan(update, w_h, dcarry, inputs, mask, resets, reverse, unroll)
     return (ys, carry_out), (dys, dcarry_out)
+
+
+def hoist_input_default(backend: str | None = None) -> bool:
+    """Whether the forward pass hoists the input projection (measured: not on CPU)."""
+    return (backend or jax.default_backend()) != "cpu"
 
 
 def run(cell, params, xs, carry, *, mask, resets, reverse, unroll):
@@ -237,23 +263,21 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll):
     """
     kind = cell.kind
     dtype = xs.dtype
-    xw = cell.project(params, xs)
-    w_h = params.w_h.astype(dtype)
-    b_h = None if params.b_h is None else params.b_h.astype(dtype)
+    w_x, w_h, b_x, b_h = (None if w is None else w.astype(dtype) for w in params[:4])
     if kind == "gru":
-        b_in = b_h  # b_hn sits inside the reset gate: it stays in the loop
+        b_in = b_h  # b_hn sits inside the reset gate: the recurrent bias stays in the loop
     else:
-        b_in = None
-        if b_h is not None:
-            xw = xw + b_h  # fold the recurrent bias into the hoisted projection
+        b_in = None  # additive gates: both biases fold into the input projection
+        b_x = None if b_x is None else b_x + b_h
     if mask is not None:
-        # As the reference: skipped steps see a zero input, so NaN in the padding cannot leak.
-        xw = jnp.where(mask[..., None], xw, jnp.zeros((), dtype))
+        # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
+        xs = jnp.where(mask[..., None], xs, jnp.zeros((), dtype))
     if unroll is None:
         batch = 1
         for d in xs.shape[1:-1]:
             batch *= d
         unroll = default_unroll(batch, w_h.shape[0])
+    static = (kind, reverse, unroll, hoist_input_default())
     leaves, treedef = jax.tree_util.tree_flatten(carry)
-    ys, leaves = _recurrence(kind, reverse, unroll, xw, w_h, b_in, tuple(leaves), mask, resets)
+    ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)
     return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))

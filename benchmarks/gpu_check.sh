@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check: the fast path's correctness tests on the GPU, then the GPU quick grid of
+# benchmarks/speed.py (jaxrnn vs PyTorch cuDNN, Flax nn.RNN, jax.experimental.rnn and the plain
+# scan), then the bfloat16 stretch cell. Needs jax (CUDA), flax and torch; no network.
+# Budget: under 6 minutes on one H100. Writes JSON, PNG and logs to $OUT (default gpu_results).
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# JAX and PyTorch share the GPU: no preallocation, so PyTorch's cuDNN gets its memory.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY="${PYTHON:-python3}"
+log="$OUT/gpu_check.log"
+: > "$log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+  "$PY" -c "import jax, flax, torch; print('jax', jax.__version__, jax.devices()); \
+print('flax', flax.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+} 2>&1 | tee -a "$log"
+
+echo "== fast path vs reference scan on the GPU (subset, 90 s cap)" | tee -a "$log"
+timeout 90 "$PY" -m pytest tests/test_fastpath.py -q -x -p no:cacheprovider \
+  -k "equals_reference and (batch_major or everything) or check_grads_order_2 and lstm" \
+  2>&1 | tail -5 | tee -a "$log"
+
+echo "== GPU quick grid, float32 (TF32 matmuls on both sides; 210 s cap)" | tee -a "$log"
+timeout 210 "$PY" benchmarks/speed.py --device gpu --grid quick --peers torch,flax,cudnn,scan \
+  --reps 20 --out "$OUT/gpu_quick.json" --plot "$OUT/gpu_quick.png" 2>&1 | tee -a "$log"
+
+echo "== stretch: bfloat16 LSTM B16 T1024 H768 (PyTorch fp16 persistent cuDNN: 2.56 / 7.60 ms)" \
+  | tee -a "$log"
+timeout 45 "$PY" benchmarks/speed.py --device gpu --dtype bfloat16 --cells lstm:16:1024:768 \
+  --peers torch,cudnn --reps 20 --out "$OUT/gpu_bf16_stretch.json" 2>&1 | tee -a "$log"
+date -u | tee -a "$log"

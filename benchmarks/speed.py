@@ -1,0 +1,436 @@
+"""Times jaxrnn's Elman/LSTM/GRU against PyTorch, Flax and cuDNN-from-JAX, forward and backward.
+
+Usage::
+
+    python benchmarks/speed.py --device cpu --grid quick
+    python benchmarks/speed.py --device gpu --grid quick --out gpu.json --plot gpu.png
+    python benchmarks/speed.py --device cpu --cells lstm:16:256:128 --peers torch --reps 30
+    python benchmarks/speed.py --device cpu --tune          # measure the unroll table
+
+Method: every library gets the same random inputs and weights of the same sizes (input size =
+hidden size), in its own default layout (jaxrnn and Flax batch-major, PyTorch time-major). JAX
+functions are jitted; compile time is measured separately (``lower().compile()``) and one
+warm-up call follows, neither counted. Then the runners of a cell are timed *interleaved*,
+one call each per round, for ``--reps`` rounds, so that background load hits every library
+alike; the table reports the median per runner and the ratio ``peer_time / jaxrnn_time``
+(> 1: jaxrnn is faster). Every call ends in ``block_until_ready`` (JAX) or
+``torch.cuda.synchronize`` (PyTorch on GPU). ``fwd`` computes the outputs; ``fwdbwd`` computes
+``sum(outputs)`` and its gradient with respect to the weights and the inputs. Peak memory is
+the compiled program's temporary buffers (JAX, from XLA's memory analysis) and
+``torch.cuda.max_memory_allocated`` (PyTorch on GPU); it is not measured for PyTorch on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxrnn
+from jaxrnn._src import fastpath
+from jaxrnn._src import unroll as unroll_lib
+
+KINDS = ("elman", "lstm", "gru")
+QUICK = {
+    "cpu": ["elman:16:256:128", "lstm:16:256:128", "gru:16:256:128", "lstm:64:128:512"],
+    "gpu": [
+        "lstm:8:1000:128",
+        "gru:8:1000:128",
+        "elman:8:1000:128",
+        "lstm:64:500:512",
+        "lstm:128:500:1024",
+        "gru:128:500:1024",
+    ],
+}
+FULL_EXTRA = [
+    f"{k}:{b}:{t}:{h}"
+    for k in KINDS
+    for b in (1, 8, 64, 256)
+    for h in (128, 512, 1024)
+    for t in (100, 1000)
+]
+PEERS = ("torch", "flax", "cudnn", "scan")
+PEER_LABELS = {
+    "jaxrnn": "jaxrnn",
+    "torch": "PyTorch",
+    "flax": "Flax nn.RNN",
+    "cudnn": "jax.experimental.rnn (cuDNN)",
+    "scan": "plain scan, unroll 8",
+}
+
+
+def parse_cell(spec: str):
+    kind, batch, time_, hidden = spec.split(":")
+    if kind not in KINDS:
+        raise SystemExit(f"--cells: kind must be one of {KINDS}, got {kind!r} in {spec!r}")
+    return kind, int(batch), int(time_), int(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners: each returns {"fwd": fn, "fwdbwd": fn} of zero-argument callables that block, plus
+# compile seconds and peak bytes where known.
+
+
+def _jax_runner(fwd: Callable, loss: Callable, args: tuple):
+    """Jits ``fwd(*args)`` and ``grad(loss)(*args)``; measures compile time and temp memory."""
+    out = {}
+    grad = jax.grad(loss, argnums=tuple(range(len(args))))
+    for name, fn in (("fwd", fwd), ("fwdbwd", grad)):
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        try:
+            peak = int(compiled.memory_analysis().temp_size_in_bytes)
+        except Exception:  # noqa: BLE001 - not every backend reports it
+            peak = None
+        out[name] = (lambda c=compiled: jax.block_until_ready(c(*args)), compile_s, peak)
+    return out
+
+
+def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False):
+    hidden = xs_bm.shape[-1]
+    cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
+    params = cell.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
+
+    if reference:  # the plain hoisted lax.scan, unroll 8, differentiated by JAX
+
+        def run(params, xs):
+            xs_tm = jnp.moveaxis(xs, 1, 0)
+            carry = cell.initial_carry(xs.shape[:1], xs.dtype)
+            ys, _ = unroll_lib.reference_run_time_major(
+                cell, params, xs_tm, carry, mask=None, resets=None, reverse=False, unroll=8
+            )
+            return jnp.moveaxis(ys, 0, 1)
+    else:
+
+        def run(params, xs):
+            return jaxrnn.unroll(cell, params, xs)[0]
+
+    return _jax_runner(run, lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), (params, xs_bm))
+
+
+def flax_runner(kind, xs_bm, dtype):
+    import flax.linen as nn
+
+    hidden = xs_bm.shape[-1]
+    cell_cls = {"elman": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[kind]
+    model = nn.RNN(cell_cls(hidden, dtype=dtype, param_dtype=dtype))
+    params = model.init(jax.random.PRNGKey(0), xs_bm)
+
+    def run(params, xs):
+        return model.apply(params, xs)
+
+    return _jax_runner(run, lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), (params, xs_bm))
+
+
+def cudnn_runner(kind, xs_bm, dtype):
+    """LSTM through ``jax.experimental.rnn`` (cuDNN from JAX); GPU only."""
+    if kind != "lstm" or jax.default_backend() != "gpu":
+        return None
+    from jax.experimental import rnn
+
+    batch, _, hidden = xs_bm.shape
+    weights = rnn.init_lstm_weight(jax.random.PRNGKey(0), hidden, hidden, 1, False).astype(dtype)
+    zeros = jnp.zeros((1, batch, hidden), dtype)
+    lengths = jnp.full((batch,), xs_bm.shape[1], jnp.int32)
+
+    def run(weights, xs):
+        ys, _, _ = rnn.lstm(xs, zeros, zeros, weights, lengths, hidden, hidden, 1, 0.0, False)
+        return ys
+
+    return _jax_runner(run, lambda w, x: jnp.sum(run(w, x).astype(jnp.float32)), (weights, xs_bm))
+
+
+def torch_runner(kind, xs_bm, dtype, device):
+    import torch
+
+    hidden = xs_bm.shape[-1]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[jnp.dtype(dtype).name]
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    module = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    model = module(hidden, hidden).to(dev, tdtype)
+    x = torch.from_numpy(np.asarray(jnp.moveaxis(xs_bm, 1, 0).astype(jnp.float32)))
+    x = x.to(dev, tdtype).requires_grad_(True)
+
+    def sync():
+        if device == "gpu":
+            torch.cuda.synchronize()
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+        sync()
+
+    def fwdbwd():
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        y, _ = model(x)
+        y.float().sum().backward()
+        sync()
+
+    out = {}
+    for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        peak = None
+        if device == "gpu":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fn()
+        first_s = time.perf_counter() - start
+        if device == "gpu":
+            peak = int(torch.cuda.max_memory_allocated())
+        out[name] = (fn, first_s, peak)
+    return out
+
+
+def torch_info(device):
+    try:
+        import torch
+    except ImportError:
+        return None
+    info = {"version": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "gpu" and torch.cuda.is_available():
+        info.update(
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_enabled=torch.backends.cudnn.enabled,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            gpu=torch.cuda.get_device_name(),
+            # PyTorch's RNN.cpp picks CUDNN_RNN_ALGO_PERSIST_STATIC only for fp16 inputs that
+            # pass its persistence heuristics; float32/TF32 and bfloat16 run ALGO_STANDARD.
+            cudnn_rnn_algo="CUDNN_RNN_ALGO_STANDARD (fp32/bf16); persistent only for fp16",
+        )
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def time_interleaved(runners: dict, reps: int, rng: random.Random) -> dict:
+    """Calls every runner once per round, in a shuffled order; returns per-runner times (s)."""
+    for fn in runners.values():
+        fn()  # warm-up, not counted
+    times = {name: [] for name in runners}
+    names = list(runners)
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench_cell(spec, args, rng):
+    kind, batch, time_, hidden = parse_cell(spec)
+    dtype = jnp.dtype(args.dtype)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time_, hidden), jnp.float32).astype(dtype)
+    builders = {"jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype)}
+    for peer in args.peers:
+        if peer == "torch":
+            builders[peer] = lambda: torch_runner(kind, xs, dtype, args.device)
+        elif peer == "flax":
+            builders[peer] = lambda: flax_runner(kind, xs, dtype)
+        elif peer == "cudnn":
+            builders[peer] = lambda: cudnn_runner(kind, xs, dtype)
+        elif peer == "scan":
+            builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, reference=True)
+    built = {}
+    for name, build in builders.items():
+        try:
+            runner = build()
+        except Exception as err:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            print(f"  {spec}: {name} unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+            runner = None
+        if runner is not None:
+            built[name] = runner
+    result = {"cell": spec, "kind": kind, "batch": batch, "time": time_, "hidden": hidden}
+    for pass_ in args.passes:
+        runners = {name: r[pass_][0] for name, r in built.items()}
+        times = time_interleaved(runners, args.reps, rng)
+        result[pass_] = {
+            name: {
+                "median_ms": 1e3 * statistics.median(ts),
+                "min_ms": 1e3 * min(ts),
+                "first_call_or_compile_s": built[name][pass_][1],
+                "peak_bytes": built[name][pass_][2],
+            }
+            for name, ts in times.items()
+        }
+    return result
+
+
+def tune(args, rng):
+    """Measures fwd+bwd time of the fast path per unroll factor, for the unroll table."""
+    rows = []
+    for spec in args.cells:
+        kind, batch, time_, hidden = parse_cell(spec)
+        cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
+        params = cell.init(jax.random.PRNGKey(0), hidden)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time_, hidden))
+        runners = {}
+        for factor in (1, 2, 4, 8, 16):
+
+            def loss(p, x, factor=factor, cell=cell):
+                return jnp.sum(jaxrnn.unroll(cell, p, x, unroll=factor)[0])
+
+            for pass_ in args.passes:
+                fn = loss if pass_ == "fwd" else jax.grad(loss, argnums=(0, 1))
+                c = jax.jit(fn).lower(params, xs).compile()
+                runners[(pass_, factor)] = lambda c=c, a=(params, xs): jax.block_until_ready(c(*a))
+        times = time_interleaved(runners, args.reps, rng)
+        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        for pass_ in args.passes:
+            line = {f: round(med[(pass_, f)], 2) for f in (1, 2, 4, 8, 16)}
+            best = min(line, key=line.get)
+            print(f"{spec} {pass_}: ms by unroll {line} -> best {best}", flush=True)
+            rows.append({"cell": spec, "pass": pass_, "ms_by_unroll": line, "best": best})
+    return rows
+
+
+def markdown(results, passes, peers) -> str:
+    peers = [p for p in peers if any(p in r.get(passes[0], {}) for r in results)]
+    head = ["cell (B T H)", "pass", "jaxrnn ms"]
+    head += [f"{PEER_LABELS[p]} ms" for p in peers] + [f"ratio {p}" for p in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        for pass_ in passes:
+            row = r[pass_]
+            ours = row["jaxrnn"]["median_ms"]
+            cells = [f"{r['kind']} {r['batch']} {r['time']} {r['hidden']}", pass_, f"{ours:.2f}"]
+            for p in peers:
+                cells.append(f"{row[p]['median_ms']:.2f}" if p in row else "–")
+            for p in peers:
+                cells.append(f"{row[p]['median_ms'] / ours:.2f}" if p in row else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, passes, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)
+    for ax, pass_ in zip(axes[0], passes):
+        labels = [r["cell"] for r in results]
+        peers = sorted({p for r in results for p in r[pass_] if p != "jaxrnn"})
+        width = 0.8 / max(len(peers), 1)
+        for i, p in enumerate(peers):
+            ratios = [
+                r[pass_][p]["median_ms"] / r[pass_]["jaxrnn"]["median_ms"] if p in r[pass_] else 0
+                for r in results
+            ]
+            ax.bar(np.arange(len(labels)) + i * width, ratios, width, label=PEER_LABELS[p])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=30, ha="right")
+        ax.set_ylabel("peer time / jaxrnn time")
+        ax.set_title(pass_)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--grid", choices=("quick", "full"), default="quick")
+    parser.add_argument(
+        "--cells", help="comma-separated kind:batch:time:hidden, e.g. lstm:16:256:128"
+    )
+    parser.add_argument("--peers", default=None, help=f"comma-separated subset of {PEERS}")
+    parser.add_argument("--passes", default="fwd,fwdbwd")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds per cell and pass")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG of the ratios here")
+    parser.add_argument("--tune", action="store_true", help="time the fast path per unroll")
+    args = parser.parse_args(argv)
+
+    backend = jax.default_backend()
+    if (args.device == "gpu") != (backend == "gpu"):
+        raise SystemExit(f"--device {args.device} but JAX's default backend is {backend!r}")
+    args.passes = args.passes.split(",")
+    default_peers = "torch,flax,cudnn" if args.device == "gpu" else "torch,flax"
+    args.peers = (args.peers or default_peers).split(",")
+    for p in args.peers:
+        if p not in PEERS:
+            raise SystemExit(f"--peers: {p!r} is not one of {PEERS}")
+    if args.cells:
+        args.cells = args.cells.split(",")
+    else:
+        args.cells = list(QUICK[args.device])
+        if args.grid == "full":
+            args.cells += [c for c in FULL_EXTRA if c not in args.cells]
+    if args.reps is None:
+        args.reps = 20 if args.device == "gpu" else 7
+    if args.device == "cpu":
+        try:
+            import torch
+
+            torch.set_num_threads(os.cpu_count())
+        except ImportError:
+            pass
+
+    rng = random.Random(0)
+    meta = {
+        "device": args.device,
+        "jax": jax.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "dtype": args.dtype,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")
+        + (" (TF32 on GPU for both JAX and PyTorch)" if args.device == "gpu" else ""),
+        "reps": args.reps,
+        "torch": torch_info(args.device) if "torch" in args.peers else None,
+        "unroll_table": {k: list(v) for k, v in fastpath.UNROLL_TABLE.items()},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    if meta["torch"] and args.device == "gpu":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        meta["torch"].update(matmul_allow_tf32=True, cudnn_allow_tf32=True)
+    print(json.dumps(meta), flush=True)
+    if args.tune:
+        rows = tune(args, rng)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "tune": rows}, f, indent=1)
+        return
+    results = []
+    for spec in args.cells:
+        start = time.perf_counter()
+        results.append(bench_cell(spec, args, rng))
+        r = results[-1]
+        brief = {p: {n: round(v["median_ms"], 2) for n, v in r[p].items()} for p in args.passes}
+        print(f"{spec} ({time.perf_counter() - start:.0f}s): {brief}", flush=True)
+    table = markdown(results, args.passes, args.peers)
+    print()
+    print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
+    print(f"{args.device}, {args.dtype}, jax {jax.__version__}")
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results, "table": table}, f, indent=1)
+    if args.plot:
+        try:
+            plot(results, args.passes, args.plot)
+        except ImportError as err:
+            print(f"--plot skipped: {err} (pip install 'jaxrnn[plot]')", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

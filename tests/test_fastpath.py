@@ -1,0 +1,281 @@
+"""The sequence-level fast path against the reference scan, in every mode, with gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxrnn
+from jaxrnn._src import fastpath
+
+INPUT_SIZE, HIDDEN, TIME = 4, 5, 6
+_SEEDS = itertools.count(7000)
+FAST_MARK = "name=_recurrence"  # how the fast path's custom_jvp shows in a jaxpr
+
+FAST_CELLS = {
+    "elman_tanh": lambda h: jaxrnn.elman(h),
+    "elman_relu": lambda h: jaxrnn.elman(h, activation="relu"),
+    "elman_nobias": lambda h: jaxrnn.elman(h, use_bias=False),
+    "lstm": lambda h: jaxrnn.lstm(h),
+    "lstm_nobias": lambda h: jaxrnn.lstm(h, use_bias=False),
+    "gru": lambda h: jaxrnn.gru(h),
+    "gru_nobias": lambda h: jaxrnn.gru(h, use_bias=False),
+}
+
+# mode -> (batch_shape, unroll kwargs); "lengths"/probabilities are filled in by `_kwargs`.
+MODES = {
+    "batch_major": ((3,), {}),
+    "time_major": ((3,), {"time_major": True}),
+    "no_batch": ((), {}),
+    "two_batch_dims": ((2, 3), {}),
+    "reverse": ((3,), {"reverse": True}),
+    "unroll_1": ((3,), {"unroll": 1}),
+    "unroll_4": ((3,), {"unroll": 4}),
+    "unroll_full": ((3,), {"unroll": True}),
+    "seq_lengths": ((5,), {"seq_lengths": "lengths"}),
+    "seq_lengths_reverse": ((5,), {"seq_lengths": "lengths", "reverse": True}),
+    "seq_lengths_two_batch_dims": ((2, 5), {"seq_lengths": "lengths", "unroll": 3}),
+    "mask": ((3,), {"mask": 0.6}),
+    "mask_reverse": ((3,), {"mask": 0.6, "reverse": True}),
+    "resets": ((3,), {"resets": 0.3}),
+    "resets_reverse": ((3,), {"resets": 0.3, "reverse": True}),
+    "given_carry": ((3,), {"carry": True}),
+    "everything": (
+        (5,),
+        {"seq_lengths": "lengths", "mask": 0.7, "resets": 0.3, "carry": True, "unroll": 2},
+    ),
+    "everything_time_major_reverse": (
+        (5,),
+        {
+            "time_major": True,
+            "reverse": True,
+            "seq_lengths": "lengths",
+            "mask": 0.7,
+            "resets": 0.3,
+            "carry": True,
+        },
+    ),
+}
+
+
+def fresh_key():
+    return jax.random.PRNGKey(next(_SEEDS))
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Runs `jaxrnn.unroll` on the reference scan (the fast path switched off)."""
+    original = fastpath.supports
+    fastpath.supports = lambda cell, params: False
+    try:
+        yield
+    finally:
+        fastpath.supports = original
+
+
+MAIN_CELLS = ("elman_tanh", "lstm", "gru")  # every mode; the variants get the hardest ones
+
+
+@pytest.fixture(params=sorted(FAST_CELLS))
+def cell(request):
+    return FAST_CELLS[request.param](HIDDEN)
+
+
+@pytest.fixture(params=[False, True], ids=["proj_in_loop", "proj_hoisted"])
+def hoist(request, monkeypatch):
+    """Both forms of the primal's input projection (in the loop on CPU, hoisted elsewhere)."""
+    monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None: request.param)
+    return request.param
+
+
+def _random_tree(template, scale=1.0):
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    keys = jax.random.split(fresh_key(), len(leaves))
+    new = [scale * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _kwargs(cell, batch_shape, spec, dtype=jnp.float32):
+    """Draws the inputs of one mode: xs, carry and the unroll keyword arguments."""
+    time_major = spec.get("time_major", False)
+    shape = (TIME, *batch_shape) if time_major else (*batch_shape, TIME)
+    xs = jax.random.normal(fresh_key(), (*shape, INPUT_SIZE), dtype)
+    kwargs = {k: v for k, v in spec.items() if k in ("time_major", "reverse", "unroll")}
+    if "seq_lengths" in spec:
+        base = np.array([TIME, 0, 3, 1, 5, 2, 4])  # includes 0 and the full length
+        n = int(np.prod(batch_shape))
+        kwargs["seq_lengths"] = jnp.asarray(np.resize(base, n).reshape(batch_shape), jnp.int32)
+    for name in ("mask", "resets"):
+        if name in spec:
+            kwargs[name] = jax.random.bernoulli(fresh_key(), spec[name], shape)
+    carry = _random_tree(cell.initial_carry(batch_shape, dtype)) if spec.get("carry") else None
+    return xs, carry, kwargs
+
+
+def _loss(cell, params, xs, carry, kwargs):
+    ys, final = jaxrnn.unroll(cell, params, xs, carry, **kwargs)
+    leaves = jax.tree_util.tree_leaves(final)
+    return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf) * leaf) for leaf in leaves)
+
+
+def _close(actual, expected, tol):
+    jax.tree_util.tree_map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=tol, atol=tol),
+        actual,
+        expected,
+    )
+
+
+def test_builtin_cells_take_the_fast_path(cell):
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
+    assert fastpath.supports(cell, params)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: jaxrnn.unroll(cell, p, x))(params, xs))
+    assert FAST_MARK in jaxpr
+    with reference_path():
+        jaxpr = str(jax.make_jaxpr(lambda p, x: jaxrnn.unroll(cell, p, x))(params, xs))
+    assert FAST_MARK not in jaxpr
+
+
+CASES = [(c, m) for c in MAIN_CELLS for m in sorted(MODES)]
+CASES += [
+    (c, m) for c in sorted(set(FAST_CELLS) - set(MAIN_CELLS)) for m in ("given_carry", "everything")
+]
+
+
+@pytest.mark.parametrize("cell_name, mode", CASES)
+def test_fast_path_equals_reference_scan(cell_name, mode, hoist):
+    del hoist
+    cell = FAST_CELLS[cell_name](HIDDEN)
+    batch_shape, spec = MODES[mode]
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = _kwargs(cell, batch_shape, spec)
+
+    def outputs_and_grads(p, x, c):
+        grads = jax.grad(_loss, argnums=(1, 2, 3))(cell, p, x, c, kwargs)
+        return jaxrnn.unroll(cell, p, x, c, **kwargs), grads
+
+    fast = jax.jit(outputs_and_grads)(params, xs, carry)
+    with reference_path():
+        ref = jax.jit(outputs_and_grads)(params, xs, carry)
+    _close(fast, ref, 2e-5)
+
+
+@pytest.mark.parametrize("mode", ["everything", "everything_time_major_reverse"])
+def test_forward_mode_equals_reference(cell, mode, hoist):
+    del hoist
+    batch_shape, spec = MODES[mode]
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = _kwargs(cell, batch_shape, spec)
+    tangents = (_random_tree(params), _random_tree(xs))
+
+    def f(p, x):
+        return jaxrnn.unroll(cell, p, x, carry, **kwargs)
+
+    fast = jax.jvp(f, (params, xs), tangents)
+    with reference_path():
+        ref = jax.jvp(f, (params, xs), tangents)
+    _close(fast, ref, 2e-5)
+
+
+@pytest.mark.parametrize("mode", ["seq_lengths_reverse", "everything"])
+def test_check_grads_order_2(cell, mode):
+    if cell.kind == "elman_relu":
+        pytest.skip("finite differences straddle ReLU's kink; see test_second_order_*")
+    batch_shape, spec = MODES[mode]
+    with jax.enable_x64(True):
+        params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
+        xs, carry, kwargs = _kwargs(cell, batch_shape, spec, dtype=jnp.float64)
+        if carry is None:
+            carry = _random_tree(cell.initial_carry(batch_shape, jnp.float64))
+        f = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
+        check_grads(f, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["everything_time_major_reverse"])
+def test_second_order_equals_reference(cell, mode):
+    """Hessian-vector products (forward over reverse) of the fast path and the reference."""
+    batch_shape, spec = MODES[mode]
+    with jax.enable_x64(True):
+        params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
+        xs, carry, kwargs = _kwargs(cell, batch_shape, spec, dtype=jnp.float64)
+        tangents = (_random_tree(params), _random_tree(xs))
+        grad = jax.grad(lambda p, x: _loss(cell, p, x, carry, kwargs), argnums=(0, 1))
+
+        def hvp(p, x):
+            return jax.jvp(grad, (p, x), tangents)
+
+        fast = jax.jit(hvp)(params, xs)
+        with reference_path():
+            ref = jax.jit(hvp)(params, xs)
+        _close(fast, ref, 1e-10)
+
+
+def test_nan_in_padding_does_not_leak(cell):
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
+    xs = xs.at[1, 3:].set(jnp.nan)
+    lengths = jnp.array([TIME, 3])
+    grads = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x, seq_lengths=lengths)[0]))(
+        params, xs
+    )
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_jit_vmap_and_layers_match_reference():
+    net = jaxrnn.stack(jaxrnn.lstm(HIDDEN), 2, bidirectional=True)
+    params = net.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (3, TIME, INPUT_SIZE))
+    lengths = jnp.array([TIME, 2, 4])
+
+    def loss(p, x):
+        ys, _ = net.apply(p, x, seq_lengths=lengths)
+        return jnp.sum(jnp.tanh(ys))
+
+    fast = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)))(params, xs[None])
+    with reference_path():
+        ref = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, xs[None])
+    _close(fast, ref, 2e-5)
+
+
+def test_projected_lstm_falls_back_to_the_reference_scan():
+    cell = jaxrnn.lstm(HIDDEN, proj_size=3)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    assert not fastpath.supports(cell, params)
+    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
+    jaxpr = str(jax.make_jaxpr(lambda p, x: jaxrnn.unroll(cell, p, x))(params, xs))
+    assert FAST_MARK not in jaxpr
+
+
+def test_user_cells_do_not_take_the_fast_path():
+    cell = jaxrnn.make_cell(
+        lambda p, h, x: (jnp.tanh(x @ p + h), h),
+        lambda key, n, dtype=jnp.float32: jax.random.normal(key, (n, HIDDEN), dtype),
+        lambda batch_shape=(), dtype=jnp.float32: jnp.zeros((*batch_shape, HIDDEN), dtype),
+    )
+    assert cell.kind is None
+    assert not fastpath.supports(cell, cell.init(fresh_key(), INPUT_SIZE))
+
+
+@pytest.mark.parametrize(
+    "backend, batch, hidden",
+    [("cpu", 1, 128), ("cpu", 64, 512), ("gpu", 8, 128), ("cuda", 256, 1024), ("tpu", 16, 64)],
+)
+def test_default_unroll_reads_the_measured_table(backend, batch, hidden):
+    table = fastpath.UNROLL_TABLE["gpu" if backend in ("gpu", "cuda") else "cpu"]
+    expected = next(f for bound, f in table if batch * hidden <= bound)
+    assert fastpath.default_unroll(batch, hidden, backend) == expected
+
+
+@pytest.mark.parametrize("unroll", [0, -1, 1.5, "8"])
+def test_bad_unroll_is_rejected(unroll):
+    cell = jaxrnn.gru(HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    with pytest.raises(ValueError, match="unroll must be an int >= 1 or a bool"):
+        jaxrnn.unroll(cell, params, jnp.ones((2, TIME, INPUT_SIZE)), unroll=unroll)
