@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: the fast path's correctness tests on the GPU, then the GPU quick grid of
-# benchmarks/speed.py (jaxrnn vs PyTorch cuDNN, Flax nn.RNN, jax.experimental.rnn and the plain
-# scan), then the bfloat16 stretch cell. Needs jax (CUDA), flax and torch; no network.
+# GPU check: the fast path's correctness tests on the GPU, the unroll tuning, the GPU quick grid
+# of benchmarks/speed.py (jaxrnn vs PyTorch cuDNN, Flax nn.RNN, jax.experimental.rnn and the
+# plain scan), then the bfloat16 stretch cell. Needs jax (CUDA), flax and torch; no network.
 # Budget: under 6 minutes on one H100. Writes JSON, PNG and logs to $OUT (default gpu_results).
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
@@ -27,8 +27,13 @@ timeout 90 "$PY" -m pytest tests/test_fastpath.py -q -x -p no:cacheprovider \
   -k "equals_reference and (batch_major or everything) or check_grads_order_2 and lstm" \
   2>&1 | tail -5 | tee -a "$log"
 
-echo "== GPU quick grid, float32 (TF32 matmuls on both sides; 210 s cap)" | tee -a "$log"
-timeout 210 "$PY" benchmarks/speed.py --device gpu --grid quick --peers torch,flax,cudnn,scan \
+echo "== unroll factors of the fast path (for fastpath.UNROLL_TABLE; 40 s cap)" | tee -a "$log"
+timeout 40 "$PY" benchmarks/speed.py --device gpu --tune --passes fwdbwd --reps 10 \
+  --cells lstm:8:1000:128,gru:8:1000:128,lstm:128:500:1024 --out "$OUT/gpu_tune.json" \
+  2>&1 | tee -a "$log"
+
+echo "== GPU quick grid, float32 (TF32 matmuls on both sides; 190 s cap)" | tee -a "$log"
+timeout 190 "$PY" benchmarks/speed.py --device gpu --grid quick --peers torch,flax,cudnn,scan \
   --reps 20 --out "$OUT/gpu_quick.json" --plot "$OUT/gpu_quick.png" 2>&1 | tee -a "$log"
 
 echo "== stretch: bfloat16 LSTM B16 T1024 H768 (PyTorch fp16 persistent cuDNN: 2.56 / 7.60 ms)" \

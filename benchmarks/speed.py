@@ -59,6 +59,7 @@ FULL_EXTRA = [
     for h in (128, 512, 1024)
     for t in (100, 1000)
 ]
+UNROLL_FACTORS = (1, 2, 4, 8)
 PEERS = ("torch", "flax", "cudnn", "scan")
 PEER_LABELS = {
     "jaxrnn": "jaxrnn",
@@ -216,17 +217,22 @@ def torch_info(device):
 
 
 def time_interleaved(runners: dict, reps: int, rng: random.Random) -> dict:
-    """Calls every runner once per round, in a shuffled order; returns per-runner times (s)."""
+    """Calls every runner once per round, in a shuffled order.
+
+    Returns ``{name: (wall_seconds, cpu_seconds)}``, lists of per-call wall-clock times and
+    process CPU times (all threads; a steadier measure when other jobs share the machine).
+    """
     for fn in runners.values():
         fn()  # warm-up, not counted
-    times = {name: [] for name in runners}
+    times = {name: ([], []) for name in runners}
     names = list(runners)
     for _ in range(reps):
         rng.shuffle(names)
         for name in names:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             runners[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name][0].append(time.perf_counter() - wall)
+            times[name][1].append(time.process_time() - cpu)
     return times
 
 
@@ -261,10 +267,11 @@ def bench_cell(spec, args, rng):
             name: {
                 "median_ms": 1e3 * statistics.median(ts),
                 "min_ms": 1e3 * min(ts),
+                "cpu_median_ms": 1e3 * statistics.median(cpu),
                 "first_call_or_compile_s": built[name][pass_][1],
                 "peak_bytes": built[name][pass_][2],
             }
-            for name, ts in times.items()
+            for name, (ts, cpu) in times.items()
         }
     return result
 
@@ -278,7 +285,7 @@ def tune(args, rng):
         params = cell.init(jax.random.PRNGKey(0), hidden)
         xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time_, hidden))
         runners = {}
-        for factor in (1, 2, 4, 8, 16):
+        for factor in UNROLL_FACTORS:
 
             def loss(p, x, factor=factor, cell=cell):
                 return jnp.sum(jaxrnn.unroll(cell, p, x, unroll=factor)[0])
@@ -288,9 +295,11 @@ def tune(args, rng):
                 c = jax.jit(fn).lower(params, xs).compile()
                 runners[(pass_, factor)] = lambda c=c, a=(params, xs): jax.block_until_ready(c(*a))
         times = time_interleaved(runners, args.reps, rng)
-        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        # On a shared CPU the process CPU time is the steadier measure; on GPU, wall time.
+        which = 1 if args.device == "cpu" else 0
+        med = {k: 1e3 * statistics.median(v[which]) for k, v in times.items()}
         for pass_ in args.passes:
-            line = {f: round(med[(pass_, f)], 2) for f in (1, 2, 4, 8, 16)}
+            line = {f: round(med[(pass_, f)], 2) for f in UNROLL_FACTORS}
             best = min(line, key=line.get)
             print(f"{spec} {pass_}: ms by unroll {line} -> best {best}", flush=True)
             rows.append({"cell": spec, "pass": pass_, "ms_by_unroll": line, "best": best})

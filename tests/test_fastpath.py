@@ -35,7 +35,7 @@ MODES = {
     "no_batch": ((), {}),
     "two_batch_dims": ((2, 3), {}),
     "reverse": ((3,), {"reverse": True}),
-    "unroll_1": ((3,), {"unroll": 1}),
+    "unroll_2": ((3,), {"unroll": 2}),
     "unroll_4": ((3,), {"unroll": 4}),
     "unroll_full": ((3,), {"unroll": True}),
     "seq_lengths": ((5,), {"seq_lengths": "lengths"}),
@@ -143,15 +143,16 @@ def test_builtin_cells_take_the_fast_path(cell):
     assert FAST_MARK not in jaxpr
 
 
-CASES = [(c, m) for c in MAIN_CELLS for m in sorted(MODES)]
-CASES += [
-    (c, m) for c in sorted(set(FAST_CELLS) - set(MAIN_CELLS)) for m in ("given_carry", "everything")
-]
+HOIST_MODES = ("no_batch", "two_batch_dims", "everything", "everything_time_major_reverse")
+VARIANTS = sorted(set(FAST_CELLS) - set(MAIN_CELLS))
+CASES = [(c, m, False) for c in MAIN_CELLS for m in sorted(MODES)]
+CASES += [(c, m, True) for c in MAIN_CELLS for m in HOIST_MODES]
+CASES += [(c, m, h) for c in VARIANTS for m in ("given_carry", "everything") for h in (False, True)]
 
 
-@pytest.mark.parametrize("cell_name, mode", CASES)
-def test_fast_path_equals_reference_scan(cell_name, mode, hoist):
-    del hoist
+@pytest.mark.parametrize("cell_name, mode, hoist", CASES)
+def test_fast_path_equals_reference_scan(cell_name, mode, hoist, monkeypatch):
+    monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None: hoist)
     cell = FAST_CELLS[cell_name](HIDDEN)
     batch_shape, spec = MODES[mode]
     params = cell.init(fresh_key(), INPUT_SIZE)
@@ -167,7 +168,7 @@ def test_fast_path_equals_reference_scan(cell_name, mode, hoist):
     _close(fast, ref, 2e-5)
 
 
-@pytest.mark.parametrize("mode", ["everything", "everything_time_major_reverse"])
+@pytest.mark.parametrize("mode", ["everything_time_major_reverse"])
 def test_forward_mode_equals_reference(cell, mode, hoist):
     del hoist
     batch_shape, spec = MODES[mode]
@@ -279,3 +280,24 @@ def test_bad_unroll_is_rejected(unroll):
     params = cell.init(fresh_key(), INPUT_SIZE)
     with pytest.raises(ValueError, match="unroll must be an int >= 1 or a bool"):
         jaxrnn.unroll(cell, params, jnp.ones((2, TIME, INPUT_SIZE)), unroll=unroll)
+
+
+def test_cudnn_lstm_weight_packing_matches_unroll():
+    """The opt-in cuDNN path's packing, through jax.experimental.rnn's reference LSTM."""
+    from jax.experimental import rnn
+
+    cell = jaxrnn.lstm(HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (3, TIME, INPUT_SIZE))
+    carry = _random_tree(cell.initial_carry((3,)))
+    lengths = jnp.array([TIME, 2, 4], jnp.int32)
+    weights = rnn.unpack_lstm_weights(
+        fastpath.pack_cudnn_lstm_weights(params), INPUT_SIZE, HIDDEN, 1, False
+    )
+    ys, h, c = rnn.lstm_ref(
+        xs, carry.h[None], carry.c[None], *weights, lengths, INPUT_SIZE, HIDDEN, 1, 0.0, False
+    )
+    expected = jaxrnn.unroll(cell, params, xs, carry, seq_lengths=lengths)
+    _close((ys, jaxrnn.LSTMCarry(h[0], c[0])), expected, 2e-5)
+    if jax.default_backend() == "gpu":
+        _close(fastpath.cudnn_lstm(params, xs, carry, lengths), expected, 2e-3)

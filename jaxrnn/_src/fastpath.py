@@ -34,8 +34,16 @@ KINDS = ("elman_tanh", "elman_relu", "lstm", "gru")
 
 # Measured unroll factors (benchmarks/speed.py --tune): ((max batch*hidden, factor), ...) per
 # backend, the first row whose bound is >= batch*hidden wins. Any factor gives the same numbers.
+# CPU (2 cores, jax 0.10.2, process CPU time, fwd / fwd+bwd ms for unroll 1, 2, 4, 8):
+#   elman B16 T256 H128  5.05 5.18 5.10 5.25 / 16.9 16.2 16.0 17.1
+#   lstm  B16 T256 H128  13.8 13.4 13.7 15.6 / 57.5 70.4 70.1 65.8
+#   gru   B16 T256 H128  10.1 10.8 10.3  9.9 / 39.5 39.5 38.5 44.2
+#   lstm  B64 T128 H512  608  513  556  536  / 1547 1549 1595 1592
+# Unrolling buys nothing measurable on CPU and costs the LSTM's backward 15-20%: 1.
+# GPU: 8, the factor of the plain-scan baseline measured on an H100 (4.5 us/step at B8 H128);
+# `benchmarks/gpu_check.sh` re-measures it (`speed.py --tune`).
 UNROLL_TABLE = {
-    "cpu": ((4096, 8), (1 << 62, 2)),
+    "cpu": ((1 << 62, 1),),
     "gpu": ((1 << 62, 8),),
 }
 
@@ -281,3 +289,52 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll):
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)
     return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN through JAX (GPU only, opt-in: not dispatched to by `unroll`, see `cudnn_lstm`).
+
+
+def pack_cudnn_lstm_weights(params) -> jax.Array:
+    """``LSTMParams`` (no projection) as the flat weight vector of ``jax.experimental.rnn``.
+
+    cuDNN's layout for one layer and direction: ``W_ih (4H, in)``, ``W_hh (4H, H)``, ``b_ih``,
+    ``b_hh``, each flattened, gates ``i, f, g, o`` as jaxrnn's; missing biases are zeros.
+    """
+    width = params.w_h.shape[1]
+    zeros = jnp.zeros((width,), params.w_h.dtype)
+    b_x = zeros if params.b_x is None else params.b_x
+    b_h = zeros if params.b_h is None else params.b_h
+    return jnp.concatenate([params.w_x.T.ravel(), params.w_h.T.ravel(), b_x, b_h])
+
+
+def cudnn_lstm(params, xs, carry, seq_lengths=None):
+    """Runs an LSTM through cuDNN (``jax.experimental.rnn.lstm``); GPU only, opt-in.
+
+    Same function as ``jaxrnn.unroll(jaxrnn.lstm(H), params, xs, carry,
+    seq_lengths=seq_lengths)`` for batch-major ``xs: (batch, time, in)``. It is not the default
+    on GPU: measured peers put it behind PyTorch at small batch and level with the fast path
+    at large batch, and its kernel has not yet been run against the reference on a GPU here
+    (the weight packing and semantics are tested on CPU through ``jax.experimental.rnn``'s
+    reference implementation).
+    """
+    from jax.experimental import rnn
+
+    batch, time, input_size = xs.shape
+    hidden = params.w_h.shape[0]
+    if seq_lengths is None:
+        seq_lengths = jnp.full((batch,), time, jnp.int32)
+    weights = pack_cudnn_lstm_weights(params).astype(xs.dtype)
+    ys, h, c = rnn.lstm(
+        xs,
+        carry.h[None],
+        carry.c[None],
+        weights,
+        seq_lengths.astype(jnp.int32),
+        input_size,
+        hidden,
+        1,
+        0.0,
+        False,
+    )
+    return ys, type(carry)(h[0], c[0])
