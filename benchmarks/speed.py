@@ -126,7 +126,9 @@ def flax_runner(kind, xs_bm, dtype):
     hidden = xs_bm.shape[-1]
     cell_cls = {"elman": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[kind]
     model = nn.RNN(cell_cls(hidden, dtype=dtype, param_dtype=dtype))
-    params = model.init(jax.random.PRNGKey(0), xs_bm)
+    # Flax's orthogonal initializer has no bfloat16: initialize in float32, then cast.
+    params = nn.RNN(cell_cls(hidden)).init(jax.random.PRNGKey(0), xs_bm.astype(jnp.float32))
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
     def run(params, xs):
         return model.apply(params, xs)
