@@ -7,15 +7,19 @@ cell is a `jax.custom_jvp` whose tangent rule is *linear* and hoists the weight 
 
 .. math::
 
-    \dot z_t = \underbrace{\dot{xw}_t + h^{in}_t \dot W_h + \dot b_h}_{\text{one matmul over
-    all } t} + \dot h^{in}_t W_h
+    \dot z_t = \underbrace{\dot x_t W_x + x_t \dot W_x + h^{in}_t \dot W_h + \dot b}_{
+    \text{one matmul each over all } t} + \dot h^{in}_t W_h
 
-The first part is one ``(time·batch, state) × (state, gates)`` matmul outside the loop, computed
-from the primal states; the loop only carries ``(ḣ, ċ)`` through the gate derivatives, which
-are themselves computed for all steps at once after the primal scan. Reverse mode transposes
-this rule: the reverse scan carries only ``(dh, dc)``, emits ``dz_t``, and the weight gradient
-becomes ``dW_h = H_inᵀ · dZ``, one matmul. Being a JVP rule (not a `jax.custom_vjp`), forward
-mode, ``jacfwd`` and Hessians keep working.
+The first part is computed outside the loop from the primal states and inputs, as
+``(time·batch, ·) × (·, gates)`` matmuls; the loop only carries ``(ḣ, ċ)`` through the gate
+derivatives, which are themselves computed for all steps at once after the primal scan.
+Reverse mode transposes this rule: the reverse scan carries only ``(dh, dc)``, emits ``dz_t``,
+and the weight gradients become ``dW_h = H_inᵀ · dZ`` and ``dW_x = Xᵀ · dZ``, one matmul each.
+Being a JVP rule (not a `jax.custom_vjp`), forward mode, ``jacfwd`` and Hessians keep working.
+
+The primal's input projection ``x_t W_x`` is hoisted out of the loop (one large matmul) on
+GPU and kept inside it (one small matmul per step) on CPU, where that measured faster; the
+tangent rule hoists it either way.
 
 Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
 steps hold the carry and output zero, resets put the carry back to zeros before a step (after
