@@ -102,11 +102,10 @@ def _structure(fn: str, module):
     return net, names
 
 
-def _expected_shapes(model, input_size: int, dtype) -> list:
-    """``[layer][direction]`` params of ``model`` as shape structs (nothing is computed)."""
+def _expected_shapes(model, input_size: int, dtype):
+    """The params of ``model`` as shape structs (nothing is computed)."""
     key = jax.random.PRNGKey(0)
-    shapes = jax.eval_shape(lambda: model.init(key, input_size, dtype=dtype))
-    return [shapes] if isinstance(model, Cell) else shapes
+    return jax.eval_shape(lambda: model.init(key, input_size, dtype=dtype))
 
 
 def _as_layers(model, params):
