@@ -50,9 +50,12 @@ def _dense(fn: str, params, name: str, features: int, bias: bool):
         )
     sub = params[name]
     kernel = jnp.asarray(sub["kernel"])
-    if kernel.ndim != 2 or kernel.shape[1] != features:
+    recurrent = name.startswith("h")
+    rows = features if recurrent else "in"
+    wrong_rows = recurrent and kernel.ndim == 2 and kernel.shape[0] != features
+    if kernel.ndim != 2 or kernel.shape[1] != features or wrong_rows:
         raise ValueError(
-            f"{fn}: params[{name!r}]['kernel'] must have shape (in, {features}) for "
+            f"{fn}: params[{name!r}]['kernel'] must have shape ({rows}, {features}) for "
             f"features={features}, got {tuple(kernel.shape)}."
         )
     if bias and "bias" not in sub:
