@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import pathlib
+import sys
 
 import flax.linen as nn
 import jax
@@ -274,3 +277,37 @@ def test_wrong_input_size_names_the_argument():
     layer = jnnx.RNN(jaxrnn.lstm(4), INPUT_SIZE, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"xs has 7 features but params were built for input_si"):
         layer(jnp.ones((BATCH, TIME, 7)))
+
+
+# --- The README's snippets and the examples run ---------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _readme_snippet(section: str) -> str:
+    """The first ```python block after the README heading ``## {section}``."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(f"## {section}\n", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Flax modules (dataclasses) look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("section", ["Use with Flax", "Import from PyTorch"])
+def test_readme_snippet_runs(section):
+    exec(compile(_readme_snippet(section), f"README.md ({section})", "exec"), {})
+
+
+def test_flax_train_example_loss_falls_tenfold():
+    first, last = _load_example("flax_train").main(steps=200, verbose=False)
+    assert last < first / 10, (first, last)
+
+
+def test_from_pytorch_example_matches():
+    assert _load_example("from_pytorch").main() < 1e-5

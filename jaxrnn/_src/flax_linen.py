@@ -5,10 +5,50 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxrnn._src import flax_common
 from jaxrnn._src.cell import Cell
+
+
+def to_flax_params(cell, params) -> dict:
+    """jaxrnn params as the params of a `RNN` module holding ``cell``.
+
+    Use it to put imported or trained params into a Flax model:
+    ``variables["params"]["RNN_0"] = to_flax_params(net, params)``.
+
+    Args:
+      cell: the `jaxrnn.Cell` or `jaxrnn.Network` of the module.
+      params: its params (from ``cell.init``, `jaxrnn.interop.from_torch`, ...).
+
+    Returns:
+      ``{"cell": {...}}`` for a cell, ``{"network": {...}}`` for a network.
+    """
+    flax_common.check_model("to_flax_params", cell)
+    return {_param_name(cell): flax_common.params_to_dict(cell, params)}
+
+
+def from_flax_params(cell, flax_params, input_size: int) -> Any:
+    """The inverse of `to_flax_params`: a `RNN` module's params as jaxrnn params.
+
+    Args:
+      cell: the `jaxrnn.Cell` or `jaxrnn.Network` of the module.
+      flax_params: the module's params (``variables["params"]["RNN_0"]``).
+      input_size: features of the module's inputs.
+
+    Returns:
+      The params pytree that ``cell.init`` returns, ready for ``jaxrnn.unroll`` or
+      `jaxrnn.interop.to_torch`.
+    """
+    flax_common.check_model("from_flax_params", cell)
+    stored = flax_params[_param_name(cell)]
+    dtype = jax.tree_util.tree_leaves(stored)[0].dtype
+    return flax_common.params_from_dict(cell, stored, input_size, dtype)
+
+
+def _param_name(cell) -> str:
+    return "cell" if isinstance(cell, Cell) else "network"
 
 
 class RNN(nn.Module):
@@ -18,6 +58,7 @@ class RNN(nn.Module):
     dicts (``{'w_x', 'w_h', 'b_x', 'b_h'}`` for a cell; ``{'layer_0': {'forward': ...,
     'backward': ...}, ...}`` for a network), and its call is exactly
     ``jaxrnn.unroll(cell, params, ...)`` (or ``net.apply(params, ...)``): no math lives here.
+    `to_flax_params` and `from_flax_params` convert between the two layouts.
 
     Attributes:
       cell: a `jaxrnn.Cell` (``jaxrnn.lstm(64)``) or a `jaxrnn.Network` (``jaxrnn.stack(...)``).
@@ -88,9 +129,8 @@ class RNN(nn.Module):
         model = self.cell
         flax_common.check_model(fn, model)
         input_size = inputs.shape[-1]
-        name = "cell" if isinstance(model, Cell) else "network"
         stored = self.param(
-            name,
+            _param_name(model),
             lambda key: flax_common.params_to_dict(
                 model, model.init(key, input_size, dtype=self.param_dtype)
             ),

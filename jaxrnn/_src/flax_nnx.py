@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -115,3 +116,36 @@ class RNN(nnx.Module):
         return flax_common.params_from_dict(
             self.cell, self.params, self.input_size, self.param_dtype, unwrap=lambda p: p[...]
         )
+
+    def load_params(self, params) -> None:
+        """Overwrites the stored ``nnx.Param`` values with ``params`` (as ``cell.init`` returns).
+
+        Args:
+          params: params of this layer's cell or network, e.g. from
+            `jaxrnn.interop.from_torch`.
+
+        Raises:
+          ValueError: when their structure or a shape differs from the stored params.
+        """
+        expected = jax.tree_util.tree_structure(self.pure_params())
+        actual = jax.tree_util.tree_structure(params)
+        if expected != actual:
+            raise ValueError(
+                f"load_params: params must have the structure of this layer's, {expected}, "
+                f"got {actual}; were they built for another cell?"
+            )
+        new = flax_common.params_to_dict(self.cell, params)
+        old_leaves = jax.tree_util.tree_leaves(self.params, is_leaf=_is_param)
+        new_leaves = jax.tree_util.tree_leaves(new)
+        for param, value in zip(old_leaves, new_leaves):
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"load_params: a param of shape {tuple(param.shape)} cannot take a value "
+                    f"of shape {tuple(value.shape)}; were the params built for another size?"
+                )
+        for param, value in zip(old_leaves, new_leaves):
+            param[...] = value
+
+
+def _is_param(x) -> bool:
+    return isinstance(x, nnx.Param)

@@ -280,7 +280,7 @@ def to_torch(model, params, module):
                             f"{fn}: {torch_name} has shape {tuple(target.shape)} but the params "
                             f"give shape {tuple(value.shape)} (transposed {field})."
                         )
-                    target.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+                    target.copy_(torch.from_numpy(np.array(value, copy=True)))
     return module
 
 
