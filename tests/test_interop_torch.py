@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -392,3 +394,13 @@ def test_carry_layout_errors():
         interop.carry_from_torch_layout(gru_net, jnp.zeros((4, 1, 4)), jnp.zeros((4, 1, 4)))
     with pytest.raises(ValueError, match=r"h0 must have shape \(num_layers \* num_directions = 4"):
         interop.carry_from_torch_layout(gru_net, jnp.zeros((2, 1, 4)))
+
+
+def test_import_jaxrnn_imports_no_framework():
+    """``import jaxrnn`` (and its interop and flax packages) leaves torch and Flax unimported."""
+    code = (
+        "import sys, jaxrnn, jaxrnn.interop, jaxrnn.flax; "
+        "print(sorted(m for m in ('torch', 'flax.linen', 'flax.nnx') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
