@@ -404,3 +404,26 @@ def test_import_jaxrnn_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_bfloat16_round_trip_is_exact():
+    source = torch.nn.LSTM(3, 4, bidirectional=True).to(torch.bfloat16)
+    target = torch.nn.LSTM(3, 4, bidirectional=True).to(torch.bfloat16)
+    net, params = interop.from_torch(source)
+    assert params[0][1].w_x.dtype == jnp.bfloat16
+    interop.to_torch(net, params, target)
+    for (key, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+def test_float64_module_needs_64_bit_jax():
+    module = torch.nn.GRU(3, 4).double()
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match=r"weight_ih_l0 is float64 but JAX runs in 32 bits"):
+            interop.from_torch(module)
+
+
+def test_to_torch_rejects_another_dtype():
+    net, params = interop.from_torch(torch.nn.GRU(3, 4))
+    with pytest.raises(ValueError, match=r"is torch.float16 but params.w_x is float32"):
+        interop.to_torch(net, params, torch.nn.GRU(3, 4).half())

@@ -142,6 +142,32 @@ def _build_params(fn: str, model, names, get: Callable[[str], np.ndarray], input
     return tuple(out)
 
 
+def _to_numpy(fn: str, name: str, tensor) -> np.ndarray:
+    """A tensor's values as a numpy array of the same dtype (bfloat16 included), exactly."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{fn}: {name} is float64 but JAX runs in 32 bits, which would round it; enable "
+            f"64-bit JAX (jax.config.update('jax_enable_x64', True) or "
+            f"`with jax.enable_x64(True):`), or convert the module with module.float()."
+        )
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: go through float32, exactly
+        return tensor.float().numpy().astype(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def _to_tensor(value):
+    """A jax array as a new CPU tensor; bfloat16 goes through float32 (exact)."""
+    import torch
+
+    value = np.array(value, copy=True)
+    if value.dtype == jnp.bfloat16:
+        return torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(value)
+
+
 def _input_size(module) -> int:
     return int(module.input_size)
 
@@ -193,7 +219,7 @@ def from_torch(module):
     def get(name):
         if name not in tensors:
             raise ValueError(f"{fn}: the module has no parameter {name!r}; is it a {type(module)}?")
-        return tensors[name].detach().cpu().numpy()
+        return _to_numpy(fn, name, tensors[name])
 
     return model, _build_params(fn, model, names, get, _input_size(module))
 
@@ -221,7 +247,7 @@ def grads_from_torch(module):
         grad = tensors[name].grad
         if grad is None:
             raise ValueError(f"{fn}: {name} has no gradient; run loss.backward() first.")
-        return grad.detach().cpu().numpy()
+        return _to_numpy(fn, name, grad)
 
     return _build_params(fn, model, names, get, _input_size(module))
 
@@ -275,12 +301,18 @@ def to_torch(model, params, module):
                         )
                     value = np.asarray(value)
                     value = value.T if field.startswith("w_") else value
+                    if value.dtype != _to_numpy(fn, torch_name, target).dtype:
+                        raise ValueError(
+                            f"{fn}: {torch_name} is {target.dtype} but params.{field} is "
+                            f"{value.dtype}; convert one of them (module.to(...) or "
+                            f"params.astype) so that the copy is exact."
+                        )
                     if tuple(value.shape) != tuple(target.shape):
                         raise ValueError(
                             f"{fn}: {torch_name} has shape {tuple(target.shape)} but the params "
                             f"give shape {tuple(value.shape)} (transposed {field})."
                         )
-                    target.copy_(torch.from_numpy(np.array(value, copy=True)))
+                    target.copy_(_to_tensor(value))
     return module
 
 
