@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import chex
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +195,26 @@ def test_nan_propagates_and_padding_nan_is_ignored(cell, params):
     assert np.isfinite(loss(params))
     grads = jax.grad(loss)(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(
+    time=st.integers(0, 5),
+    batch=st.integers(1, 3),
+    reverse=st.booleans(),
+    data=st.data(),
+)
+def test_random_lengths_and_masks_match_python_loop(time, batch, reverse, data):
+    cell = jaxrnn.gru(3)
+    params = cell.init(fresh_key(), 2)
+    xs = jax.random.normal(fresh_key(), (batch, time, 2))
+    lengths = jnp.array(
+        data.draw(st.lists(st.integers(0, time + 2), min_size=batch, max_size=batch))
+    )
+    flat = data.draw(st.lists(st.booleans(), min_size=batch * time, max_size=batch * time))
+    mask = jnp.array(flat, bool).reshape(batch, time)
+    kwargs = {"seq_lengths": lengths, "mask": mask, "resets": ~mask, "reverse": reverse}
+    ys, final = jaxrnn.unroll(cell, params, xs, **kwargs)
+    ref_ys, ref_final = reference_unroll(cell, params, xs, **kwargs)
+    assert_trees_close(ys, ref_ys)
+    assert_trees_close(final, ref_final)
