@@ -276,16 +276,9 @@ def test_wrong_input_size_names_the_argument():
         layer(jnp.ones((BATCH, TIME, 7)))
 
 
-# --- The README's snippets and the examples run ---------------------------------------------
+# --- The examples run (tests/test_docs.py runs the README's code) ------------------------
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _readme_snippet(section: str) -> str:
-    """The first ```python block after the README heading ``## {section}``."""
-    text = (ROOT / "README.md").read_text()
-    after = text.split(f"## {section}\n", 1)[1]
-    return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def _load_example(name: str):
@@ -294,11 +287,6 @@ def _load_example(name: str):
     sys.modules[name] = module  # Flax modules (dataclasses) look their module up here
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.mark.parametrize("section", ["Use with Flax", "Import from PyTorch"])
-def test_readme_snippet_runs(section):
-    exec(compile(_readme_snippet(section), f"README.md ({section})", "exec"), {})
 
 
 def test_flax_train_example_loss_falls_tenfold():
