@@ -7,6 +7,7 @@ these tests always run there.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import random
 import subprocess
@@ -427,3 +428,22 @@ def test_to_torch_rejects_another_dtype():
     net, params = interop.from_torch(torch.nn.GRU(3, 4))
     with pytest.raises(ValueError, match=r"is torch.float16 but params.w_x is float32"):
         interop.to_torch(net, params, torch.nn.GRU(3, 4).half())
+
+
+def test_unbatched_input_matches():
+    """PyTorch's unbatched ``(time, features)`` input: no batch dims in jaxrnn either."""
+    module = torch.nn.GRU(3, 4, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(6, 3)
+    out, h_n = module(x)
+    net, params = interop.from_torch(module)
+    ys, carries = jax.jit(lambda p, x: net.apply(p, x, time_major=True))(params, _np(x))
+    np.testing.assert_allclose(ys, _np(out), rtol=1e-5, atol=1e-6)
+    h = interop.carry_to_torch_layout(net, carries)
+    assert h.shape == h_n.shape == (4, 4)
+    np.testing.assert_allclose(h, _np(h_n), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["jaxrnn.interop", "jaxrnn.flax.linen", "jaxrnn.flax.nnx"])
+def test_public_names_exist(name):
+    module = importlib.import_module(name)
+    assert module.__all__ and all(hasattr(module, n) for n in module.__all__)
