@@ -447,3 +447,11 @@ def test_unbatched_input_matches():
 def test_public_names_exist(name):
     module = importlib.import_module(name)
     assert module.__all__ and all(hasattr(module, n) for n in module.__all__)
+
+
+def test_to_torch_writes_into_a_training_module_with_dropout():
+    module = torch.nn.LSTM(3, 4, num_layers=2, dropout=0.5).eval()
+    net, params = interop.from_torch(module)
+    target = torch.nn.LSTM(3, 4, num_layers=2, dropout=0.5)  # training mode
+    interop.to_torch(net, params, target)
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), target.parameters()))

@@ -63,12 +63,13 @@ def _make_cell(kind: str, module, is_cell: bool) -> Cell:
     return gru_lib.gru(hidden, use_bias=bias)
 
 
-def _structure(fn: str, module):
+def _structure(fn: str, module, *, reproduce: bool = True):
     """The jaxrnn model of ``module`` and the PyTorch parameter names of each of its cells.
 
     Returns ``(model, names)``: ``model`` a `Cell` (for ``*Cell`` modules) or a `Network`;
     ``names[layer][direction]`` a dict from jaxrnn field to PyTorch parameter name (one layer,
-    one direction for a ``*Cell`` module).
+    one direction for a ``*Cell`` module). With ``reproduce``, a module whose output is random
+    (training mode with active dropout) is refused.
     """
     kind, is_cell = _kind(fn, module)
     cell = _make_cell(kind, module, is_cell)
@@ -76,8 +77,8 @@ def _structure(fn: str, module):
     if module.bias:
         fields.update(b_x="bias_ih", b_h="bias_hh")
     if is_cell:
-        return cell, (({f: n for f, n in fields.items()},),)
-    if module.training and module.dropout > 0 and module.num_layers > 1:
+        return cell, ((dict(fields),),)
+    if reproduce and module.training and module.dropout > 0 and module.num_layers > 1:
         raise ValueError(
             f"{fn}: the module is in training mode with dropout={module.dropout}, so its output "
             f"is random and cannot be reproduced; call module.eval() first (the returned network "
@@ -240,7 +241,7 @@ def grads_from_torch(module):
       ValueError: if a parameter has no gradient.
     """
     fn = "grads_from_torch"
-    model, names = _structure(fn, module)
+    model, names = _structure(fn, module, reproduce=False)
     tensors = dict(module.named_parameters())
 
     def get(name):
@@ -275,7 +276,7 @@ def to_torch(model, params, module):
     import torch
 
     fn = "to_torch"
-    expected, names = _structure(fn, module)
+    expected, names = _structure(fn, module, reproduce=False)
     got_cells = (model,) if isinstance(model, Cell) else tuple(model.cells)
     want_cells = (expected,) if isinstance(expected, Cell) else tuple(expected.cells)
     got_dirs = 1 if isinstance(model, Cell) else (2 if model.bidirectional else 1)
