@@ -302,7 +302,7 @@ def to_torch(model, params, module):
                         )
                     value = np.asarray(value)
                     value = value.T if field.startswith("w_") else value
-                    if value.dtype != _to_numpy(fn, torch_name, target).dtype:
+                    if value.dtype != jnp.dtype(str(target.dtype).removeprefix("torch.")):
                         raise ValueError(
                             f"{fn}: {torch_name} is {target.dtype} but params.{field} is "
                             f"{value.dtype}; convert one of them (module.to(...) or "
