@@ -149,3 +149,31 @@ def test_params_of_another_cell_are_refused():
     variables["params"]["hz"]["kernel"] = jnp.ones((4, HIDDEN))
     with pytest.raises(ValueError, match=r"params\['hz'\]\['kernel'\] must have shape \(5, 5\)"):
         interop.from_flax(nn.GRUCell(HIDDEN), variables)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_bidirectional_equals_flax(name):
+    """``flax.linen.Bidirectional`` of two RNNs is a one-layer bidirectional jaxrnn network."""
+    batch, time = 3, 6
+    bi = nn.Bidirectional(nn.RNN(FLAX_CELLS[name]()), nn.RNN(FLAX_CELLS[name]()), return_carry=True)
+    xs = jax.random.normal(_key(), (batch, time, INPUT_SIZE))
+    lengths = jnp.array([6, 3, 1])
+    variables = bi.init(_key(), xs, seq_lengths=lengths)
+    expected_carry, expected_ys = bi.apply(variables, xs, seq_lengths=lengths)
+    net, params = interop.from_flax(bi, variables)
+    ys, carries = jax.jit(lambda p, xs: net.apply(p, xs, seq_lengths=lengths))(params, xs)
+    valid = np.arange(time)[None, :] < np.asarray(lengths)[:, None]
+    np.testing.assert_allclose(ys[valid], np.asarray(expected_ys)[valid], rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(
+        lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6),
+        interop.carry_to_flax(net, carries),
+        expected_carry,
+    )
+    assert interop.carry_from_flax(net, expected_carry)[0][1].__class__ is type(carries[0][1])
+
+
+def test_bidirectional_of_two_cell_types_is_refused():
+    bi = nn.Bidirectional(nn.RNN(nn.GRUCell(HIDDEN)), nn.RNN(nn.SimpleCell(HIDDEN)))
+    variables = bi.init(_key(), jnp.ones((1, 4, INPUT_SIZE)))
+    with pytest.raises(ValueError, match=r"runs one cell type in both directions"):
+        interop.from_flax(bi, variables)

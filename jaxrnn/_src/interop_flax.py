@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from jaxrnn._src import elman as elman_lib
 from jaxrnn._src import gru as gru_lib
+from jaxrnn._src import layers
 from jaxrnn._src import lstm as lstm_lib
-from jaxrnn._src.cell import Cell
 
 _SUPPORTED = "flax.linen.SimpleCell, LSTMCell, OptimizedLSTMCell, GRUCell (or an nn.RNN of one)"
 
@@ -77,6 +77,37 @@ def _unwrap(fn: str, module, variables):
     return module, params
 
 
+def _from_bidirectional(fn: str, module, variables):
+    """``flax.linen.Bidirectional`` of two ``flax.linen.RNN``: a one-layer bidirectional
+    `Network`."""
+    from flax.linen import recurrent
+
+    if module.merge_fn is not recurrent._concatenate:
+        raise ValueError(
+            f"{fn}: Bidirectional.merge_fn must be the default (concatenation, as a jaxrnn "
+            f"bidirectional layer), got {_function_name(module.merge_fn)}."
+        )
+    params = variables.get("params", variables)
+    converted = []
+    for name in ("forward_rnn", "backward_rnn"):
+        rnn = getattr(module, name)
+        if not isinstance(rnn, recurrent.RNN):
+            raise TypeError(
+                f"{fn}: Bidirectional.{name} must be a flax.linen.RNN, got {type(rnn).__name__}."
+            )
+        if name not in params:
+            raise ValueError(f"{fn}: params have no {name!r}, got keys {sorted(params)}.")
+        converted.append(from_flax(rnn.cell, params[name]["cell"]))
+    (forward, forward_params), (backward, backward_params) = converted
+    if forward.name != backward.name:
+        raise ValueError(
+            f"{fn}: a jaxrnn bidirectional layer runs one cell type in both directions; got "
+            f"{forward.name} forward and {backward.name} backward."
+        )
+    net = layers.stack(forward, 1, bidirectional=True)
+    return net, ((forward_params, backward_params),)
+
+
 def from_flax(module, variables):
     r"""Imports a Flax recurrent cell's params into jaxrnn: the matching cell and its params.
 
@@ -98,19 +129,23 @@ def from_flax(module, variables):
 
     Args:
       module: the Flax cell (its configuration is read: ``features``, ``activation_fn``,
-        ``gate_fn``, ``residual``), or a ``flax.linen.RNN`` wrapping one.
+        ``gate_fn``, ``residual``), a ``flax.linen.RNN`` wrapping one, or a
+        ``flax.linen.Bidirectional`` of two such ``RNN`` with the same cell type.
       variables: its variables (``{'params': ...}``) or just the params dict.
 
     Returns:
       ``(cell, params)``: a `jaxrnn.Cell` and its params, so that
       ``jaxrnn.unroll(cell, params, xs, seq_lengths=..., reverse=...)`` equals
-      ``flax.linen.RNN(module, ...)`` (with ``keep_order=True`` when reversed).
+      ``flax.linen.RNN(module, ...)`` (with ``keep_order=True`` when reversed). For a
+      ``Bidirectional``, ``(net, params)`` with ``net = jaxrnn.stack(cell, 1,
+      bidirectional=True)``, so that ``net.apply(params, xs, seq_lengths=...)`` equals it.
 
     Raises:
       TypeError: for another module type.
       ValueError: for a configuration jaxrnn does not compute (``SimpleCell(residual=True)``,
         an activation other than tanh/relu, a gate other than sigmoid, a ``flax.linen.RNN``
-        with ``reverse=True, keep_order=False``) or params of the wrong structure or shape.
+        with ``reverse=True, keep_order=False``, a ``Bidirectional`` with another
+        ``merge_fn`` or two cell types) or params of the wrong structure or shape.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxrnn, jaxrnn.interop
@@ -123,6 +158,8 @@ def from_flax(module, variables):
     import flax.linen as nn
 
     fn = "from_flax"
+    if isinstance(module, nn.Bidirectional):
+        return _from_bidirectional(fn, module, variables)
     if isinstance(module, nn.RNN) and module.reverse and not module.keep_order:
         raise ValueError(
             f"{fn}: flax.linen.RNN(reverse=True, keep_order=False) returns outputs in reversed "
@@ -175,33 +212,37 @@ def from_flax(module, variables):
     )
 
 
-def carry_from_flax(cell: Cell, carry):
+def carry_from_flax(cell, carry):
     """A Flax cell's carry as the jaxrnn carry of ``cell``: Flax's LSTM ``(c, h)`` becomes
     ``LSTMCarry(h, c)``; other carries pass through.
 
     Args:
-      cell: the jaxrnn cell from `from_flax`.
-      carry: the Flax carry.
+      cell: the jaxrnn cell (or bidirectional network) from `from_flax`.
+      carry: the Flax carry (for a ``Bidirectional``: ``(forward, backward)``).
 
     Returns:
-      The jaxrnn carry.
+      The jaxrnn carry (for a network: ``((forward, backward),)``).
     """
+    if isinstance(cell, layers.Network):
+        return (tuple(carry_from_flax(cell.cells[0], c) for c in carry),)
     if cell.params_type is lstm_lib.LSTMParams:
         c, h = carry
         return lstm_lib.LSTMCarry(h=h, c=c)
     return carry
 
 
-def carry_to_flax(cell: Cell, carry):
+def carry_to_flax(cell, carry):
     """The inverse of `carry_from_flax`: ``LSTMCarry(h, c)`` becomes Flax's ``(c, h)``.
 
     Args:
-      cell: the jaxrnn cell.
+      cell: the jaxrnn cell (or bidirectional network from `from_flax`).
       carry: the jaxrnn carry.
 
     Returns:
       The Flax carry.
     """
+    if isinstance(cell, layers.Network):
+        return tuple(carry_to_flax(cell.cells[0], c) for c in carry[0])
     if cell.params_type is lstm_lib.LSTMParams:
         return (carry.c, carry.h)
     return carry
