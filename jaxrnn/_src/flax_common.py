@@ -11,9 +11,11 @@ and turned back into the cell's params NamedTuples before each call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxrnn._src import layers
 from jaxrnn._src import unroll as unroll_lib
@@ -65,10 +67,20 @@ def params_to_dict(model, params, wrap: Callable = lambda v: v):
     }
 
 
+@functools.lru_cache(maxsize=256)
+def _template(model, input_size: int, dtype):
+    """The structure of ``model.init(key, input_size)``, as shape structs (nothing computed)."""
+    key = jax.random.PRNGKey(0)
+    return jax.eval_shape(lambda: model.init(key, input_size, dtype=dtype))
+
+
 def params_from_dict(model, stored, input_size: int, dtype, unwrap: Callable = lambda v: v):
     """The inverse of `params_to_dict`; ``input_size`` and ``dtype`` give the structure."""
-    key = jax.random.PRNGKey(0)
-    template = jax.eval_shape(lambda: model.init(key, input_size, dtype=dtype))
+    args = (model, int(input_size), jnp.dtype(dtype))
+    try:
+        template = _template(*args)
+    except TypeError:  # an unhashable model: not cached
+        template = _template.__wrapped__(*args)
     if isinstance(model, Cell):
         return _cell_from_dict(template, stored, unwrap)
     return tuple(
