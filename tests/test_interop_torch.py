@@ -108,8 +108,13 @@ def _np(t):
 
 
 def _check_close(actual, expected, tol, what):
+    """Elementwise within ``rtol`` (with an ``atol`` floor for entries near zero), and the
+    largest error within ``rtol`` of the largest magnitude, with no floor."""
     rtol, atol = tol
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol, atol=atol, err_msg=what)
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+    scale = np.max(np.abs(expected), initial=0.0)
+    assert np.max(np.abs(actual - expected), initial=0.0) <= rtol * scale, what
 
 
 def _check_sequence_parity(cfg: Config, dtype: str):
