@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxrnn
 from jaxrnn import interop
 
 _SEEDS = itertools.count(500)
 INPUT_SIZE, HIDDEN = 3, 5
+TIME_NNX = 3
 RANDOM_BIAS = nn.initializers.normal(0.5)  # Flax initialises biases to zero; test real ones
 
 FLAX_CELLS = {
@@ -36,7 +38,10 @@ def flax_cell(request):
 
 
 def _random_flax_carry(flax_cell, batch):
-    carry = flax_cell.initialize_carry(_key(), (batch, INPUT_SIZE))
+    if isinstance(flax_cell, nnx.Module):
+        carry = flax_cell.initialize_carry((batch, INPUT_SIZE), rngs=nnx.Rngs(0))
+    else:
+        carry = flax_cell.initialize_carry(_key(), (batch, INPUT_SIZE))
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     keys = jax.random.split(_key(), len(leaves))
     return treedef.unflatten([jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
@@ -177,3 +182,41 @@ def test_bidirectional_of_two_cell_types_is_refused():
     variables = bi.init(_key(), jnp.ones((1, 4, INPUT_SIZE)))
     with pytest.raises(ValueError, match=r"runs one cell type in both directions"):
         interop.from_flax(bi, variables)
+
+
+NNX_CELLS = {
+    "simple_tanh": lambda rngs: nnx.SimpleCell(INPUT_SIZE, HIDDEN, rngs=rngs),
+    "simple_relu": lambda rngs: nnx.SimpleCell(
+        INPUT_SIZE, HIDDEN, activation_fn=nnx.relu, rngs=rngs
+    ),
+    "lstm": lambda rngs: nnx.LSTMCell(INPUT_SIZE, HIDDEN, rngs=rngs),
+    "optimized_lstm": lambda rngs: nnx.OptimizedLSTMCell(INPUT_SIZE, HIDDEN, rngs=rngs),
+    "gru": lambda rngs: nnx.GRUCell(INPUT_SIZE, HIDDEN, rngs=rngs),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NNX_CELLS))
+def test_nnx_cell_steps_equal_flax(name):
+    flax_cell = NNX_CELLS[name](nnx.Rngs(next(_SEEDS)))
+    for _, variable in nnx.iter_graph(flax_cell):  # Flax's biases start at zero: randomise
+        if isinstance(variable, nnx.Param) and variable[...].ndim == 1:
+            variable[...] = jax.random.normal(_key(), variable[...].shape)
+    cell, params = interop.from_flax(flax_cell)
+    xs = jax.random.normal(_key(), (TIME_NNX, 2, INPUT_SIZE))
+    flax_carry = _random_flax_carry(flax_cell, 2)
+    carry = interop.carry_from_flax(cell, flax_carry)
+    step = jax.jit(cell.step)
+    for x in xs:
+        flax_carry, expected = flax_cell(flax_carry, x)
+        carry, y = step(params, carry, x)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(
+        lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6),
+        interop.carry_to_flax(cell, carry),
+        flax_carry,
+    )
+
+
+def test_linen_module_without_variables_is_refused():
+    with pytest.raises(ValueError, match=r"a flax.linen module keeps no params; pass its var"):
+        interop.from_flax(nn.GRUCell(HIDDEN))

@@ -108,7 +108,50 @@ def _from_bidirectional(fn: str, module, variables):
     return net, ((forward_params, backward_params),)
 
 
-def from_flax(module, variables):
+def _nnx_linear(layer):
+    """``(kernel, bias or None)`` of an ``nnx.Linear``."""
+    bias = None if layer.bias is None else jnp.asarray(layer.bias[...])
+    return jnp.asarray(layer.kernel[...]), bias
+
+
+def _from_nnx(fn: str, module):
+    """Converts a ``flax.nnx`` cell; its params live in the module."""
+    from flax import nnx
+
+    activations, gates = _tanh_relu_sigmoid()
+    hidden = int(module.hidden_features)
+    if isinstance(module, nnx.SimpleCell):
+        if module.residual:
+            raise ValueError(
+                f"{fn}: SimpleCell(residual=True) adds h to the pre-activation, which jaxrnn's "
+                f"elman does not compute; convert a cell with residual=False."
+            )
+        activation = _check_fn(fn, module, "activation_fn", activations)
+        w_x, b_x = _nnx_linear(module.dense_i)
+        w_h, _ = _nnx_linear(module.dense_h)
+        params = elman_lib.ElmanParams(w_x, w_h, b_x, jnp.zeros_like(b_x))
+        return elman_lib.elman(hidden, activation=activation), params
+    _check_fn(fn, module, "activation_fn", {"tanh": activations["tanh"]})
+    _check_fn(fn, module, "gate_fn", gates)
+    if isinstance(module, nnx.LSTMCell):
+        xs = [_nnx_linear(getattr(module, f"i{g}"))[0] for g in ("i", "f_", "g", "o")]
+        hs = [_nnx_linear(getattr(module, f"h{g}")) for g in "ifgo"]
+        w_x, w_h = jnp.concatenate(xs, axis=1), jnp.concatenate([w for w, _ in hs], axis=1)
+        b_h = jnp.concatenate([b for _, b in hs])
+        return lstm_lib.lstm(hidden), lstm_lib.LSTMParams(w_x, w_h, jnp.zeros_like(b_h), b_h)
+    if isinstance(module, nnx.OptimizedLSTMCell):
+        (w_x, _), (w_h, b_h) = _nnx_linear(module.dense_i), _nnx_linear(module.dense_h)
+        return lstm_lib.lstm(hidden), lstm_lib.LSTMParams(w_x, w_h, jnp.zeros_like(b_h), b_h)
+    if isinstance(module, nnx.GRUCell):
+        (w_x, b_x), (w_h, _) = _nnx_linear(module.dense_i), _nnx_linear(module.dense_h)
+        return gru_lib.gru(hidden), gru_lib.GRUParams(w_x, w_h, b_x, jnp.zeros_like(b_x))
+    raise TypeError(
+        f"{fn}: module must be one of {_SUPPORTED} or flax.nnx.SimpleCell, LSTMCell, "
+        f"OptimizedLSTMCell, GRUCell; got {type(module).__name__}."
+    )
+
+
+def from_flax(module, variables=None):
     r"""Imports a Flax recurrent cell's params into jaxrnn: the matching cell and its params.
 
     ============================  ======================================================
@@ -121,6 +164,10 @@ def from_flax(module, variables):
                                   ``w_h = [hr, hz, hn]``, ``b_h = [0, 0, hn.bias]``
     ============================  ======================================================
 
+    The ``flax.nnx`` cells of the same names convert too (pass the module alone: it holds its
+    params); their ``GRUCell`` has no recurrent bias at all and their ``OptimizedLSTMCell``
+    and ``GRUCell`` fuse the gates already.
+
     Flax's GRU computes :math:`n = \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn}))`,
     PyTorch's form, which jaxrnn's `gru` computes too; Flax has no recurrent bias on ``r`` and
     ``z``, which become zeros. So every supported cell converts exactly. The carries differ
@@ -131,7 +178,8 @@ def from_flax(module, variables):
       module: the Flax cell (its configuration is read: ``features``, ``activation_fn``,
         ``gate_fn``, ``residual``), a ``flax.linen.RNN`` wrapping one, or a
         ``flax.linen.Bidirectional`` of two such ``RNN`` with the same cell type.
-      variables: its variables (``{'params': ...}``) or just the params dict.
+      variables: its variables (``{'params': ...}``) or just the params dict; ``None`` for a
+        ``flax.nnx`` cell.
 
     Returns:
       ``(cell, params)``: a `jaxrnn.Cell` and its params, so that
@@ -156,8 +204,16 @@ def from_flax(module, variables):
       ((3, 12), (12,))
     """
     import flax.linen as nn
+    from flax import nnx
 
     fn = "from_flax"
+    if isinstance(module, nnx.Module):
+        return _from_nnx(fn, module)
+    if variables is None:
+        raise ValueError(
+            f"{fn}: a flax.linen module keeps no params; pass its variables as well, "
+            f"from_flax(module, variables)."
+        )
     if isinstance(module, nn.Bidirectional):
         return _from_bidirectional(fn, module, variables)
     if isinstance(module, nn.RNN) and module.reverse and not module.keep_order:
