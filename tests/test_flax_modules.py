@@ -107,8 +107,7 @@ def _assert_trees_close(a, b):
     )
 
 
-MODES = {
-    "plain": dict(),
+MODES = {  # between them: batch- and time-major, lengths or not, a carry or not, reverse
     "lengths_carry": dict(seq_lengths=True, initial_carry=True),
     "time_major_reverse": dict(time_major=True, reverse=True),
 }
@@ -290,7 +289,7 @@ def _load_example(name: str):
 
 
 def test_flax_train_example_loss_falls_tenfold():
-    first, last = _load_example("flax_train").main(steps=200, verbose=False)
+    first, last = _load_example("flax_train").main(steps=150, verbose=False)
     assert last < first / 10, (first, last)
 
 
