@@ -192,28 +192,31 @@ def test_linen_dropout_uses_flax_rng_and_deterministic():
     model = MODELS["stack_gru_dropout"]()
     layer = jnn.RNN(model)
     xs = jax.random.normal(_key(), (BATCH, TIME, INPUT_SIZE))
-    variables = layer.init(_key(), xs, deterministic=True)
-    off = layer.apply(variables, xs, deterministic=True)
-    on_a = layer.apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    on_b = layer.apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    on_c = layer.apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    variables = {"params": jnn.to_flax_params(model, model.init(_key(), INPUT_SIZE))}
+    apply = jax.jit(layer.apply, static_argnames="deterministic")
+    off = apply(variables, xs, deterministic=True)
+    _assert_trees_close(off, model.apply(jnn.from_flax_params(model, variables['params'], INPUT_SIZE), xs)[0])
+    on_a = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    on_b = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    on_c = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(2)})
     np.testing.assert_array_equal(on_a, on_b)
     assert not np.allclose(on_a, off) and not np.allclose(on_a, on_c)
     with pytest.raises(ValueError, match="deterministic"):
-        layer.apply(variables, xs)
+        jax.eval_shape(layer.apply, variables, xs)
 
 
 def test_nnx_dropout_follows_train_and_eval():
     model = MODELS["stack_gru_dropout"]()
     layer = jnnx.RNN(model, INPUT_SIZE, rngs=nnx.Rngs(params=0, dropout=1))
     xs = jax.random.normal(_key(), (BATCH, TIME, INPUT_SIZE))
-    expected, _ = model.apply(layer.pure_params(), xs)
-    train_a, train_b = layer(xs), layer(xs)
+    expected, _ = jax.jit(model.apply)(layer.pure_params(), xs)
+    run = nnx.jit(lambda layer, xs: layer(xs))
+    train_a, train_b = run(layer, xs), run(layer, xs)
     assert not np.allclose(train_a, expected) and not np.allclose(train_a, train_b)
     layer.eval()
-    _assert_trees_close(layer(xs), expected)
+    _assert_trees_close(run(layer, xs), expected)
     layer.train()
-    assert not np.allclose(layer(xs), expected)
+    assert not np.allclose(run(layer, xs), expected)
 
 
 def test_nnx_trains_with_optimizer():
