@@ -195,7 +195,8 @@ def test_linen_dropout_uses_flax_rng_and_deterministic():
     variables = {"params": jnn.to_flax_params(model, model.init(_key(), INPUT_SIZE))}
     apply = jax.jit(layer.apply, static_argnames="deterministic")
     off = apply(variables, xs, deterministic=True)
-    _assert_trees_close(off, model.apply(jnn.from_flax_params(model, variables['params'], INPUT_SIZE), xs)[0])
+    params = jnn.from_flax_params(model, variables["params"], INPUT_SIZE)
+    _assert_trees_close(off, model.apply(params, xs)[0])
     on_a = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)})
     on_b = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)})
     on_c = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(2)})
