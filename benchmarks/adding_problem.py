@@ -58,8 +58,9 @@ def _table(results: dict, seq_len: int, steps: int) -> str:
         ]
         row += [values[cell] for _, _, values in PAPERS]
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(f"| baseline (predict 1) | {1 / 6:.3f} | | " + " | ".join(["0.167"] * len(PAPERS))
-                 + " |")
+    lines.append(
+        f"| baseline (predict 1) | {1 / 6:.3f} | | " + " | ".join(["0.167"] * len(PAPERS)) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -67,9 +68,7 @@ def _diagnose_text(diag: dict, seq_len: int, state: str) -> str:
     lines = [f"adding problem, T={seq_len}, hidden 64, params {state}"]
     lines.append(f"{'cell':<6} {'|dL/dh_1| / |dL/dh_T|':>22} {'mean |dh_t/dh_t-1|':>20}")
     for name, r in diag.items():
-        lines.append(
-            f"{name:<6} {r['ratio']:>22.3e} {float(np.mean(r['jacobian_norms'])):>20.3f}"
-        )
+        lines.append(f"{name:<6} {r['ratio']:>22.3e} {float(np.mean(r['jacobian_norms'])):>20.3f}")
     return "\n".join(lines)
 
 
@@ -165,8 +164,9 @@ def main() -> None:
     )
     readme = os.path.join(ROOT, "README.md")
     block = table + "\n\n```\n" + diag_text + "\n```"
-    if _replace_between(readme, "<!-- adding-problem:start -->", "<!-- adding-problem:end -->",
-                        block):
+    if _replace_between(
+        readme, "<!-- adding-problem:start -->", "<!-- adding-problem:end -->", block
+    ):
         print("updated README.md")
 
 

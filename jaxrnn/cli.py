@@ -90,6 +90,7 @@ def train_on_task(
     text_path: str | None = None,
     tbptt: int | None = None,
     progress: bool = True,
+    data_parallel: bool = True,
 ) -> dict:
     """Trains ``cell`` on ``task`` with Adam and returns a summary (what ``jaxrnn train`` runs).
 
@@ -109,8 +110,9 @@ def train_on_task(
 
     kwargs = {"path": text_path} if task == "char" and text_path is not None else {}
     the_task = tasks.get_task(task, seq_len, **kwargs)
-    model = train.sequence_model(make_cell(cell, hidden_size), the_task.output_size,
-                                 readout=the_task.readout)
+    model = train.sequence_model(
+        make_cell(cell, hidden_size), the_task.output_size, readout=the_task.readout
+    )
     k_params, k_data, k_test = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = model.init(k_params, the_task.input_size)
     test_batch = the_task.sample(k_test, eval_size)
@@ -142,6 +144,7 @@ def train_on_task(
         checkpoint_every=checkpoint_every,
         resume=resume,
         progress=progress,
+        data_parallel=data_parallel,
     )
     seconds = time.perf_counter() - start
     test_metric = float(metric_fn(result.state.params, test_batch))
@@ -239,40 +242,65 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a cell on a task")
     t.add_argument("--task", required=True, choices=TASK_NAMES)
     t.add_argument("--cell", required=True, choices=CELLS)
-    t.add_argument("--seq-len", type=_positive_int, required=True,
-                   help="sequence length (the delay T for the copy task)")
+    t.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        required=True,
+        help="sequence length (the delay T for the copy task)",
+    )
     t.add_argument("--steps", type=_positive_int, required=True, help="batches to train on")
     t.add_argument("--batch-size", type=_positive_int, default=50)
     t.add_argument("--hidden-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam's learning rate")
-    t.add_argument("--clip", type=_positive_float, default=1.0,
-                   help="clip gradients to this global norm")
-    t.add_argument("--eval-every", type=_non_negative_int, default=0,
-                   help="evaluate on the test set every N steps (0: only at the end)")
+    t.add_argument(
+        "--clip", type=_positive_float, default=1.0, help="clip gradients to this global norm"
+    )
+    t.add_argument(
+        "--eval-every",
+        type=_non_negative_int,
+        default=0,
+        help="evaluate on the test set every N steps (0: only at the end)",
+    )
     t.add_argument("--eval-size", type=_positive_int, default=1000)
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--checkpoint-dir", help="write checkpoints here")
-    t.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
-                   help="checkpoint every N steps (0: only at the end)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --checkpoint-dir")
+    t.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=0,
+        help="checkpoint every N steps (0: only at the end)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir",
+    )
     t.add_argument("--metrics", help="append JSONL metrics to this file")
     t.add_argument("--text", help="text file for --task char (default: the shipped text)")
-    t.add_argument("--tbptt", type=_positive_int,
-                   help="truncated BPTT: update every N steps of each sequence")
+    t.add_argument(
+        "--tbptt", type=_positive_int, help="truncated BPTT: update every N steps of each sequence"
+    )
     t.add_argument("--loss-plot", help="save the loss curve as this PNG")
     t.add_argument("--json", help="write the summary to this JSON file")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--single-device", action="store_true", help="do not split the batch over all devices"
+    )
 
     d = sub.add_parser("diagnose", help="gradient norms through time per cell")
-    d.add_argument("--cells", type=_cell_list, default=list(CELLS),
-                   help="comma-separated cells (default: elman,lstm,gru)")
+    d.add_argument(
+        "--cells",
+        type=_cell_list,
+        default=list(CELLS),
+        help="comma-separated cells (default: elman,lstm,gru)",
+    )
     d.add_argument("--seq-len", type=_positive_int, default=200)
     d.add_argument("--hidden-size", type=_positive_int, default=64)
     d.add_argument("--batch-size", type=_positive_int, default=16)
     d.add_argument("--seed", type=_non_negative_int, default=0)
-    d.add_argument("--checkpoint-dir",
-                   help="read each cell's params from DIR/<cell> (written by jaxrnn train)")
+    d.add_argument(
+        "--checkpoint-dir", help="read each cell's params from DIR/<cell> (written by jaxrnn train)"
+    )
     d.add_argument("--out", help="save the plot as this PNG")
     d.add_argument("--tanh-plot", help="also save tanh and tanh' as this PNG")
     return parser
@@ -288,6 +316,15 @@ def _train(args, parser) -> int:
             parser.error(f"--text: file {args.text!r} does not exist")
     if args.tbptt is not None and args.task in ("adding", "majority"):
         parser.error(f"--tbptt needs a per-step task (copy, char), got --task {args.task}")
+    if not args.single_device:
+        import jax
+
+        devices = jax.device_count()
+        if args.batch_size % devices:
+            parser.error(
+                f"--batch-size {args.batch_size} must be a multiple of the {devices} devices the "
+                "batch is split over; change it or pass --single-device"
+            )
     summary = train_on_task(
         task=args.task,
         cell=args.cell,
@@ -307,6 +344,7 @@ def _train(args, parser) -> int:
         text_path=args.text,
         tbptt=args.tbptt,
         progress=not args.no_progress,
+        data_parallel=not args.single_device,
     )
     summary.pop("params")
     better = (summary["test_metric"] > summary["baseline"]) == summary["higher_is_better"]

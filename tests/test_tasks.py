@@ -13,8 +13,14 @@ KEY = jax.random.PRNGKey(7)
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: tasks.adding(12), lambda: tasks.copy_memory(5), lambda: tasks.char_lm(16),
-             lambda: tasks.majority(9)], ids=["adding", "copy", "char", "majority"]
+    "make",
+    [
+        lambda: tasks.adding(12),
+        lambda: tasks.copy_memory(5),
+        lambda: tasks.char_lm(16),
+        lambda: tasks.majority(9),
+    ],
+    ids=["adding", "copy", "char", "majority"],
 )
 def test_sampling_is_deterministic_in_the_key(make):
     task = make()

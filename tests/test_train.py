@@ -33,13 +33,21 @@ def adding_setup():
 
 def _fit(task, model, params, **kwargs):
     defaults = dict(
-        steps=6, key=jax.random.PRNGKey(3), has_carry=True, clip_norm=1.0, progress=False,
-        data_parallel=False, log_every=1,
+        steps=6,
+        key=jax.random.PRNGKey(3),
+        has_carry=True,
+        clip_norm=1.0,
+        progress=False,
+        data_parallel=False,
+        log_every=1,
     )
     defaults.update(kwargs)
     return train.fit(
-        train.task_loss(model, task), params, optax.adam(1e-2),
-        lambda k: task.sample(k, 8), **defaults,
+        train.task_loss(model, task),
+        params,
+        optax.adam(1e-2),
+        lambda k: task.sample(k, 8),
+        **defaults,
     )
 
 
@@ -100,8 +108,15 @@ def test_fit_with_tbptt_makes_one_update_per_chunk():
     task = tasks.char_lm(12)
     model = train.sequence_model(jaxrnn.gru(8), task.output_size, readout="all")
     params = model.init(jax.random.PRNGKey(0), task.input_size)
-    result = _fit(task, model, params, steps=3, tbptt=4, clip_norm=None,
-                  initial_carry=lambda b: model.initial_carry(b.inputs.shape[0]))
+    result = _fit(
+        task,
+        model,
+        params,
+        steps=3,
+        tbptt=4,
+        clip_norm=None,
+        initial_carry=lambda b: model.initial_carry(b.inputs.shape[0]),
+    )
     adam_state = result.state.opt_state[0]
     assert int(result.state.step) == 3 and int(adam_state.count) == 3 * 3
     assert all(np.isfinite(r["loss"]) for r in result.history)
@@ -112,8 +127,16 @@ def test_fit_learns_and_logs_jsonl(tmp_path, adding_setup):
     metric = train.task_metric(model, task)
     test = task.sample(jax.random.PRNGKey(9), 64)
     path = tmp_path / "metrics.jsonl"
-    result = _fit(task, model, params, steps=40, metrics_path=str(path), log_every=10,
-                  eval_fn=lambda p: {"mse": metric(p, test)}, eval_every=20)
+    result = _fit(
+        task,
+        model,
+        params,
+        steps=40,
+        metrics_path=str(path),
+        log_every=10,
+        eval_fn=lambda p: {"mse": metric(p, test)},
+        eval_every=20,
+    )
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records == result.history
     train_records = [r for r in records if "loss" in r]
@@ -140,11 +163,11 @@ def test_checkpoint_resume_is_bitwise_identical(tmp_path, adding_setup):
 def test_checkpoints_keep_the_newest(tmp_path, adding_setup):
     task, model, params = adding_setup
     ckpt = str(tmp_path / "ckpt")
-    _fit(task, model, params, steps=5, checkpoint_dir=ckpt, checkpoint_every=1,
-         keep_checkpoints=2)
+    _fit(task, model, params, steps=5, checkpoint_dir=ckpt, checkpoint_every=1, keep_checkpoints=2)
     assert train.checkpoint_steps(ckpt) == [4, 5]
-    state = train.init_state(params, optax.chain(optax.clip_by_global_norm(1.0),
-                                                 optax.adam(1e-2)), jax.random.PRNGKey(0))
+    state = train.init_state(
+        params, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), jax.random.PRNGKey(0)
+    )
     assert int(train.restore_checkpoint(ckpt, state, step=4).step) == 4
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 2"):
         train.restore_checkpoint(ckpt, state, step=2)
@@ -169,9 +192,18 @@ def test_nan_guard_skips_the_update_and_reports_it(capsys, tmp_path):
     assert int(metrics["skipped"]) == 1 and np.array_equal(w2, w)
 
     path = tmp_path / "m.jsonl"
-    result = train.fit(loss_fn, w, optax.adam(0.01), sample_batch, steps=30,
-                       key=jax.random.PRNGKey(0), progress=False, data_parallel=False,
-                       log_every=30, metrics_path=str(path))
+    result = train.fit(
+        loss_fn,
+        w,
+        optax.adam(0.01),
+        sample_batch,
+        steps=30,
+        key=jax.random.PRNGKey(0),
+        progress=False,
+        data_parallel=False,
+        log_every=30,
+        metrics_path=str(path),
+    )
     keys = [jax.random.split(k)[1] for k in _keys(jax.random.PRNGKey(0), 30)]
     expected = [i + 1 for i, k in enumerate(keys) if float(sample_batch(k)[0][0]) > 0.8]
     assert expected and result.skipped_steps == expected
@@ -203,8 +235,13 @@ def test_fit_rejects_bad_arguments(kwargs, match):
     args = dict(steps=1, key=jax.random.PRNGKey(0), progress=False, data_parallel=False)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        train.fit(lambda w, b: jnp.sum(w * b), jnp.ones(2), optax.sgd(0.1),
-                  lambda k: jnp.ones((2, 2)), **args)
+        train.fit(
+            lambda w, b: jnp.sum(w * b),
+            jnp.ones(2),
+            optax.sgd(0.1),
+            lambda k: jnp.ones((2, 2)),
+            **args,
+        )
 
 
 def test_time_chunks_rejects_ragged_leaves():
@@ -251,10 +288,19 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_four_device_data_parallel_run_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shards"] == 4 and result["shard_shape"] == [4, 8, 2]
@@ -263,3 +309,11 @@ def test_four_device_data_parallel_run_equals_single_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(*result["losses"], rtol=1e-5)
     assert "multiple of the 4 devices" in result["error"]
+
+
+@pytest.mark.parametrize("module", ["train", "tasks", "diagnostics"])
+def test_every_public_name_exists(module):
+    mod = getattr(jaxrnn, module)
+    assert mod.__all__ == sorted(mod.__all__)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None

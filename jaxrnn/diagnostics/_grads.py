@@ -245,4 +245,3 @@ def adding_loss_grad_norms(cell: Cell, *, seq_len: int, key, batch_size: int = 1
     norms = grad_norms(cell, params.cell, batch.inputs, loss_fn)
     jac = jnp.mean(jacobian_norms(cell, params.cell, batch.inputs), axis=0)
     return norms, jac
-
