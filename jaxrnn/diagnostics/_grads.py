@@ -74,7 +74,7 @@ def hidden_state_grads(
     steps = xs_tm.shape[0]
     zeros = jax.tree_util.tree_map(lambda c: jnp.zeros((steps, *c.shape), c.dtype), carry)
 
-    def total_loss(eps):
+    def total_loss(eps, params, xs_tm, carry):
         xw = cell.project(params, xs_tm)
 
         def body(c, inputs):
@@ -89,7 +89,8 @@ def hidden_state_grads(
         final, ys = lax.scan(body, carry, (xw, eps))
         return loss_fn(jnp.moveaxis(ys, 0, -2), final)
 
-    return jax.value_and_grad(total_loss)(zeros)
+    # One compiled program rather than op-by-op dispatch.
+    return jax.jit(jax.value_and_grad(total_loss))(zeros, params, xs_tm, carry)
 
 
 def grad_norms(
@@ -142,14 +143,16 @@ def carries_through_time(cell: Cell, params, xs: Array, carry=None):
     xs_tm = _time_major(xs)
     if carry is None:
         carry = cell.initial_carry(tuple(xs.shape[:-2]), xs.dtype)
-    xw = cell.project(params, xs_tm)
 
-    def body(c, xw_t):
-        c, _ = cell.recur(params, c, xw_t)
-        return c, c
+    @jax.jit
+    def run(params, xs_tm, carry):
+        def body(c, xw_t):
+            c, _ = cell.recur(params, c, xw_t)
+            return c, c
 
-    _, carries = lax.scan(body, carry, xw)
-    return carries
+        return lax.scan(body, carry, cell.project(params, xs_tm))[1]
+
+    return run(params, xs_tm, carry)
 
 
 def jacobian_norms(cell: Cell, params, xs: Array, carry=None, *, ord=2) -> Array:
@@ -195,10 +198,9 @@ def jacobian_norms(cell: Cell, params, xs: Array, carry=None, *, ord=2) -> Array
     before = jax.tree_util.tree_map(
         lambda c0, cs: jnp.concatenate([c0[None], cs[:-1]], axis=0), carry, after
     )
-    xw = cell.project(params, _time_major(xs))
     nb = len(batch_shape)
 
-    def one(c_prev, xw_t):
+    def one(params, c_prev, xw_t):
         flat, unravel = ravel_pytree(c_prev)
 
         def f(v):
@@ -208,9 +210,13 @@ def jacobian_norms(cell: Cell, params, xs: Array, carry=None, *, ord=2) -> Array
 
     fn = one
     for _ in range(nb + 1):  # time, then every batch dim
-        fn = jax.vmap(fn)
-    norms = fn(before, xw)  # (time, *batch)
-    return jnp.moveaxis(norms, 0, -1)
+        fn = jax.vmap(fn, in_axes=(None, 0, 0))
+
+    @jax.jit
+    def all_norms(params, before, xs):
+        return fn(params, before, cell.project(params, _time_major(xs)))  # (time, *batch)
+
+    return jnp.moveaxis(all_norms(params, before, xs), 0, -1)
 
 
 def adding_loss_grad_norms(cell: Cell, *, seq_len: int, key, batch_size: int = 16):

@@ -69,13 +69,22 @@ def plot_loss_curves(runs: dict, path: str, *, key: str = "loss", title: str | N
 
 
 def plot_grad_norms(
-    norms: dict, path: str, *, jacobian_norms: dict | None = None, title: str | None = None
+    norms: dict,
+    path: str,
+    *,
+    reference: dict | None = None,
+    reference_label: str = "init",
+    jacobian_norms: dict | None = None,
+    title: str | None = None,
 ):
     r"""Plots :math:`\lVert \partial L/\partial h_t \rVert` against ``t`` on a log axis.
 
     Args:
       norms: ``{cell label: (time,) norms}`` (from `grad_norms`).
       path: the PNG file to write.
+      reference: optional ``{cell label: (time,) norms}`` of the same cells in another state
+        (e.g. at initialisation), drawn dashed in the cell's colour.
+      reference_label: how the reference lines are labelled.
       jacobian_norms: optional ``{cell label: (time,) norms}`` (from `jacobian_norms`) for a
         second panel.
       title: the first panel's title.
@@ -89,7 +98,16 @@ def plot_grad_norms(
     ax = axes[0, 0]
     for label, values in norms.items():
         values = np.asarray(values)
-        ax.plot(np.arange(1, len(values) + 1), values, label=label)
+        (line,) = ax.plot(np.arange(1, len(values) + 1), values, label=label)
+        if reference is not None and label in reference:
+            ref = np.asarray(reference[label])
+            ax.plot(
+                np.arange(1, len(ref) + 1),
+                ref,
+                ls="--",
+                color=line.get_color(),
+                label=f"{label} ({reference_label})",
+            )
     ax.set_yscale("log")
     ax.set_xlabel("step t")
     ax.set_ylabel(r"$\|\partial L / \partial h_t\|$")
@@ -104,7 +122,7 @@ def plot_grad_norms(
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("step t")
         ax.set_ylabel(r"$\|\partial h_t / \partial h_{t-1}\|_2$")
-        ax.set_title("per-step Jacobian norm")
+        ax.set_title(r"per-step Jacobian norm $\|\partial h_t / \partial h_{t-1}\|_2$")
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -19,8 +19,8 @@ from jaxrnn.tasks._tasks import (
 )
 
 __all__ = [
-    "TASKS",
     "Batch",
+    "TASKS",
     "Task",
     "Vocabulary",
     "adding",
