@@ -262,7 +262,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
     def run(data_parallel):
         return train.fit(train.task_loss(model, task), params, optax.adam(1e-2),
-                         lambda k: task.sample(k, 16), steps=5, key=jax.random.PRNGKey(1),
+                         lambda k: task.sample(k, 16), steps=3, key=jax.random.PRNGKey(1),
                          has_carry=True, clip_norm=1.0, progress=False,
                          data_parallel=data_parallel)
 
