@@ -352,7 +352,8 @@ def fit(
     - **Checkpoints**: every ``checkpoint_every`` steps and at the end, the `TrainState`
       (params, optimizer state, step, rng) is written to ``checkpoint_dir`` with
       ``flax.serialization`` (msgpack), keeping the newest ``keep_checkpoints``; ``resume=True``
-      continues from the newest one.
+      continues from the newest one. On several hosts only process 0 writes (give every
+      process the same shared ``checkpoint_dir``).
     - **NaN/Inf guard**: a step whose loss or gradient is not finite leaves params and
       optimizer state unchanged; it is reported on stderr, counted in the record's
       ``skipped`` and listed in `FitResult.skipped_steps`.
@@ -465,6 +466,8 @@ def fit(
 
     def save(step: int) -> None:
         log.flush()
+        if jax.process_index() != 0:  # multi-host: one writer; params are replicated
+            return
         current = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), rng)
         _checkpoint.save_checkpoint(checkpoint_dir, current, keep=keep_checkpoints)
 
