@@ -49,7 +49,8 @@ def test_train_checkpoint_and_resume_end_to_end(tmp_path):
     first = _run(*common, "--steps", "4", "--loss-plot", str(tmp_path / "loss.png"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert "test mse" in first.stdout and "vs baseline 0.1667" in first.stdout
-    assert "4/4" in first.stderr  # the progress bar
+    assert "4/4" in first.stderr  # the progress bar, with its rate and the loss
+    assert ("step/s" in first.stderr or "s/step" in first.stderr) and "loss=" in first.stderr
     assert os.listdir(ckpt) == ["checkpoint_000000004.msgpack"]
     assert (tmp_path / "loss.png").stat().st_size > 0
     second = _run(*common, "--steps", "6", "--resume", "--no-progress")
