@@ -200,6 +200,13 @@ def diagnose_cells(
             params = model.init(k_params, task.input_size)
             if checkpoint_dir is not None:
                 params = _params_from_checkpoint(os.path.join(checkpoint_dir, name), params)
+                try:
+                    cell.check_params(params.cell)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(
+                        f"the checkpoint of {name} does not fit a {name} of hidden size "
+                        f"{hidden_size}: {e} Pass the --hidden-size it was trained with."
+                    ) from None
             params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
             batch = task.sample(k_data, batch_size)
             inputs = batch.inputs.astype(jnp.float64)
@@ -387,8 +394,8 @@ def _diagnose(args, parser) -> int:
             seed=args.seed,
             checkpoint_dir=args.checkpoint_dir,
         )
-    except FileNotFoundError as e:
-        parser.error(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--checkpoint-dir: {e}")
     state = "trained" if args.checkpoint_dir else "at initialisation"
     print(f"adding problem, T={args.seq_len}, hidden {args.hidden_size}, params {state}")
     print(f"{'cell':<6} {'|dL/dh_1| / |dL/dh_T|':>22} {'mean |dh_t/dh_t-1|':>20}")

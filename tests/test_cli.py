@@ -60,6 +60,22 @@ def test_train_checkpoint_and_resume_end_to_end(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert max(steps) == 6
 
+    # diagnose reads the trained params, and says so when the hidden size does not match.
+    os.rename(ckpt, tmp_path / "elman")
+    bad = _run(
+        "diagnose",
+        "--cells",
+        "elman",
+        "--checkpoint-dir",
+        str(tmp_path),
+        "--hidden-size",
+        "5",
+        "--seq-len",
+        "6",
+    )
+    assert bad.returncode == 2
+    assert "Pass the --hidden-size it was trained with" in bad.stderr
+
 
 def test_diagnose_end_to_end(tmp_path):
     out = _run(
