@@ -30,3 +30,14 @@ __all__ = [
     "stack",
     "unroll",
 ]
+
+_SUBPACKAGES = ("diagnostics", "tasks", "train")
+
+
+def __getattr__(name: str):
+    # Subpackages load on first use (``jaxrnn.train``), keeping ``import jaxrnn`` light.
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"jaxrnn.{name}")
+    raise AttributeError(f"module 'jaxrnn' has no attribute {name!r}")
