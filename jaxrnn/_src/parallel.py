@@ -536,16 +536,15 @@ def check_options(fn: str, method, tol, max_iters, damping, on_nonconvergence, r
         raise ValueError(f"{fn}: max_iters must be an int >= 1, got {max_iters!r}.")
     if not isinstance(damping, (int, float)) or damping < 0:
         raise ValueError(f"{fn}: damping must be a float >= 0, got {damping!r}.")
+    valid_remat = remat is None or isinstance(remat, bool) or (isinstance(remat, int) and remat > 0)
+    if not valid_remat:
+        raise ValueError(f"{fn}: remat must be None, True or an int >= 1, got {remat!r}.")
     if remat not in (None, False) and method in ("quasi_deer", "deer", "associative"):
         raise ValueError(
             f"{fn}: remat applies to method='sequential' (or 'auto' when it runs the scan), got "
             f"remat={remat!r} with method={method!r}; the parallel methods store O(T) states "
             f"and no per-step residuals, so there is nothing to checkpoint."
         )
-    if remat not in (None, False, True) and (
-        isinstance(remat, bool) or not isinstance(remat, int) or remat < 1
-    ):
-        raise ValueError(f"{fn}: remat must be None, True or an int >= 1, got {remat!r}.")
 
 
 def default_tol(dtype) -> float:
