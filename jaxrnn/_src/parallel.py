@@ -45,9 +45,11 @@ from jaxrnn._src.lstm import LSTMCarry, LSTMParams
 METHODS = ("sequential", "quasi_deer", "deer", "associative", "auto")
 ON_NONCONVERGENCE = ("warn", "raise", "nan", "sequential")
 
-# "auto" runs a parallel method from this many steps on, on GPU and TPU. On CPU it always runs
-# the sequential scan: on 2 CPU cores quasi-DEER measured 4-30x slower than the scan (README,
-# "Long sequences"); there is no parallel hardware for the O(T log T) work to use.
+# "auto" runs a parallel method from this many steps on, on GPU and TPU (to be tuned with
+# benchmarks/long_sequence_gpu.sh). On CPU it always runs the sequential scan: on 2 CPU cores
+# quasi-DEER's forward pass measured 5.5-8x slower than the scan and minGRU's associative scan
+# 1.8-3.4x slower than its sequential scan (README, "Long sequences"); there is no parallel
+# hardware for the O(T log T) work to use.
 AUTO_MIN_TIME = 2048
 
 
@@ -353,13 +355,13 @@ def _newton(prob: _Problem, params, xw, s0, m, r, init):
         it, _, _, _, res = state
         return (it < prob.max_iters) & ~(res <= prob.tol)
 
-    guess = jnp.broadcast_to(s0, (xw_time(xw),) + s0.shape)
+    guess = jnp.broadcast_to(s0, (_time_of(xw),) + s0.shape)
     state = (jnp.zeros((), jnp.int32), guess, *evaluate(guess))
     it, s, _, _, res = lax.while_loop(cond, body, state)
     return s, it, res
 
 
-def xw_time(xw) -> int:
+def _time_of(xw) -> int:
     return jax.tree_util.tree_leaves(xw)[0].shape[0]
 
 
