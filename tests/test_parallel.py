@@ -56,13 +56,11 @@ CASES = [
     ("elman_relu", "quasi_deer", True),
     ("gru", "quasi_deer", False),
     ("gru", "quasi_deer", True),
-    ("lstm", "quasi_deer", False),
     ("lstm", "quasi_deer", True),
-    ("lstm_nobias", "quasi_deer", True),
+    ("lstm_nobias", "quasi_deer", False),
     ("lstm_proj", "quasi_deer", False),
     ("user", "quasi_deer", False),
     ("user", "quasi_deer", True),
-    ("gru", "deer", True),
     ("lstm_proj", "deer", False),
     ("user", "deer", True),
 ]
@@ -151,8 +149,9 @@ def test_gradients_equal_sequential(name, method, reverse):
     assert_trees_close(grad(method), grad("sequential"), atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["quasi_deer", "deer"])
-def test_check_grads_float64(method):
+def test_check_grads_float64():
+    """quasi-DEER's parallel adjoint (DEER's is compared with the scan in float32 above)."""
+    method = "quasi_deer"
     with jax.enable_x64(True):
         cell, params, xs, key = _setup("gru", jax.random.PRNGKey(6), (2,), jnp.float64)
         xs = xs[:, :5]
@@ -161,9 +160,6 @@ def test_check_grads_float64(method):
         flags = dict(seq_lengths=jnp.array([5, 3]), resets=resets)
         loss = jax.jit(functools.partial(_loss, cell, method, flags))
         check_grads(loss, (params, xs, carry), 1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
-        want = jax.jit(jax.grad(functools.partial(_loss, cell, "sequential", flags), (0, 1, 2)))
-        got = jax.jit(jax.grad(loss, (0, 1, 2)))
-        assert_trees_close(got(params, xs, carry), want(params, xs, carry), atol=1e-9)
 
 
 def test_convergence_report():
@@ -182,7 +178,9 @@ def test_convergence_report():
 
 def test_tighter_tol_takes_more_iterations_and_damping_keeps_the_solution():
     cell, params, xs, _ = _setup("lstm", jax.random.PRNGKey(8))
-    run = lambda **kw: jaxrnn.unroll(cell, params, xs, method="quasi_deer", return_info=True, **kw)
+    run = lambda **kw: jax.jit(
+        functools.partial(jaxrnn.unroll, cell, method="quasi_deer", return_info=True, **kw)
+    )(params, xs)
     ys_loose, _, loose = run(tol=1e-2)
     ys_tight, _, tight = run(tol=1e-6)
     ys_damped, _, damped = run(tol=1e-6, damping=0.5)
@@ -235,8 +233,9 @@ class TestNonConvergence:
         loss = lambda m, **kw: (
             lambda p: jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, xs, method=m, **kw)[0]))
         )
-        got = jax.grad(loss("quasi_deer", max_iters=1, on_nonconvergence="sequential"))(params)
-        assert_trees_close(got, jax.grad(loss("sequential"))(params), atol=1e-5)
+        got = jax.jit(jax.grad(loss("quasi_deer", max_iters=1, on_nonconvergence="sequential")))
+        want = jax.jit(jax.grad(loss("sequential")))
+        assert_trees_close(got(params), want(params), atol=1e-5)
 
 
 def test_auto_choice():

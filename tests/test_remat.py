@@ -31,9 +31,10 @@ def test_remat_equals_plain_scan(factory, remat, reverse):
     xs = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 3))
     lengths, mask, resets = random_flags(jax.random.PRNGKey(2), (2,), 12)
     flags = dict(seq_lengths=lengths, mask=mask, resets=resets, reverse=reverse)
-    run = lambda r: jax.jit(functools.partial(jaxrnn.unroll, cell, remat=r, **flags))(params, xs)
-    assert_trees_close(run(remat), run(None), atol=1e-6)
-    grad = lambda r: jax.jit(jax.grad(functools.partial(_loss, cell, r, flags), (0, 1)))(params, xs)
+    # The loss reads every output and the final carry.
+    grad = lambda r: jax.jit(jax.value_and_grad(functools.partial(_loss, cell, r, flags), (0, 1)))(
+        params, xs
+    )
     assert_trees_close(grad(remat), grad(None), atol=1e-5)
 
 

@@ -70,7 +70,8 @@ def lru(
       >>> cell = jaxrnn.lru(16, 4, r_min=0.9, r_max=0.999)
       >>> params = cell.init(jax.random.PRNGKey(0), input_size=3)
       >>> xs = jax.random.normal(jax.random.PRNGKey(1), (2, 20, 3))
-      >>> ys, h = jaxrnn.unroll(cell, params, xs, method="associative")
+      >>> run = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x, method="associative"))
+      >>> ys, h = run(params, xs)
       >>> ys.shape, h.dtype
       ((2, 20, 4), dtype('complex64'))
     """

@@ -88,7 +88,8 @@ def mingru(hidden_size: int, *, log_space: bool = True, use_bias: bool = True) -
       >>> params = cell.init(jax.random.PRNGKey(0), input_size=3)
       >>> xs = jax.random.normal(jax.random.PRNGKey(1), (2, 20, 3))
       >>> ys, h = jaxrnn.unroll(cell, params, xs)
-      >>> ys_par, h_par = jaxrnn.unroll(cell, params, xs, method="associative")
+      >>> parallel = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x, method="associative"))
+      >>> ys_par, h_par = parallel(params, xs)
       >>> bool(jnp.allclose(ys, ys_par, atol=1e-5))
       True
     """
