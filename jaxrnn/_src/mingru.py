@@ -57,6 +57,63 @@ def input_projection(params, xs: jax.Array) -> jax.Array:
     return xw if params.b_x is None else xw + params.b_x.astype(xs.dtype)
 
 
+def input_gated_cell(
+    family: str,
+    hidden_size: int,
+    blocks: int,
+    params_type: type,
+    coefficients,
+    log_coefficients,
+    *,
+    log_space: bool,
+    use_bias: bool,
+) -> cell_lib.Cell:
+    """A cell ``h_t = a_t * h_{t-1} + b_t``, ``y_t = h_t``, whose ``(a_t, b_t)`` come from one
+    input projection of ``blocks * hidden_size`` columns (`mingru`, `minlstm`), registered for
+    the associative scan (in log space with ``log_space=True``)."""
+    cell_lib.check_positive_int(family, "hidden_size", hidden_size)
+    name = f"{family}({hidden_size}{'' if log_space else ', log_space=False'})"
+    width = blocks * hidden_size
+
+    def init(key, input_size: int, *, dtype=jnp.float32):
+        cell_lib.check_positive_int(f"{family}.init", "input_size", input_size)
+        shapes = [(input_size, width), (width,)]
+        return params_type(*linear_init(input_size, shapes, key, dtype, use_bias))
+
+    def initial_carry(batch_shape=(), dtype=jnp.float32) -> jax.Array:
+        return cell_lib.zeros_carry(hidden_size, batch_shape, dtype)
+
+    def recur(params, h: jax.Array, xw: jax.Array):
+        a, b = coefficients(params, xw)
+        h = a * h + b
+        return h, h
+
+    def step(params, h: jax.Array, x: jax.Array):
+        return recur(params, h, input_projection(params, x))
+
+    parallel.register_linear(
+        recur,
+        parallel.LinearSpec(
+            coefficients=coefficients,
+            readout=lambda params, h, xw: h,
+            log_coefficients=log_coefficients if log_space else None,
+        ),
+    )
+    return cell_lib.Cell(
+        init=init,
+        initial_carry=initial_carry,
+        step=step,
+        project=input_projection,
+        recur=recur,
+        name=name,
+        hidden_size=hidden_size,
+        output_size=hidden_size,
+        params_type=params_type,
+        input_size_of=lambda p: p.w_x.shape[0],
+        check_params=lambda p: check_linear_params(name, p, params_type, width, use_bias),
+    )
+
+
 def mingru(hidden_size: int, *, log_space: bool = True, use_bias: bool = True) -> cell_lib.Cell:
     r"""The minimal GRU (Feng et al., 2024): gates that read only the input, so the recurrence is
     linear in ``h`` and runs as one associative scan (``unroll(..., method="associative")``).
@@ -93,17 +150,7 @@ def mingru(hidden_size: int, *, log_space: bool = True, use_bias: bool = True) -
       >>> bool(jnp.allclose(ys, ys_par, atol=1e-5))
       True
     """
-    cell_lib.check_positive_int("mingru", "hidden_size", hidden_size)
-    name = f"mingru({hidden_size}{'' if log_space else ', log_space=False'})"
     candidate = positive_activation if log_space else (lambda v: v)
-
-    def init(key, input_size: int, *, dtype=jnp.float32) -> MinGRUParams:
-        cell_lib.check_positive_int("mingru.init", "input_size", input_size)
-        shapes = [(input_size, 2 * hidden_size), (2 * hidden_size,)]
-        return MinGRUParams(*linear_init(input_size, shapes, key, dtype, use_bias))
-
-    def initial_carry(batch_shape=(), dtype=jnp.float32) -> jax.Array:
-        return cell_lib.zeros_carry(hidden_size, batch_shape, dtype)
 
     def coefficients(params, xw):
         del params
@@ -116,34 +163,7 @@ def mingru(hidden_size: int, *, log_space: bool = True, use_bias: bool = True) -
         k_z, k_h = jnp.split(xw, 2, axis=-1)
         return -jax.nn.softplus(k_z), -jax.nn.softplus(-k_z) + log_positive_activation(k_h)
 
-    def recur(params: MinGRUParams, h: jax.Array, xw: jax.Array):
-        a, b = coefficients(params, xw)
-        h = a * h + b
-        return h, h
-
-    def step(params: MinGRUParams, h: jax.Array, x: jax.Array):
-        return recur(params, h, input_projection(params, x))
-
-    parallel.register_linear(
-        recur,
-        parallel.LinearSpec(
-            coefficients=coefficients,
-            readout=lambda params, h, xw: h,
-            log_coefficients=log_coefficients if log_space else None,
-        ),
-    )
-    return cell_lib.Cell(
-        init=init,
-        initial_carry=initial_carry,
-        step=step,
-        project=input_projection,
-        recur=recur,
-        name=name,
-        hidden_size=hidden_size,
-        output_size=hidden_size,
-        params_type=MinGRUParams,
-        input_size_of=lambda p: p.w_x.shape[0],
-        check_params=lambda p: check_linear_params(
-            name, p, MinGRUParams, 2 * hidden_size, use_bias
-        ),
-    )
+    return input_gated_cell(
+        "mingru", hidden_size, 2, MinGRUParams, coefficients, log_coefficients,
+        log_space=log_space, use_bias=use_bias,
+    )  # fmt: skip

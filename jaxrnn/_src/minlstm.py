@@ -8,14 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrnn._src import cell as cell_lib
-from jaxrnn._src import parallel
-from jaxrnn._src.mingru import (
-    check_linear_params,
-    input_projection,
-    linear_init,
-    log_positive_activation,
-    positive_activation,
-)
+from jaxrnn._src.mingru import input_gated_cell, log_positive_activation, positive_activation
 
 
 class MinLSTMParams(NamedTuple):
@@ -60,17 +53,7 @@ def minlstm(hidden_size: int, *, log_space: bool = True, use_bias: bool = True) 
       >>> h.shape
       (2, 8)
     """
-    cell_lib.check_positive_int("minlstm", "hidden_size", hidden_size)
-    name = f"minlstm({hidden_size}{'' if log_space else ', log_space=False'})"
     candidate = positive_activation if log_space else (lambda v: v)
-
-    def init(key, input_size: int, *, dtype=jnp.float32) -> MinLSTMParams:
-        cell_lib.check_positive_int("minlstm.init", "input_size", input_size)
-        shapes = [(input_size, 3 * hidden_size), (3 * hidden_size,)]
-        return MinLSTMParams(*linear_init(input_size, shapes, key, dtype, use_bias))
-
-    def initial_carry(batch_shape=(), dtype=jnp.float32) -> jax.Array:
-        return cell_lib.zeros_carry(hidden_size, batch_shape, dtype)
 
     def log_gates(xw):
         k_f, k_i, k_h = jnp.split(xw, 3, axis=-1)
@@ -87,34 +70,7 @@ def minlstm(hidden_size: int, *, log_space: bool = True, use_bias: bool = True) 
         log_f, log_i, k_h = log_gates(xw)
         return log_f, log_i + log_positive_activation(k_h)
 
-    def recur(params: MinLSTMParams, h: jax.Array, xw: jax.Array):
-        a, b = coefficients(params, xw)
-        h = a * h + b
-        return h, h
-
-    def step(params: MinLSTMParams, h: jax.Array, x: jax.Array):
-        return recur(params, h, input_projection(params, x))
-
-    parallel.register_linear(
-        recur,
-        parallel.LinearSpec(
-            coefficients=coefficients,
-            readout=lambda params, h, xw: h,
-            log_coefficients=log_coefficients if log_space else None,
-        ),
-    )
-    return cell_lib.Cell(
-        init=init,
-        initial_carry=initial_carry,
-        step=step,
-        project=input_projection,
-        recur=recur,
-        name=name,
-        hidden_size=hidden_size,
-        output_size=hidden_size,
-        params_type=MinLSTMParams,
-        input_size_of=lambda p: p.w_x.shape[0],
-        check_params=lambda p: check_linear_params(
-            name, p, MinLSTMParams, 3 * hidden_size, use_bias
-        ),
-    )
+    return input_gated_cell(
+        "minlstm", hidden_size, 3, MinLSTMParams, coefficients, log_coefficients,
+        log_space=log_space, use_bias=use_bias,
+    )  # fmt: skip
