@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parallel_reference import assert_trees_close, python_loop, random_flags
+from _parallel_reference import random_flags
+from conftest import assert_trees_close, reference_unroll
 from jax.test_util import check_grads
 
 import jaxrnn
@@ -40,7 +41,7 @@ def test_step_loop_sequential_and_associative_agree(name, reverse):
     cell, params, xs, carry = _setup(name, jax.random.PRNGKey(0))
     lengths, mask, resets = random_flags(jax.random.PRNGKey(1), (2,), TIME)
     flags = dict(seq_lengths=lengths, mask=mask, resets=resets, reverse=reverse)
-    want = python_loop(cell, params, xs, carry, **flags)
+    want = reference_unroll(cell, params, xs, carry, **flags)
     run = lambda m: jax.jit(functools.partial(jaxrnn.unroll, cell, method=m, **flags))(
         params, xs, carry
     )
@@ -52,7 +53,7 @@ def test_step_loop_sequential_and_associative_agree(name, reverse):
 def test_batch_dims(batch_shape):
     cell, params, xs, carry = _setup("minlstm_log", jax.random.PRNGKey(2), batch_shape)
     got = jax.jit(functools.partial(jaxrnn.unroll, cell, method="associative"))(params, xs, carry)
-    assert_trees_close(got, python_loop(cell, params, xs, carry), atol=1e-5)
+    assert_trees_close(got, reference_unroll(cell, params, xs, carry), atol=1e-5)
 
 
 def _loss(cell, method, flags, params, xs, carry):

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parallel_reference import assert_trees_close, python_loop, random_flags
+from _parallel_reference import random_flags
+from conftest import assert_trees_close, reference_unroll
 from jax.test_util import check_grads
 
 import jaxrnn
@@ -35,7 +36,7 @@ def _user_cell():
         zeros = jnp.zeros((*batch_shape, 4), dtype)
         return {"h": zeros, "m": zeros}
 
-    return jaxrnn.make_cell(step, init, initial_carry, name="user")
+    return jaxrnn.make_cell(step, init, initial_carry, name="user", output_size=4)
 
 
 CELLS = {
@@ -81,7 +82,7 @@ def test_matches_python_loop_with_lengths_mask_resets(name, method, reverse):
     flags = dict(seq_lengths=lengths, mask=mask, resets=resets, reverse=reverse)
     run = jax.jit(functools.partial(jaxrnn.unroll, cell, method=method, **flags))
     ys, carry = run(params, xs)
-    want_ys, want_carry = python_loop(cell, params, xs, **flags)
+    want_ys, want_carry = reference_unroll(cell, params, xs, **flags)
     assert_trees_close(ys, want_ys, atol=5e-5)
     assert_trees_close(carry, want_carry, atol=5e-5)
 
@@ -98,7 +99,7 @@ def test_batch_dims_and_layout(batch_shape, time_major):
     xs_in = jnp.moveaxis(xs, -2, 0) if time_major else xs
     run = lambda m: jaxrnn.unroll(cell, params, xs_in, carry, method=m, time_major=time_major)
     ys, final = jax.jit(lambda: run("quasi_deer"))()
-    want_ys, want_final = python_loop(cell, params, xs, carry)
+    want_ys, want_final = reference_unroll(cell, params, xs, carry)
     if time_major:
         want_ys = jnp.moveaxis(want_ys, -2, 0)
     assert_trees_close(ys, want_ys, atol=5e-5)

@@ -7,7 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-from _parallel_reference import assert_trees_close, random_flags
+from _parallel_reference import random_flags
+from conftest import assert_trees_close
 
 import jaxrnn
 from jaxrnn._src import remat as remat_lib

@@ -73,11 +73,11 @@ def run_time_major(
     the scan every ``k`` steps (see `unroll`).
     """
     batch_shape = tuple(xs.shape[1:-1])
-    xw = cell.project(params, xs)
     if mask is not None:
         # Zero the input of skipped steps: their (ignored) computation then cannot make NaN
-        # gradients leak out of the padding.
-        xw = _zero_where_not(mask, xw)
+        # gradients leak out of the padding (0 * NaN is NaN in the weight gradients).
+        xs = _zero_where_not(mask, xs)
+    xw = cell.project(params, xs)
     initial = None
     if resets is not None:
         initial = _cast_carry(cell.initial_carry(batch_shape, xs.dtype), xs.dtype)
