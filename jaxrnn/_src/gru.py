@@ -42,8 +42,8 @@ def gru(
 
     The update :math:`h_t = z_t \odot h_{t-1} + \dots` gives the gradient an additive path
     through time that does not pass through ``tanh``: with :math:`z_t \to 1` it is carried
-    unchanged. (Flax's ``GRUCell`` puts ``b_{hn}`` outside the reset gate; the two agree only
-    when ``b_{hn} = 0``.)
+    unchanged. Flax's ``GRUCell`` computes the same form, without recurrent biases on ``r`` and
+    ``z``, so its params convert exactly (`jaxrnn.interop.from_flax`).
 
     Args:
       hidden_size: size of ``h``.

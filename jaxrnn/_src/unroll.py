@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jaxrnn._src import checks, fastpath
+from jaxrnn._src import checks, fastpath, parallel
+from jaxrnn._src import remat as remat_lib
 from jaxrnn._src.cell import Cell
 
 
@@ -64,20 +64,22 @@ def run_time_major(
     resets: jax.Array | None,
     reverse: bool,
     unroll: int | bool | None,
+    remat: bool | int | None = None,
 ):
     """Runs validated, time-major inputs: ``xs: (time, *batch, features)``.
 
-    Built-in cells take the sequence-level fast path (`fastpath.run`: hoisted projection,
-    fused gates, hoisted weight gradients); other cells run the reference scan
+    Built-in cells take the sequence-level fast path (`fastpath.run`: fused gates, hoisted
+    weight gradients); other cells, and any call with ``remat``, run the reference scan
     (`reference_run_time_major`). Both compute the same function.
     """
-    if fastpath.supports(cell, params):
+    if fastpath.supports(cell, params) and not remat:
         return fastpath.run(
             cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
         )
     return reference_run_time_major(
-        cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
-    )
+        cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
+        remat=remat,
+    )  # fmt: skip
 
 
 def reference_run_time_major(
@@ -90,20 +92,22 @@ def reference_run_time_major(
     resets: jax.Array | None,
     reverse: bool,
     unroll: int | bool | None,
+    remat: bool | int | None = None,
 ):
     """The reference runner: ``lax.scan`` over ``cell.recur``, differentiated by JAX.
 
     The input projection is hoisted out of the loop: ``project`` runs once on the whole
-    sequence (one large matmul), and the scan body only does ``recur``.
+    sequence (one large matmul), and the scan body only does ``recur``. ``remat`` checkpoints
+    the scan every ``k`` steps (see `unroll`).
     """
     if unroll is None:
         unroll = 1
     batch_shape = tuple(xs.shape[1:-1])
-    xw = cell.project(params, xs)
     if mask is not None:
         # Zero the input of skipped steps: their (ignored) computation then cannot make NaN
-        # gradients leak out of the padding.
-        xw = _zero_where_not(mask, xw)
+        # gradients leak out of the padding (0 * NaN is NaN in the weight gradients).
+        xs = _zero_where_not(mask, xs)
+    xw = cell.project(params, xs)
     initial = None
     if resets is not None:
         initial = _cast_carry(cell.initial_carry(batch_shape, xs.dtype), xs.dtype)
@@ -120,7 +124,9 @@ def reference_run_time_major(
             c_new = select_tree(r_t, initial, c_new)
         return c_new, y
 
-    carry, ys = lax.scan(body, carry, (xw, mask, resets), reverse=reverse, unroll=unroll)
+    carry, ys = remat_lib.scan(
+        body, carry, (xw, mask, resets), reverse=reverse, unroll=unroll, remat=remat
+    )
     return ys, carry
 
 
@@ -136,6 +142,13 @@ def unroll(
     seq_lengths: jax.Array | None = None,
     mask: jax.Array | None = None,
     resets: jax.Array | None = None,
+    method: str = "sequential",
+    tol: float | None = None,
+    max_iters: int = 100,
+    damping: float = 0.0,
+    on_nonconvergence: str = "warn",
+    remat: bool | int | None = None,
+    return_info: bool = False,
 ):
     r"""Runs ``cell`` over a sequence: ``jax.lax.scan`` with masks, lengths and resets.
 
@@ -189,10 +202,35 @@ def unroll(
         carry returns to ``cell.initial_carry()`` (zeros, not the ``carry`` argument) before
         it, as Haiku's ``ResetCore`` — so several sequences can be packed in one row. With
         ``reverse=True`` each packed sequence runs backwards on its own.
+      method: how time is traversed, all with the semantics above (README, "Long sequences"):
+        ``"sequential"`` (``lax.scan``, ``T`` dependent steps); ``"quasi_deer"`` (Newton
+        iterations on the whole trajectory with the diagonal of each step's Jacobian, linear
+        recurrences solved by ``lax.associative_scan`` in ``O(log T)`` depth; ``O(T·D)``
+        memory for a carry of ``D`` numbers); ``"deer"`` (the full Jacobian: fewer iterations,
+        ``O(T·D²)`` memory); ``"associative"`` (one associative scan, for cells linear in their
+        carry: `mingru`, `minlstm`, `lru`); ``"auto"`` (sequential on CPU and below 2048 steps,
+        else associative or quasi-DEER). Gradients of the parallel methods differentiate the
+        solution (an adjoint solved in parallel), not the iterations.
+      tol: convergence tolerance of ``"quasi_deer"``/``"deer"`` on the mixed residual
+        ``max |s_t - F_t(s_{t-1})| / (1 + |F_t(s_{t-1})|)``; default ``1e-5`` in float32,
+        ``1e-10`` in float64.
+      max_iters: most Newton iterations (and adjoint iterations in the backward pass). At most
+        ``T`` are ever needed: every iteration makes one more step exact.
+      damping: ``>= 0``; scales the Jacobians by ``1 / (1 + damping)``, moving Newton towards
+        the always-stable fixed-point (Picard) iteration: slower, but no overflow for cells
+        whose linearisation is unstable. The solution is unchanged.
+      on_nonconvergence: when ``tol`` is not reached in ``max_iters``: ``"warn"`` (a
+        ``RuntimeWarning``, the last iterate is returned), ``"raise"`` (a runtime error),
+        ``"nan"`` (outputs and carry are NaN), or ``"sequential"`` (recompute with the exact
+        scan; the adjoint likewise).
+      remat: sequential method only: ``True`` checkpoints every ``ceil(sqrt(T))`` steps, an int
+        ``k`` every ``k`` steps; the backward pass then stores ``O(T/k + k)`` step residuals
+        instead of ``O(T)`` and recomputes each chunk once.
+      return_info: also return an `UnrollInfo` (iterations, residual, converged).
 
     Returns:
       ``(ys, carry)``: ``ys`` in the layout of ``xs`` with features replaced by the cell's
-      output size; ``carry`` the final carry.
+      output size; ``carry`` the final carry. ``(ys, carry, info)`` with ``return_info=True``.
 
     Raises:
       TypeError, ValueError: at trace time, for a non-Cell, integer ``xs``, params of another
@@ -215,6 +253,7 @@ def unroll(
     xs = checks.check_xs(fn, xs)
     if unroll is not None:
         checks.check_unroll_factor(fn, unroll)
+    parallel.check_options(fn, method, tol, max_iters, damping, on_nonconvergence, remat)
     checks.check_params(fn, cell, params, xs.shape[-1])
     if time_major:
         time, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])
@@ -239,9 +278,18 @@ def unroll(
         mask = None if mask is None else jnp.moveaxis(mask, -1, 0)
         resets = None if resets is None else jnp.moveaxis(resets, -1, 0)
     mask, resets = step_flags(time, batch_shape, seq_lengths, mask, resets)
-    ys, carry = run_time_major(
-        cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
-    )
+    method = parallel.resolve_method(cell, method, time)
+    if method == "sequential":
+        ys, carry = run_time_major(
+            cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
+            remat=remat,
+        )  # fmt: skip
+        info = parallel.sequential_info(xs.dtype)
+    else:
+        ys, carry, info = parallel.run_parallel(
+            cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, method=method,
+            tol=tol, max_iters=max_iters, damping=damping, on_nonconvergence=on_nonconvergence,
+        )  # fmt: skip
     if not time_major:
         ys = jax.tree_util.tree_map(lambda y: jnp.moveaxis(y, 0, -2), ys)
-    return ys, carry
+    return (ys, carry, info) if return_info else (ys, carry)

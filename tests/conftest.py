@@ -1,0 +1,143 @@
+"""Shared fixtures: every cell of the library, and a plain-Python reference runner."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrnn
+
+_SEEDS = itertools.count(1000)
+
+
+def fresh_key():
+    """A new PRNG key per call: every test draws fresh random inputs."""
+    return jax.random.PRNGKey(next(_SEEDS))
+
+
+def _user_cell(hidden: int = 5) -> jaxrnn.Cell:
+    """A user-defined cell with a two-part carry, built with make_cell (no project/recur)."""
+
+    def init(key, input_size, *, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        return {
+            "w": jax.random.normal(k1, (input_size, hidden), dtype) * 0.5,
+            "u": jax.random.normal(k2, (hidden, hidden), dtype) * 0.5,
+        }
+
+    def initial_carry(batch_shape=(), dtype=jnp.float32):
+        return (jnp.zeros((*batch_shape, hidden), dtype), jnp.zeros((*batch_shape, hidden), dtype))
+
+    def step(params, carry, x):
+        h, s = carry
+        h = jnp.tanh(x @ params["w"] + h @ params["u"] + 0.5 * s)
+        s = 0.9 * s + h
+        return (h, s), 2.0 * h
+
+    return jaxrnn.make_cell(step, init, initial_carry, name="user", output_size=hidden)
+
+
+CELL_FACTORIES = {
+    "elman_tanh": lambda: jaxrnn.elman(5),
+    "elman_relu": lambda: jaxrnn.elman(5, activation="relu"),
+    "elman_nobias": lambda: jaxrnn.elman(5, use_bias=False),
+    "lstm": lambda: jaxrnn.lstm(5),
+    "lstm_proj": lambda: jaxrnn.lstm(5, proj_size=3),
+    "lstm_nobias": lambda: jaxrnn.lstm(5, use_bias=False),
+    "gru": lambda: jaxrnn.gru(5),
+    "gru_nobias": lambda: jaxrnn.gru(5, use_bias=False),
+    "user": _user_cell,
+}
+
+INPUT_SIZE = 4
+
+
+@pytest.fixture(params=sorted(CELL_FACTORIES))
+def cell_name(request):
+    return request.param
+
+
+@pytest.fixture
+def cell(cell_name):
+    return CELL_FACTORIES[cell_name]()
+
+
+@pytest.fixture
+def params(cell):
+    return cell.init(fresh_key(), INPUT_SIZE)
+
+
+def random_carry(cell, batch_shape, dtype=jnp.float32):
+    template = cell.initial_carry(batch_shape, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    keys = jax.random.split(fresh_key(), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
+    )
+
+
+def reference_unroll(
+    cell,
+    params,
+    xs,
+    carry=None,
+    *,
+    time_major=False,
+    reverse=False,
+    seq_lengths=None,
+    mask=None,
+    resets=None,
+):
+    """The specification: a plain Python loop over ``cell.step``, one sequence at a time."""
+    xs = np.asarray(xs)
+    if time_major:
+        xs = np.moveaxis(xs, 0, -2)
+        mask = None if mask is None else np.moveaxis(np.asarray(mask), 0, -1)
+        resets = None if resets is None else np.moveaxis(np.asarray(resets), 0, -1)
+    batch_shape, time = xs.shape[:-2], xs.shape[-2]
+    if carry is None:
+        carry = cell.initial_carry(batch_shape, xs.dtype)
+    step = jax.jit(cell.step)
+    ys_rows, finals = {}, {}
+    for idx in np.ndindex(*batch_shape):
+        c = jax.tree_util.tree_map(lambda a, idx=idx: jnp.asarray(a)[idx], carry)
+        length = time if seq_lengths is None else int(np.asarray(seq_lengths)[idx])
+        row = [None] * time
+        order = reversed(range(time)) if reverse else range(time)
+        for t in order:
+            in_range = t < length
+            reset = resets is not None and bool(np.asarray(resets)[idx + (t,)]) and in_range
+            valid = in_range and (mask is None or bool(np.asarray(mask)[idx + (t,)]))
+            if reset and not reverse:
+                c = cell.initial_carry((), xs.dtype)
+            if valid:
+                c, row[t] = step(params, c, jnp.asarray(xs[idx + (t,)]))
+            if reset and reverse:
+                c = cell.initial_carry((), xs.dtype)
+        ys_rows[idx], finals[idx] = row, c
+    out_size = cell.output_size
+    ys = np.zeros((*batch_shape, time, out_size), xs.dtype)
+    for idx, row in ys_rows.items():
+        for t, y in enumerate(row):
+            if y is not None:
+                ys[idx + (t,)] = np.asarray(y)
+    idxs = list(np.ndindex(*batch_shape))
+    final = jax.tree_util.tree_map(
+        lambda *leaves: np.stack(leaves).reshape(*batch_shape, *np.shape(leaves[0])),
+        *[finals[i] for i in idxs],
+    )
+    if time_major:
+        ys = np.moveaxis(ys, -2, 0)
+    return ys, final
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
+    jax.tree_util.tree_map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol),
+        actual,
+        expected,
+    )
