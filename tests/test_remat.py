@@ -61,8 +61,9 @@ def test_remat_lowers_compiled_memory():
     plain, sqrt_t = temp_bytes(None), temp_bytes(True)
     # Per-step residuals (gates, cell states) of 1024 steps vs 32 chunk boundaries and one
     # 32-step chunk; what stays O(T) is the hoisted input projection, its gradient and ``ys``
-    # (measured on CPU: 26.3 MB -> 13.8 MB).
-    assert sqrt_t < 0.6 * plain, (plain, sqrt_t)
+    # (measured on CPU: 26.3 MB with the reference scan, 18.0 MB with the default fast path,
+    # which stores fewer residuals, -> 13.8 MB with remat).
+    assert sqrt_t < 0.8 * plain, (plain, sqrt_t)
 
 
 def test_bad_remat():
