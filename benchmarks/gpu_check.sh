@@ -4,7 +4,7 @@
 # plain scan), then the bfloat16 stretch cell. Needs jax (CUDA), flax and torch; no network.
 # Budget: under 6 minutes on one H100. Writes JSON, PNG and logs to $OUT (default gpu_results).
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+#   OUT=gpu_results bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
