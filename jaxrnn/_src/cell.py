@@ -192,3 +192,70 @@ def check_fused_params(
             f"{cell_name}: the cell was built with use_bias={use_bias} but the params "
             f"{'have' if has_bias else 'have no'} biases."
         )
+
+
+def fused_init(
+    fn: str, inits, key, input_size, state_size: int, width: int, use_bias: bool, dtype, num_keys=4
+):
+    """Draws ``[w_x, w_h, b_x, b_h]`` of a fused-gate cell (biases ``None`` without bias) and
+    returns them with the keys, so a cell can draw extra params from ``keys[4:]``."""
+    check_positive_int(fn, "input_size", input_size)
+    keys = jax.random.split(key, num_keys)
+    shapes = [(input_size, width), (state_size, width), (width,), (width,)]
+    values = [f(k, s, dtype) for f, k, s in zip(inits, keys, shapes)]
+    if not use_bias:
+        values[2:] = [None, None]
+    return values, keys
+
+
+def fused_project(params, xs: Array) -> Array:
+    """``xs · W_x + b_x`` in the input's dtype: every gate's input term in one matmul."""
+    xw = xs @ params.w_x.astype(xs.dtype)
+    return xw if params.b_x is None else xw + params.b_x.astype(xs.dtype)
+
+
+def fused_recurrent(params, h: Array, dtype) -> Array:
+    """``h · W_h + b_h`` in ``dtype``: every gate's recurrent term in one matmul."""
+    hw = h @ params.w_h.astype(dtype)
+    return hw if params.b_h is None else hw + params.b_h.astype(dtype)
+
+
+def fused_cell(
+    *,
+    name: str,
+    kind: str | None,
+    params_type: type,
+    init,
+    initial_carry,
+    recur,
+    hidden_size: int,
+    output_size: int,
+    state_size: int,
+    width: int,
+    use_bias: bool,
+    extra_check: Callable[[Params], None] | None = None,
+) -> Cell:
+    """Assembles the `Cell` of a fused-gate cell (``project`` = `fused_project`)."""
+
+    def step(params, carry, x):
+        return recur(params, carry, fused_project(params, x))
+
+    def check_params(params) -> None:
+        check_fused_params(name, params, params_type, state_size, width, use_bias)
+        if extra_check is not None:
+            extra_check(params)
+
+    return Cell(
+        init=init,
+        initial_carry=initial_carry,
+        step=step,
+        project=fused_project,
+        recur=recur,
+        name=name,
+        hidden_size=hidden_size,
+        output_size=output_size,
+        params_type=params_type,
+        input_size_of=lambda p: p.w_x.shape[0],
+        check_params=check_params,
+        kind=kind,
+    )

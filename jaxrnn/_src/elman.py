@@ -74,46 +74,28 @@ def elman(
     name = f"elman({hidden_size}, activation={activation!r})"
 
     def init(key, input_size: int, *, dtype=jnp.float32) -> ElmanParams:
-        cell_lib.check_positive_int("elman.init", "input_size", input_size)
-        k = jax.random.split(key, 4)
-        shapes = [(input_size, hidden_size), (hidden_size, hidden_size)]
-        shapes += [(hidden_size,)] * 2
-        values = [f(ki, s, dtype) for f, ki, s in zip(inits, k, shapes)]
-        if not use_bias:
-            values[2:] = [None, None]
+        values, _ = cell_lib.fused_init(
+            "elman.init", inits, key, input_size, hidden_size, hidden_size, use_bias, dtype
+        )
         return ElmanParams(*values)
 
     def initial_carry(batch_shape=(), dtype=jnp.float32) -> jax.Array:
         return cell_lib.zeros_carry(hidden_size, batch_shape, dtype)
 
-    def project(params: ElmanParams, xs: jax.Array) -> jax.Array:
-        xw = xs @ params.w_x.astype(xs.dtype)
-        return xw if params.b_x is None else xw + params.b_x.astype(xs.dtype)
-
     def recur(params: ElmanParams, h: jax.Array, xw: jax.Array):
-        z = xw + h @ params.w_h.astype(xw.dtype)
-        if params.b_h is not None:
-            z = z + params.b_h.astype(xw.dtype)
-        h = act(z)
+        h = act(xw + cell_lib.fused_recurrent(params, h, xw.dtype))
         return h, h
 
-    def step(params: ElmanParams, h: jax.Array, x: jax.Array):
-        return recur(params, h, project(params, x))
-
-    def check_params(params) -> None:
-        cell_lib.check_fused_params(name, params, ElmanParams, hidden_size, hidden_size, use_bias)
-
-    return cell_lib.Cell(
+    return cell_lib.fused_cell(
+        name=name,
+        kind=f"elman_{activation}",
+        params_type=ElmanParams,
         init=init,
         initial_carry=initial_carry,
-        step=step,
-        project=project,
         recur=recur,
-        name=name,
         hidden_size=hidden_size,
         output_size=hidden_size,
-        params_type=ElmanParams,
-        input_size_of=lambda p: p.w_x.shape[0],
-        check_params=check_params,
-        kind=f"elman_{activation}",
+        state_size=hidden_size,
+        width=hidden_size,
+        use_bias=use_bias,
     )

@@ -69,25 +69,16 @@ def gru(
     name = f"gru({hidden_size})"
 
     def init(key, input_size: int, *, dtype=jnp.float32) -> GRUParams:
-        cell_lib.check_positive_int("gru.init", "input_size", input_size)
-        k = jax.random.split(key, 4)
-        shapes = [(input_size, width), (hidden_size, width), (width,), (width,)]
-        values = [f(ki, s, dtype) for f, ki, s in zip(inits, k, shapes)]
-        if not use_bias:
-            values[2:] = [None, None]
+        values, _ = cell_lib.fused_init(
+            "gru.init", inits, key, input_size, hidden_size, width, use_bias, dtype
+        )
         return GRUParams(*values)
 
     def initial_carry(batch_shape=(), dtype=jnp.float32) -> jax.Array:
         return cell_lib.zeros_carry(hidden_size, batch_shape, dtype)
 
-    def project(params: GRUParams, xs: jax.Array) -> jax.Array:
-        xw = xs @ params.w_x.astype(xs.dtype)
-        return xw if params.b_x is None else xw + params.b_x.astype(xs.dtype)
-
     def recur(params: GRUParams, h: jax.Array, xw: jax.Array):
-        hw = h @ params.w_h.astype(xw.dtype)
-        if params.b_h is not None:
-            hw = hw + params.b_h.astype(xw.dtype)
+        hw = cell_lib.fused_recurrent(params, h, xw.dtype)
         xr, xz, xn = jnp.split(xw, 3, axis=-1)
         hr, hz, hn = jnp.split(hw, 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
@@ -96,23 +87,16 @@ def gru(
         h = (1.0 - z) * n + z * h
         return h, h
 
-    def step(params: GRUParams, h: jax.Array, x: jax.Array):
-        return recur(params, h, project(params, x))
-
-    def check_params(params) -> None:
-        cell_lib.check_fused_params(name, params, GRUParams, hidden_size, width, use_bias)
-
-    return cell_lib.Cell(
+    return cell_lib.fused_cell(
+        name=name,
+        kind="gru",
+        params_type=GRUParams,
         init=init,
         initial_carry=initial_carry,
-        step=step,
-        project=project,
         recur=recur,
-        name=name,
         hidden_size=hidden_size,
         output_size=hidden_size,
-        params_type=GRUParams,
-        input_size_of=lambda p: p.w_x.shape[0],
-        check_params=check_params,
-        kind="gru",
+        state_size=hidden_size,
+        width=width,
+        use_bias=use_bias,
     )

@@ -94,13 +94,10 @@ def lstm(
     name = f"lstm({hidden_size}{f', proj_size={proj_size}' if proj_size else ''})"
 
     def init(key, input_size: int, *, dtype=jnp.float32) -> LSTMParams:
-        cell_lib.check_positive_int("lstm.init", "input_size", input_size)
-        k = jax.random.split(key, 5)
-        shapes = [(input_size, width), (state, width), (width,), (width,)]
-        values = [f(ki, s, dtype) for f, ki, s in zip(inits, k, shapes)]
-        if not use_bias:
-            values[2:] = [None, None]
-        w_p = proj_init(k[4], (hidden_size, proj_size), dtype) if proj_size else None
+        values, keys = cell_lib.fused_init(
+            "lstm.init", inits, key, input_size, state, width, use_bias, dtype, num_keys=5
+        )
+        w_p = proj_init(keys[4], (hidden_size, proj_size), dtype) if proj_size else None
         return LSTMParams(*values, w_p=w_p)
 
     def initial_carry(batch_shape=(), dtype=jnp.float32) -> LSTMCarry:
@@ -109,15 +106,9 @@ def lstm(
             c=cell_lib.zeros_carry(hidden_size, batch_shape, dtype),
         )
 
-    def project(params: LSTMParams, xs: jax.Array) -> jax.Array:
-        xw = xs @ params.w_x.astype(xs.dtype)
-        return xw if params.b_x is None else xw + params.b_x.astype(xs.dtype)
-
     def recur(params: LSTMParams, carry: LSTMCarry, xw: jax.Array):
         h, c = carry
-        z = xw + h @ params.w_h.astype(xw.dtype)
-        if params.b_h is not None:
-            z = z + params.b_h.astype(xw.dtype)
+        z = xw + cell_lib.fused_recurrent(params, h, xw.dtype)
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -125,11 +116,7 @@ def lstm(
             h = h @ params.w_p.astype(xw.dtype)
         return LSTMCarry(h, c), h
 
-    def step(params: LSTMParams, carry: LSTMCarry, x: jax.Array):
-        return recur(params, carry, project(params, x))
-
-    def check_params(params) -> None:
-        cell_lib.check_fused_params(name, params, LSTMParams, state, width, use_bias)
+    def check_projection(params) -> None:
         expected = (hidden_size, proj_size) if proj_size else None
         actual = None if params.w_p is None else tuple(params.w_p.shape)
         if actual != expected:
@@ -139,17 +126,17 @@ def lstm(
                 "for another proj_size?"
             )
 
-    return cell_lib.Cell(
+    return cell_lib.fused_cell(
+        name=name,
+        kind=None if proj_size else "lstm",
+        params_type=LSTMParams,
         init=init,
         initial_carry=initial_carry,
-        step=step,
-        project=project,
         recur=recur,
-        name=name,
         hidden_size=hidden_size,
         output_size=state,
-        params_type=LSTMParams,
-        input_size_of=lambda p: p.w_x.shape[0],
-        check_params=check_params,
-        kind=None if proj_size else "lstm",
+        state_size=state,
+        width=width,
+        use_bias=use_bias,
+        extra_check=check_projection,
     )
