@@ -71,13 +71,77 @@ def params(cell):
     return cell.init(fresh_key(), INPUT_SIZE)
 
 
-def random_carry(cell, batch_shape, dtype=jnp.float32):
-    template = cell.initial_carry(batch_shape, dtype)
+def random_like(template, scale=1.0):
+    """A tree of fresh normal draws with the shapes and dtypes of ``template``."""
     leaves, treedef = jax.tree_util.tree_flatten(template)
     keys = jax.random.split(fresh_key(), len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
+        treedef, [scale * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
     )
+
+
+def random_carry(cell, batch_shape, dtype=jnp.float32):
+    return random_like(cell.initial_carry(batch_shape, dtype))
+
+
+TIME = 6
+
+# The runner's modes: name -> (batch_shape, spec). In a spec, "lengths" draws seq_lengths that
+# include 0 and the full length, a float is the probability of a True mask/reset flag, and
+# "carry" draws a random initial carry.
+MODES = {
+    "batch_major": ((3,), {}),
+    "time_major": ((3,), {"time_major": True}),
+    "no_batch": ((), {}),
+    "two_batch_dims": ((2, 3), {}),
+    "reverse": ((3,), {"reverse": True}),
+    "unroll_2": ((3,), {"unroll": 2}),
+    "unroll_3": ((3,), {"unroll": 3}),
+    "unroll_full": ((3,), {"unroll": True}),
+    "seq_lengths": ((4,), {"seq_lengths": "lengths"}),
+    "seq_lengths_reverse": ((4,), {"seq_lengths": "lengths", "reverse": True}),
+    "seq_lengths_two_batch_dims": ((2, 4), {"seq_lengths": "lengths", "unroll": 3}),
+    "mask": ((3,), {"mask": 0.6}),
+    "mask_reverse": ((3,), {"mask": 0.6, "reverse": True}),
+    "resets": ((3,), {"resets": 0.3}),
+    "resets_reverse": ((3,), {"resets": 0.3, "reverse": True}),
+    "given_carry": ((3,), {"carry": True}),
+    "everything": (
+        (4,),
+        {"seq_lengths": "lengths", "mask": 0.7, "resets": 0.3, "carry": True, "unroll": 2},
+    ),
+    "everything_time_major_reverse": (
+        (4,),
+        {
+            "time_major": True,
+            "reverse": True,
+            "seq_lengths": "lengths",
+            "mask": 0.7,
+            "resets": 0.3,
+            "carry": True,
+            "unroll": 2,
+        },
+    ),
+}
+
+
+def mode_inputs(cell, mode, dtype=jnp.float32):
+    """Fresh inputs of one mode: ``(xs, carry, kwargs)`` for ``jaxrnn.unroll(cell, params, xs,
+    carry, **kwargs)``; ``kwargs`` holds ``unroll`` only where the mode sets it."""
+    batch_shape, spec = MODES[mode]
+    time_major = spec.get("time_major", False)
+    flag_shape = (TIME, *batch_shape) if time_major else (*batch_shape, TIME)
+    xs = jax.random.normal(fresh_key(), (*flag_shape, INPUT_SIZE), dtype)
+    kwargs = {k: v for k, v in spec.items() if k in ("time_major", "reverse", "unroll")}
+    if spec.get("seq_lengths"):
+        base = np.array([TIME, 0, 3, 1, 5, TIME, 2, 4])
+        n = int(np.prod(batch_shape))
+        kwargs["seq_lengths"] = jnp.asarray(np.resize(base, n).reshape(batch_shape), jnp.int32)
+    for name in ("mask", "resets"):
+        if name in spec:
+            kwargs[name] = jax.random.bernoulli(fresh_key(), spec[name], flag_shape)
+    carry = random_carry(cell, batch_shape, dtype) if spec.get("carry") else None
+    return xs, carry, kwargs
 
 
 def reference_unroll(

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from conftest import (
+    INPUT_SIZE,
+    MODES,
+    TIME,
+    assert_trees_close,
+    fresh_key,
+    mode_inputs,
+    random_carry,
+    random_like,
+)
 from jax.test_util import check_grads
 
 import jaxrnn
 from jaxrnn._src import fastpath
 
-INPUT_SIZE, HIDDEN, TIME = 4, 5, 6
-_SEEDS = itertools.count(7000)
+HIDDEN = 5
 FAST_MARK = "name=_recurrence"  # how the fast path's custom_jvp shows in a jaxpr
 
 FAST_CELLS = {
@@ -27,45 +34,6 @@ FAST_CELLS = {
     "gru": lambda h: jaxrnn.gru(h),
     "gru_nobias": lambda h: jaxrnn.gru(h, use_bias=False),
 }
-
-# mode -> (batch_shape, unroll kwargs); "lengths"/probabilities are filled in by `_kwargs`.
-MODES = {
-    "batch_major": ((3,), {}),
-    "time_major": ((3,), {"time_major": True}),
-    "no_batch": ((), {}),
-    "two_batch_dims": ((2, 3), {}),
-    "reverse": ((3,), {"reverse": True}),
-    "unroll_2": ((3,), {"unroll": 2}),
-    "unroll_4": ((3,), {"unroll": 4}),
-    "unroll_full": ((3,), {"unroll": True}),
-    "seq_lengths": ((5,), {"seq_lengths": "lengths"}),
-    "seq_lengths_reverse": ((5,), {"seq_lengths": "lengths", "reverse": True}),
-    "seq_lengths_two_batch_dims": ((2, 5), {"seq_lengths": "lengths", "unroll": 3}),
-    "mask": ((3,), {"mask": 0.6}),
-    "mask_reverse": ((3,), {"mask": 0.6, "reverse": True}),
-    "resets": ((3,), {"resets": 0.3}),
-    "resets_reverse": ((3,), {"resets": 0.3, "reverse": True}),
-    "given_carry": ((3,), {"carry": True}),
-    "everything": (
-        (5,),
-        {"seq_lengths": "lengths", "mask": 0.7, "resets": 0.3, "carry": True, "unroll": 2},
-    ),
-    "everything_time_major_reverse": (
-        (5,),
-        {
-            "time_major": True,
-            "reverse": True,
-            "seq_lengths": "lengths",
-            "mask": 0.7,
-            "resets": 0.3,
-            "carry": True,
-        },
-    ),
-}
-
-
-def fresh_key():
-    return jax.random.PRNGKey(next(_SEEDS))
 
 
 @contextlib.contextmanager
@@ -94,30 +62,6 @@ def hoist(request, monkeypatch):
     return request.param
 
 
-def _random_tree(template, scale=1.0):
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    keys = jax.random.split(fresh_key(), len(leaves))
-    new = [scale * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(treedef, new)
-
-
-def _kwargs(cell, batch_shape, spec, dtype=jnp.float32):
-    """Draws the inputs of one mode: xs, carry and the unroll keyword arguments."""
-    time_major = spec.get("time_major", False)
-    shape = (TIME, *batch_shape) if time_major else (*batch_shape, TIME)
-    xs = jax.random.normal(fresh_key(), (*shape, INPUT_SIZE), dtype)
-    kwargs = {k: v for k, v in spec.items() if k in ("time_major", "reverse", "unroll")}
-    if "seq_lengths" in spec:
-        base = np.array([TIME, 0, 3, 1, 5, 2, 4])  # includes 0 and the full length
-        n = int(np.prod(batch_shape))
-        kwargs["seq_lengths"] = jnp.asarray(np.resize(base, n).reshape(batch_shape), jnp.int32)
-    for name in ("mask", "resets"):
-        if name in spec:
-            kwargs[name] = jax.random.bernoulli(fresh_key(), spec[name], shape)
-    carry = _random_tree(cell.initial_carry(batch_shape, dtype)) if spec.get("carry") else None
-    return xs, carry, kwargs
-
-
 def _loss(cell, params, xs, carry, kwargs):
     ys, final = jaxrnn.unroll(cell, params, xs, carry, **kwargs)
     leaves = jax.tree_util.tree_leaves(final)
@@ -125,11 +69,7 @@ def _loss(cell, params, xs, carry, kwargs):
 
 
 def _close(actual, expected, tol):
-    jax.tree_util.tree_map(
-        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=tol, atol=tol),
-        actual,
-        expected,
-    )
+    assert_trees_close(actual, expected, rtol=tol, atol=tol)
 
 
 def test_builtin_cells_take_the_fast_path(cell):
@@ -154,9 +94,8 @@ CASES += [(c, m, h) for c in VARIANTS for m in ("given_carry", "everything") for
 def test_fast_path_equals_reference_scan(cell_name, mode, hoist, monkeypatch):
     monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None: hoist)
     cell = FAST_CELLS[cell_name](HIDDEN)
-    batch_shape, spec = MODES[mode]
     params = cell.init(fresh_key(), INPUT_SIZE)
-    xs, carry, kwargs = _kwargs(cell, batch_shape, spec)
+    xs, carry, kwargs = mode_inputs(cell, mode)
 
     def outputs_and_grads(p, x, c):
         grads = jax.grad(_loss, argnums=(1, 2, 3))(cell, p, x, c, kwargs)
@@ -171,10 +110,9 @@ def test_fast_path_equals_reference_scan(cell_name, mode, hoist, monkeypatch):
 @pytest.mark.parametrize("mode", ["everything_time_major_reverse"])
 def test_forward_mode_equals_reference(cell, mode, hoist):
     del hoist
-    batch_shape, spec = MODES[mode]
     params = cell.init(fresh_key(), INPUT_SIZE)
-    xs, carry, kwargs = _kwargs(cell, batch_shape, spec)
-    tangents = (_random_tree(params), _random_tree(xs))
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    tangents = (random_like(params), random_like(xs))
 
     def f(p, x):
         return jaxrnn.unroll(cell, p, x, carry, **kwargs)
@@ -189,12 +127,9 @@ def test_forward_mode_equals_reference(cell, mode, hoist):
 def test_check_grads_order_2(cell_name):
     """Order 2, forward and reverse, in float64 (ReLU's kink is left to the HVP test below)."""
     cell = FAST_CELLS[cell_name](HIDDEN)
-    batch_shape, spec = MODES["everything_time_major_reverse"]
     with jax.enable_x64(True):
         params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
-        xs, carry, kwargs = _kwargs(cell, batch_shape, spec, dtype=jnp.float64)
-        if carry is None:
-            carry = _random_tree(cell.initial_carry(batch_shape, jnp.float64))
+        xs, carry, kwargs = mode_inputs(cell, "everything_time_major_reverse", dtype=jnp.float64)
         f = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
         check_grads(f, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-4)
 
@@ -202,11 +137,10 @@ def test_check_grads_order_2(cell_name):
 @pytest.mark.parametrize("mode", ["everything_time_major_reverse"])
 def test_second_order_equals_reference(cell, mode):
     """Hessian-vector products (forward over reverse) of the fast path and the reference."""
-    batch_shape, spec = MODES[mode]
     with jax.enable_x64(True):
         params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
-        xs, carry, kwargs = _kwargs(cell, batch_shape, spec, dtype=jnp.float64)
-        tangents = (_random_tree(params), _random_tree(xs))
+        xs, carry, kwargs = mode_inputs(cell, mode, dtype=jnp.float64)
+        tangents = (random_like(params), random_like(xs))
         grad = jax.grad(lambda p, x: _loss(cell, p, x, carry, kwargs), argnums=(0, 1))
 
         def hvp(p, x):
@@ -289,7 +223,7 @@ def test_cudnn_lstm_weight_packing_matches_unroll():
     cell = jaxrnn.lstm(HIDDEN)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs = jax.random.normal(fresh_key(), (3, TIME, INPUT_SIZE))
-    carry = _random_tree(cell.initial_carry((3,)))
+    carry = random_carry(cell, (3,))
     lengths = jnp.array([TIME, 2, 4], jnp.int32)
     weights = rnn.unpack_lstm_weights(
         fastpath.pack_cudnn_lstm_weights(params), INPUT_SIZE, HIDDEN, 1, False

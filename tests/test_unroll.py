@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from conftest import (
     INPUT_SIZE,
+    MODES,
+    TIME,
     assert_trees_close,
     fresh_key,
+    mode_inputs,
     random_carry,
     reference_unroll,
 )
@@ -22,72 +25,12 @@ from jax.test_util import check_grads
 
 import jaxrnn
 
-TIME = 6
-
-
-def _flags(batch_shape, time, prob, time_major):
-    flags = jax.random.bernoulli(fresh_key(), prob, (*batch_shape, time))
-    return jnp.moveaxis(flags, -1, 0) if time_major else flags
-
-
-def _lengths(batch_shape):
-    # Includes a length 0 and a full length, the edge cases.
-    n = int(np.prod(batch_shape))
-    base = np.array([TIME, 0, 3, 1, 5, TIME, 2, 4])
-    return jnp.asarray(np.resize(base, n).reshape(batch_shape), jnp.int32)
-
-
-# mode name -> (batch_shape, unroll kwargs builder)
-MODES = {
-    "batch_major": ((3,), {}),
-    "time_major": ((3,), {"time_major": True}),
-    "no_batch": ((), {}),
-    "two_batch_dims": ((2, 3), {}),
-    "reverse": ((3,), {"reverse": True}),
-    "unroll_3": ((3,), {"unroll": 3}),
-    "seq_lengths": ((4,), {"seq_lengths": "lengths"}),
-    "seq_lengths_reverse": ((4,), {"seq_lengths": "lengths", "reverse": True}),
-    "seq_lengths_two_batch_dims": ((2, 4), {"seq_lengths": "lengths", "unroll": 3}),
-    "mask": ((3,), {"mask": 0.6}),
-    "mask_reverse": ((3,), {"mask": 0.6, "reverse": True}),
-    "resets": ((3,), {"resets": 0.3}),
-    "resets_reverse": ((3,), {"resets": 0.3, "reverse": True}),
-    "given_carry": ((3,), {"carry": True}),
-    "everything_time_major_reverse": (
-        (4,),
-        {
-            "time_major": True,
-            "reverse": True,
-            "seq_lengths": "lengths",
-            "mask": 0.7,
-            "resets": 0.3,
-            "carry": True,
-            "unroll": 2,
-        },
-    ),
-}
-
-
-def _build(cell, mode):
-    batch_shape, spec = MODES[mode]
-    spec = dict(spec)
-    time_major = spec.get("time_major", False)
-    shape = (TIME, *batch_shape, INPUT_SIZE) if time_major else (*batch_shape, TIME, INPUT_SIZE)
-    xs = jax.random.normal(fresh_key(), shape)
-    kwargs = {"time_major": time_major, "reverse": spec.get("reverse", False)}
-    if spec.get("seq_lengths"):
-        kwargs["seq_lengths"] = _lengths(batch_shape)
-    for name in ("mask", "resets"):
-        if name in spec:
-            kwargs[name] = _flags(batch_shape, TIME, spec[name], time_major)
-    carry = random_carry(cell, batch_shape) if spec.get("carry") else None
-    return xs, carry, kwargs, spec.get("unroll", 1)
-
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_unroll_matches_python_loop(cell, params, mode):
-    xs, carry, kwargs, unroll = _build(cell, mode)
-    ys, final = jaxrnn.unroll(cell, params, xs, carry, unroll=unroll, **kwargs)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    ys, final = jaxrnn.unroll(cell, params, xs, carry, **kwargs)
+    kwargs.pop("unroll", None)  # the Python loop has no unroll factor
     ref_ys, ref_final = reference_unroll(cell, params, xs, carry, **kwargs)
     chex.assert_shape(ys, ref_ys.shape)
     assert_trees_close(ys, ref_ys)
