@@ -57,7 +57,7 @@ def cell(request):
 
 @pytest.fixture(params=[False, True], ids=["proj_in_loop", "proj_hoisted"])
 def hoist(request, monkeypatch):
-    """Both forms of the primal's input projection (in the loop on CPU, hoisted elsewhere)."""
+    """Both forms of the gradient pass's input projection (in the loop on CPU, else hoisted)."""
     monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None: request.param)
     return request.param
 
