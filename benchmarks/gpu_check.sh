@@ -22,13 +22,13 @@ log="$OUT/gpu_check.log"
 print('flax', flax.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
 } 2>&1 | tee -a "$log"
 
-echo "== fast path vs reference scan on the GPU (subset, 90 s cap)" | tee -a "$log"
-timeout 90 "$PY" -m pytest tests/test_fastpath.py -q -x -p no:cacheprovider \
+echo "== fast path vs reference scan on the GPU (subset, 80 s cap)" | tee -a "$log"
+timeout 80 "$PY" -m pytest tests/test_fastpath.py -q -x -p no:cacheprovider \
   -k "equals_reference and everything_time_major_reverse or check_grads_order_2 and lstm" \
   2>&1 | tail -5 | tee -a "$log"
 
-echo "== unroll factors of the fast path (for fastpath.UNROLL_TABLE; 40 s cap)" | tee -a "$log"
-timeout 40 "$PY" benchmarks/speed.py --device gpu --tune --passes fwdbwd --reps 10 \
+echo "== unroll factors of the fast path (for fastpath.UNROLL_TABLE; 30 s cap)" | tee -a "$log"
+timeout 30 "$PY" benchmarks/speed.py --device gpu --tune --passes fwdbwd --reps 10 \
   --cells lstm:8:1000:128,gru:8:1000:128,lstm:128:500:1024 --out "$OUT/gpu_tune.json" \
   2>&1 | tee -a "$log"
 
@@ -40,4 +40,8 @@ echo "== stretch: bfloat16 LSTM B16 T1024 H768 (PyTorch fp16 persistent cuDNN: 2
   | tee -a "$log"
 timeout 45 "$PY" benchmarks/speed.py --device gpu --dtype bfloat16 --cells lstm:16:1024:768 \
   --peers torch,cudnn --reps 20 --out "$OUT/gpu_bf16_stretch.json" 2>&1 | tee -a "$log"
+echo "== float32 data, jaxrnn's matmuls in bfloat16 with f32 accumulation (30 s cap)" | tee -a "$log"
+timeout 30 "$PY" benchmarks/speed.py --device gpu --matmul-dtype bfloat16 --peers torch \
+  --cells lstm:8:1000:128,lstm:128:500:1024,gru:128:500:1024 --reps 20 \
+  --out "$OUT/gpu_bf16_matmul.json" 2>&1 | tee -a "$log"
 date -u | tee -a "$log"

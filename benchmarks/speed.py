@@ -98,7 +98,7 @@ def _jax_runner(fwd: Callable, loss: Callable, args: tuple):
     return out
 
 
-def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False):
+def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None):
     hidden = xs_bm.shape[-1]
     cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
     params = cell.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
@@ -115,7 +115,7 @@ def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False):
     else:
 
         def run(params, xs):
-            return jaxrnn.unroll(cell, params, xs)[0]
+            return jaxrnn.unroll(cell, params, xs, matmul_dtype=matmul_dtype)[0]
 
     return _jax_runner(run, lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), (params, xs_bm))
 
@@ -242,7 +242,7 @@ def bench_cell(spec, args, rng):
     kind, batch, time_, hidden = parse_cell(spec)
     dtype = jnp.dtype(args.dtype)
     xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time_, hidden), jnp.float32).astype(dtype)
-    builders = {"jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype)}
+    builders = {"jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype)}
     for peer in args.peers:
         if peer == "torch":
             builders[peer] = lambda: torch_runner(kind, xs, dtype, args.device)
@@ -362,6 +362,13 @@ def main(argv=None):
     parser.add_argument("--peers", default=None, help=f"comma-separated subset of {PEERS}")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--matmul-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="jaxrnn's matmul operands in this dtype, accumulating in --dtype (unroll's "
+        "matmul_dtype); peers unchanged",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per cell and pass")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of the ratios here")
@@ -401,6 +408,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "dtype": args.dtype,
+        "jaxrnn_matmul_dtype": args.matmul_dtype or args.dtype,
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")
         + (" (TF32 on GPU for both JAX and PyTorch)" if args.device == "gpu" else ""),
         "reps": args.reps,
@@ -431,7 +439,8 @@ def main(argv=None):
     table = markdown(results, args.passes, args.peers)
     print()
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
-    print(f"{args.device}, {args.dtype}, jax {jax.__version__}")
+    md = f", jaxrnn matmuls in {args.matmul_dtype}" if args.matmul_dtype else ""
+    print(f"{args.device}, {args.dtype}{md}, jax {jax.__version__}")
     print(table)
     if args.out:
         with open(args.out, "w") as f:

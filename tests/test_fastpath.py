@@ -235,3 +235,105 @@ def test_cudnn_lstm_weight_packing_matches_unroll():
     _close((ys, jaxrnn.LSTMCarry(h[0], c[0])), expected, 2e-5)
     if jax.default_backend() == "gpu":
         _close(fastpath.cudnn_lstm(params, xs, carry, lengths), expected, 2e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul_dtype: bf16 matmul operands, f32 accumulation.
+
+
+def _bf16(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _emulated_bf16_loop(cell, params, xs):
+    """A plain loop over ``cell.step`` whose matmul operands are rounded to bfloat16.
+
+    For Elman and LSTM the hidden state enters the step only through ``h @ W_h``, so rounding
+    ``h`` (and ``x``, ``W_x``, ``W_h``) before each step is exactly "bf16 operands, f32
+    accumulation", up to the order of the f32 sums.
+    """
+    params = params._replace(w_x=_bf16(params.w_x), w_h=_bf16(params.w_h))
+    carry = cell.initial_carry(xs.shape[:1], xs.dtype)
+    ys = []
+    for t in range(xs.shape[1]):
+        rounded = carry._replace(h=_bf16(carry.h)) if hasattr(carry, "c") else _bf16(carry)
+        carry, y = cell.step(params, rounded, _bf16(xs[:, t]))
+        ys.append(y)
+    return jnp.stack(ys, axis=1)
+
+
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm"])
+def test_bf16_matmuls_equal_an_emulated_loop(cell_name):
+    cell = FAST_CELLS[cell_name](HIDDEN)
+    params = random_like(cell.init(fresh_key(), INPUT_SIZE))
+    xs = jax.random.normal(fresh_key(), (3, TIME, INPUT_SIZE))
+    ys, _ = jaxrnn.unroll(cell, params, xs, matmul_dtype=jnp.bfloat16)
+    assert ys.dtype == jnp.float32
+    _close(ys, _emulated_bf16_loop(cell, params, xs), 2e-6)
+    full, _ = jaxrnn.unroll(cell, params, xs)
+    assert float(jnp.max(jnp.abs(ys - full))) > 1e-5  # the operands really were rounded
+
+    def loss(p, x, md):
+        ys = jaxrnn.unroll(cell, p, x, matmul_dtype=md)[0]
+        return jnp.sum(jnp.sin(3 * ys))
+
+    grads = jax.grad(loss, argnums=(0, 1))(params, xs, jnp.bfloat16)
+    emulated = jax.grad(lambda p, x: jnp.sum(jnp.sin(3 * _emulated_bf16_loop(cell, p, x))), (0, 1))
+    # The backward matmuls also run in bf16: equal to bf16 precision, not to f32's.
+    _close(grads, emulated(params, xs), 3e-2)
+
+
+@pytest.mark.parametrize("cell_name", MAIN_CELLS)
+def test_bf16_matmuls_in_every_pass(cell_name):
+    cell = FAST_CELLS[cell_name](HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, "everything_time_major_reverse")
+
+    def loss(p, x, md):
+        ys, final = jaxrnn.unroll(cell, p, x, carry, matmul_dtype=md, **kwargs)
+        return jnp.sum(jnp.sin(ys)) + sum(
+            jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(final)
+        )
+
+    grad_bf16 = jax.grad(lambda p, x: loss(p, x, jnp.bfloat16), argnums=(0, 1))
+    jaxpr = str(jax.make_jaxpr(grad_bf16)(params, xs))
+    assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
+    for md in (jnp.bfloat16, jnp.float16):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(params, xs, md)
+        ref_value, ref_grads = jax.value_and_grad(loss, argnums=(0, 1))(params, xs, None)
+        _close(value, ref_value, 3e-2 * (1 + abs(float(ref_value))))
+        _close(grads, ref_grads, 5e-2)
+        tangent = jax.jvp(lambda x, md=md: loss(params, x, md), (xs,), (random_like(xs),))[1]
+        assert jnp.isfinite(tangent)
+    # float32 operands are the default computation, bit for bit.
+    same = jax.grad(loss, argnums=(0, 1))(params, xs, jnp.float32)
+    assert_trees_close(same, jax.grad(loss, argnums=(0, 1))(params, xs, None), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "cell_fn, kwargs, error, message",
+    [
+        (jaxrnn.lstm, {"matmul_dtype": jnp.int32}, TypeError, "matmul_dtype must be a floating"),
+        (jaxrnn.lstm, {"matmul_dtype": "float64"}, ValueError, "no wider than xs's dtype float32"),
+        (jaxrnn.lstm, {"matmul_dtype": jnp.bfloat16, "remat": True}, ValueError, "remat=True"),
+        (
+            jaxrnn.gru,
+            {"matmul_dtype": jnp.bfloat16, "method": "quasi_deer"},
+            ValueError,
+            "method='quasi_deer'",
+        ),  # fmt: skip
+        (jaxrnn.mingru, {"matmul_dtype": jnp.bfloat16}, ValueError, "cell 'mingru"),
+        (
+            lambda h: jaxrnn.lstm(h, proj_size=2),
+            {"matmul_dtype": jnp.bfloat16},
+            ValueError,
+            "without proj_size",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_matmul_dtype_is_rejected(cell_fn, kwargs, error, message):
+    cell = cell_fn(HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        jaxrnn.unroll(cell, params, xs, **kwargs)

@@ -112,6 +112,25 @@ def check_step_flags(fn: str, name: str, flags, expected_shape: tuple, layout: s
     return flags
 
 
+def check_matmul_dtype(fn: str, matmul_dtype, dtype):
+    """``matmul_dtype`` as a floating ``jnp.dtype`` no wider than the inputs' ``dtype``."""
+    try:
+        md = jnp.dtype(matmul_dtype)
+    except TypeError:
+        md = None
+    if md is None or not jnp.issubdtype(md, jnp.floating):
+        raise TypeError(
+            f"{fn}: matmul_dtype must be a floating dtype such as jnp.bfloat16, "
+            f"got {md.name if md is not None else repr(matmul_dtype)}."
+        )
+    if jnp.finfo(md).bits > jnp.finfo(dtype).bits:
+        raise ValueError(
+            f"{fn}: matmul_dtype must be no wider than xs's dtype {jnp.dtype(dtype).name} "
+            f"(products accumulate in it), got {md.name}."
+        )
+    return md
+
+
 def check_unroll_factor(fn: str, unroll) -> None:
     if isinstance(unroll, bool):
         return

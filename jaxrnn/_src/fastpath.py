@@ -213,37 +213,55 @@ def _scan(update, recur, carry, xs, mask, resets, reverse, unroll):
     return lax.scan(body, carry, (xs, mask, resets), reverse=reverse, unroll=unroll)
 
 
-def _matmul(a, w):
+def _dot(a, w, matmul_dtype, transpose_w=False):
+    """``a @ w`` (``a @ wᵀ`` with ``transpose_w``) over ``a``'s last axis.
+
+    With ``matmul_dtype``, both operands are cast to it and the products accumulate in
+    ``a``'s dtype (``preferred_element_type``): bf16 matmuls with f32 accumulation.
+    """
+    dims = (((a.ndim - 1,), (1 if transpose_w else 0,)), ((), ()))
+    if matmul_dtype is None:
+        return lax.dot_general(a, w, dims)
+    out_dtype = a.dtype
+    return lax.dot_general(
+        a.astype(matmul_dtype), w.astype(matmul_dtype), dims, preferred_element_type=out_dtype
+    )
+
+
+def _matmul(a, w, matmul_dtype=None):
     """``a @ w`` over all leading dims as one 2-D matmul."""
-    return (a.reshape(-1, a.shape[-1]) @ w).reshape(*a.shape[:-1], w.shape[-1])
+    flat = _dot(a.reshape(-1, a.shape[-1]), w, matmul_dtype)
+    return flat.reshape(*a.shape[:-1], w.shape[-1])
 
 
-def _project(xs, w_x, b_x):
-    xw = _matmul(xs, w_x)
+def _project(xs, w_x, b_x, matmul_dtype=None):
+    xw = _matmul(xs, w_x, matmul_dtype)
     return xw if b_x is None else xw + b_x
 
 
 def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
-    kind, reverse, unroll, hoist = static
+    kind, reverse, unroll, hoist, md = static
     primal = _RECURRENCES[kind][0]
     # Without residuals to save, the projection is always hoisted and cut into one array per
     # gate; with them, ``hoist`` decides (see `hoist_input_default`).
     hoist = hoist or not save
 
     def update(c_in, hw, x_t):
-        xw_t = x_t if hoist else _project(x_t, w_x, b_x)
+        xw_t = x_t if hoist else _project(x_t, w_x, b_x, md)
         if b_in is not None:
             hw = hw + b_in
         c_new, y, res = primal(xw_t, hw, c_in)
         return c_new, y, (c_in[0], res) if save else None
 
-    xs = _gates(_project(xs, w_x, b_x), _N_GATES[kind]) if hoist else xs
-    return _scan(update, lambda h: h @ w_h, carry, xs, mask, resets, reverse, unroll)
+    xs = _gates(_project(xs, w_x, b_x, md), _N_GATES[kind]) if hoist else xs
+    return _scan(update, lambda h: _dot(h, w_h, md), carry, xs, mask, resets, reverse, unroll)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _recurrence(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
-    """The masked recurrence of one built-in cell; ``static = (kind, reverse, unroll, hoist)``.
+    """The masked recurrence of one built-in cell.
+
+    ``static = (kind, reverse, unroll, hoist, matmul_dtype)``.
 
     ``hoist`` only moves the primal's input projection out of the loop (one large matmul)
     or into it (a small one per step, which is faster on CPU); the tangent rule hoists it
@@ -257,17 +275,17 @@ def _recurrence(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
 def _recurrence_jvp(static, primals, tangents):
     xs, w_x, b_x, w_h, b_in, carry, mask, resets = primals
     dxs, dw_x, db_x, dw_h, db_in, dcarry, _, _ = tangents
-    kind, reverse, unroll, _ = static
+    kind, reverse, unroll, _, md = static
     carry_out, (ys, (h_in, res)) = _primal_scan(
         static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=True
     )
     _, coefficients, tangent = _RECURRENCES[kind]
     coef = coefficients(res, h_in)
     # Every weight and input term for all steps at once, outside the loop: one matmul each.
-    dxw = _matmul(dxs, w_x) + _matmul(xs, dw_x)
+    dxw = _matmul(dxs, w_x, md) + _matmul(xs, dw_x, md)
     if b_x is not None:
         dxw = dxw + db_x
-    dhw = _matmul(h_in, dw_h)
+    dhw = _matmul(h_in, dw_h, md)
     if b_in is not None:
         dhw = dhw + db_in
     if kind == "gru":
@@ -288,7 +306,7 @@ def _recurrence_jvp(static, primals, tangents):
     w_ht = w_h.T
 
     def recur(dh):
-        return lax.dot_general(dh, w_ht, (((dh.ndim - 1,), (1,)), ((), ())))
+        return _dot(dh, w_ht, md, transpose_w=True)
 
     dcarry_out, (dys, _) = _scan(update, recur, dcarry, inputs, mask, resets, reverse, unroll)
     return (ys, carry_out), (dys, dcarry_out)
@@ -299,11 +317,13 @@ def hoist_input_default(backend: str | None = None) -> bool:
     return (backend or jax.default_backend()) != "cpu"
 
 
-def run(cell, params, xs, carry, *, mask, resets, reverse, unroll):
+def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):
     """The fast path of ``unroll.run_time_major`` for a built-in cell (`supports` is true).
 
     Args and returns as ``run_time_major``: ``xs: (time, *batch, features)`` validated,
     ``mask``/``resets``: ``(time, *batch)`` bool or ``None``; returns ``(ys, carry)``.
+    ``matmul_dtype``: ``None`` or a floating dtype the matmul operands are cast to (products
+    accumulate in ``xs.dtype``).
     """
     kind = cell.kind
     dtype = xs.dtype
@@ -321,7 +341,8 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll):
         for d in xs.shape[1:-1]:
             batch *= d
         unroll = default_unroll(batch, w_h.shape[0])
-    static = (kind, reverse, unroll, hoist_input_default())
+    md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
+    static = (kind, reverse, unroll, hoist_input_default(), md)
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)
     return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))

@@ -65,6 +65,7 @@ def run_time_major(
     reverse: bool,
     unroll: int | bool | None,
     remat: bool | int | None = None,
+    matmul_dtype=None,
 ):
     """Runs validated, time-major inputs: ``xs: (time, *batch, features)``.
 
@@ -74,8 +75,9 @@ def run_time_major(
     """
     if fastpath.supports(cell, params) and not remat:
         return fastpath.run(
-            cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll
-        )
+            cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
+            matmul_dtype=matmul_dtype,
+        )  # fmt: skip
     return reference_run_time_major(
         cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
         remat=remat,
@@ -148,6 +150,7 @@ def unroll(
     damping: float = 0.0,
     on_nonconvergence: str = "warn",
     remat: bool | int | None = None,
+    matmul_dtype=None,
     return_info: bool = False,
 ):
     r"""Runs ``cell`` over a sequence: ``jax.lax.scan`` with masks, lengths and resets.
@@ -226,6 +229,11 @@ def unroll(
       remat: sequential method only: ``True`` checkpoints every ``ceil(sqrt(T))`` steps, an int
         ``k`` every ``k`` steps; the backward pass then stores ``O(T/k + k)`` step residuals
         instead of ``O(T)`` and recomputes each chunk once.
+      matmul_dtype: ``None`` (default: matmuls in ``xs.dtype``) or a floating dtype no wider
+        than ``xs.dtype``, e.g. ``jnp.bfloat16``: the input projection and the recurrent
+        product cast both operands to it and accumulate in ``xs.dtype``; gate nonlinearities,
+        carries and outputs stay in ``xs.dtype``. Gradients use the same matmuls. Built-in
+        Elman/LSTM/GRU cells (no ``proj_size``) with the sequential method and no ``remat``.
       return_info: also return an `UnrollInfo` (iterations, residual, converged).
 
     Returns:
@@ -255,6 +263,20 @@ def unroll(
         checks.check_unroll_factor(fn, unroll)
     parallel.check_options(fn, method, tol, max_iters, damping, on_nonconvergence, remat)
     checks.check_params(fn, cell, params, xs.shape[-1])
+    if matmul_dtype is not None:
+        matmul_dtype = checks.check_matmul_dtype(fn, matmul_dtype, xs.dtype)
+        why = None
+        if not fastpath.supports(cell, params):
+            why = f"cell {cell.name!r} has none (built-in elman/lstm/gru without proj_size)"
+        elif method != "sequential":
+            why = f"method={method!r} does not use it (only 'sequential' does)"
+        elif remat:
+            why = f"remat={remat!r} does not use it (only remat=None does)"
+        if why is not None:
+            raise ValueError(
+                f"{fn}: matmul_dtype={jnp.dtype(matmul_dtype).name} needs the fused fast path, "
+                f"but {why}."
+            )
     if time_major:
         time, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])
         flag_shape, layout = (time, *batch_shape), "(time, *batch) with time_major=True"
@@ -282,7 +304,7 @@ def unroll(
     if method == "sequential":
         ys, carry = run_time_major(
             cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
-            remat=remat,
+            remat=remat, matmul_dtype=matmul_dtype,
         )  # fmt: skip
         info = parallel.sequential_info(xs.dtype)
     else:
