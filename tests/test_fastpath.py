@@ -58,7 +58,9 @@ def cell(request):
 @pytest.fixture(params=[False, True], ids=["proj_in_loop", "proj_hoisted"])
 def hoist(request, monkeypatch):
     """Both forms of the gradient pass's input projection (in the loop on CPU, else hoisted)."""
-    monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None: request.param)
+    monkeypatch.setattr(
+        fastpath, "hoist_input_default", lambda backend=None, kind=None: request.param
+    )
     return request.param
 
 
@@ -92,7 +94,7 @@ CASES += [(c, m, h) for c in VARIANTS for m in ("given_carry", "everything") for
 
 @pytest.mark.parametrize("cell_name, mode, hoist", CASES)
 def test_fast_path_equals_reference_scan(cell_name, mode, hoist, monkeypatch):
-    monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None: hoist)
+    monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None, kind=None: hoist)
     cell = FAST_CELLS[cell_name](HIDDEN)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
