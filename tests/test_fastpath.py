@@ -55,13 +55,16 @@ def cell(request):
     return FAST_CELLS[request.param](HIDDEN)
 
 
-@pytest.fixture(params=[False, True], ids=["proj_in_loop", "proj_hoisted"])
-def hoist(request, monkeypatch):
-    """Both forms of the gradient pass's input projection (in the loop on CPU, else hoisted)."""
-    monkeypatch.setattr(
-        fastpath, "hoist_input_default", lambda backend=None, kind=None: request.param
-    )
+@pytest.fixture(params=["fused", "hoisted"])
+def placement(request, monkeypatch):
+    """Both placements of the input projection, in both passes (see `projection_modes`)."""
+    _use_projection(monkeypatch, request.param)
     return request.param
+
+
+def _use_projection(monkeypatch, placement):
+    modes = (placement, placement)
+    monkeypatch.setattr(fastpath, "projection_modes", lambda kind, backend=None: modes)
 
 
 def _loss(cell, params, xs, carry, kwargs):
@@ -85,16 +88,15 @@ def test_builtin_cells_take_the_fast_path(cell):
     assert FAST_MARK not in jaxpr
 
 
-HOIST_MODES = ("no_batch", "two_batch_dims", "everything", "everything_time_major_reverse")
 VARIANTS = sorted(set(FAST_CELLS) - set(MAIN_CELLS))
-CASES = [(c, m, False) for c in MAIN_CELLS for m in sorted(MODES)]
-CASES += [(c, m, True) for c in MAIN_CELLS for m in HOIST_MODES]
-CASES += [(c, m, h) for c in VARIANTS for m in ("given_carry", "everything") for h in (False, True)]
+PLACEMENTS = ("fused", "hoisted")
+CASES = [(c, m, p) for c in MAIN_CELLS for m in sorted(MODES) for p in PLACEMENTS]
+CASES += [(c, m, p) for c in VARIANTS for m in ("given_carry", "everything") for p in PLACEMENTS]
 
 
-@pytest.mark.parametrize("cell_name, mode, hoist", CASES)
-def test_fast_path_equals_reference_scan(cell_name, mode, hoist, monkeypatch):
-    monkeypatch.setattr(fastpath, "hoist_input_default", lambda backend=None, kind=None: hoist)
+@pytest.mark.parametrize("cell_name, mode, placement", CASES)
+def test_fast_path_equals_reference_scan(cell_name, mode, placement, monkeypatch):
+    _use_projection(monkeypatch, placement)
     cell = FAST_CELLS[cell_name](HIDDEN)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
@@ -110,8 +112,8 @@ def test_fast_path_equals_reference_scan(cell_name, mode, hoist, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["everything_time_major_reverse"])
-def test_forward_mode_equals_reference(cell, mode, hoist):
-    del hoist
+def test_forward_mode_equals_reference(cell, mode, placement):
+    del placement
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
     tangents = (random_like(params), random_like(xs))

@@ -17,16 +17,15 @@ Reverse mode transposes this rule: the reverse scan carries only ``(dh, dc)``, e
 and the weight gradients become ``dW_h = H_inᵀ · dZ`` and ``dW_x = Xᵀ · dZ``, one matmul each.
 Being a JVP rule (not a `jax.custom_vjp`), forward mode, ``jacfwd`` and Hessians keep working.
 
-The input projection ``x_t W_x`` of a forward pass that saves nothing (no gradient taken) is
-hoisted out of the loop as one large matmul and cut into one array per gate, which the loop
-reads whole: on XLA:CPU an elementwise fusion that reads a column slice of a per-step slice of
-a stacked input runs its sigmoid/tanh several times slower (LSTM B16 H128, measured: 44 us
-against 15 us per step for the gate nonlinearities). The forward pass that saves residuals
-for a gradient keeps the LSTM's and GRU's projection inside the loop on CPU (one small matmul
-per step, whose result is sliced freely): hoisting it there adds two ``(time, batch, gates)``
-buffers, and on CPU fresh temporary memory costs page faults that measured more than the
-matmul saves (`hoist_input_default`). The Elman cell (one gate) and every cell on GPU hoist
-it. The tangent rule hoists it either way.
+The input projection ``x_t W_x`` runs where it measured fastest (`projection_modes`):
+*hoisted*, one large matmul before the loop cut into one array per gate, which the loop reads
+whole (on GPU; and for the Elman cell on CPU); or *fused*, ``[x_t, h_in] · [W_x; W_h]`` as one
+matmul per step inside the loop (LSTM and GRU on CPU, where a hoisted projection several gates
+wide costs two ``(time, batch, gates)`` buffers, and fresh temporary memory costs page faults).
+Either way the loop never reads a column slice of a stacked per-step input: on XLA:CPU such
+an elementwise fusion runs its sigmoid/tanh several times slower (LSTM B16 H128, measured: 44
+us against 15 us per step for the gate nonlinearities). The tangent rule hoists the
+projection's tangent either way.
 
 Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
 steps hold the carry and output zero, resets put the carry back to zeros before a step (after
@@ -89,7 +88,10 @@ def _gates(a, n):
 
 
 def _gate_sums(xw, hw, n):
-    """``xw + hw`` cut into gates; ``xw`` may already be a tuple of per-gate arrays."""
+    """``xw + hw`` cut into gates; ``xw`` may already be a tuple of per-gate arrays, and
+    ``hw=None`` means that ``xw`` already holds the sums."""
+    if hw is None:
+        return _gates(xw, n)
     if isinstance(xw, tuple):
         return tuple(a + b for a, b in zip(xw, _gates(hw, n)))
     return _gates(xw + hw, n)
@@ -203,7 +205,7 @@ def _scan(update, recur, carry, xs, mask, resets, reverse, unroll):
         c_in = carry
         if r_t is not None and not reverse:
             c_in = _zeros_where(r_t, c_in)
-        c_new, y, extra = update(c_in, recur(c_in[0]), x_t)
+        c_new, y, extra = update(c_in, None if recur is None else recur(c_in[0]), x_t)
         if m_t is not None:
             c_new = tuple(jnp.where(_flag(m_t, a), a, b) for a, b in zip(c_new, c_in))
             y = jnp.where(_flag(m_t, y), y, jnp.zeros((), y.dtype))
@@ -240,33 +242,70 @@ def _project(xs, w_x, b_x, matmul_dtype=None):
     return xw if b_x is None else xw + b_x
 
 
+def _fused_weights(kind, w_x, b_x, w_h, b_in):
+    """``[x_t, h_in] @ W + b`` in one matmul per step: ``W`` stacks ``W_x`` over ``W_h``.
+
+    Additive gates: ``(in + H, G·H)`` and the folded bias. The GRU keeps its recurrent
+    n-gate term apart (the reset gate multiplies it): ``(in + H, 4H)`` with columns
+    ``[x_r + h_r, x_z + h_z, x_n, h_n]``.
+    """
+    if kind != "gru":
+        return jnp.concatenate([w_x, w_h], axis=0), b_x
+    xr, xz, xn = _gates(w_x, 3)
+    hr, hz, hn = _gates(w_h, 3)
+    top = jnp.concatenate([xr, xz, xn, jnp.zeros_like(xn)], axis=1)
+    bottom = jnp.concatenate([hr, hz, jnp.zeros_like(hn), hn], axis=1)
+    w = jnp.concatenate([top, bottom], axis=0)
+    if b_x is None and b_in is None:
+        return w, None
+    bx = _gates(jnp.zeros_like(b_in) if b_x is None else b_x, 3)
+    bh = _gates(jnp.zeros_like(b_x) if b_in is None else b_in, 3)
+    return w, jnp.concatenate([bx[0] + bh[0], bx[1] + bh[1], bx[2], bh[2]])
+
+
 def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
-    kind, reverse, unroll, hoist, md = static
+    kind, reverse, unroll, proj, md = static
     primal = _RECURRENCES[kind][0]
-    # Without residuals to save, the projection is always hoisted and cut into one array per
-    # gate; with them, ``hoist`` decides (see `hoist_input_default`).
-    hoist = hoist or not save
+    n_gates = _N_GATES[kind]
+
+    if (proj[1] if save else proj[0]) == "hoisted":
+        # One large matmul before the loop, cut into one array per gate; the loop reads them.
+        xs = _gates(_project(xs, w_x, b_x, md), n_gates)
+
+        def recur(h):
+            return _dot(h, w_h, md)
+
+        def project(x_t, hw, h_in):
+            del h_in
+            return x_t, (hw if b_in is None else hw + b_in)
+    else:  # "fused": [x_t, h_in] @ [W_x; W_h] inside the loop, one matmul per step
+        w_cat, b_cat = _fused_weights(kind, w_x, b_x, w_h, b_in)
+        recur = None
+
+        def project(x_t, hw, h_in):
+            del hw
+            z = _dot(jnp.concatenate([x_t, h_in], axis=-1), w_cat, md)
+            z = z if b_cat is None else z + b_cat
+            if kind != "gru":
+                return z, None
+            r, u, xn, hn = _gates(z, 4)
+            return (r, u, xn), (0.0, 0.0, hn)
 
     def update(c_in, hw, x_t):
-        xw_t = x_t if hoist else _project(x_t, w_x, b_x, md)
-        if b_in is not None:
-            hw = hw + b_in
+        xw_t, hw = project(x_t, hw, c_in[0])
         c_new, y, res = primal(xw_t, hw, c_in)
         return c_new, y, (c_in[0], res) if save else None
 
-    xs = _gates(_project(xs, w_x, b_x, md), _N_GATES[kind]) if hoist else xs
-    return _scan(update, lambda h: _dot(h, w_h, md), carry, xs, mask, resets, reverse, unroll)
+    return _scan(update, recur, carry, xs, mask, resets, reverse, unroll)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _recurrence(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
     """The masked recurrence of one built-in cell.
 
-    ``static = (kind, reverse, unroll, hoist, matmul_dtype)``.
-
-    ``hoist`` only moves the primal's input projection out of the loop (one large matmul)
-    or into it (a small one per step, which is faster on CPU); the tangent rule hoists it
-    either way.
+    ``static = (kind, reverse, unroll, placements, matmul_dtype)``, ``placements`` being
+    `projection_modes` (where the input projection runs in the forward-only pass and in the
+    gradient pass; the tangent rule hoists it either way).
     """
     carry, (ys, _) = _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=False)
     return ys, carry
@@ -313,16 +352,19 @@ def _recurrence_jvp(static, primals, tangents):
     return (ys, carry_out), (dys, dcarry_out)
 
 
-def hoist_input_default(backend: str | None = None, kind: str | None = None) -> bool:
-    """Whether the gradient pass's forward loop reads a hoisted input projection.
+def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
+    """Where the input projection runs: ``(forward-only pass, gradient pass)``.
 
-    Measured on CPU (fwd+bwd, B16 T256 H128): hoisting is slower for the LSTM (49 against 37
-    ms) and the GRU (40 against 32 ms), whose projections are 4 and 3 gates wide, and faster
-    for the Elman cell (7.9 against 8.9 ms). Always on GPU.
+    ``"hoisted"``: one ``(time·batch, in) × (in, gates)`` matmul before the loop, cut into one
+    array per gate; ``"fused"``: ``[x_t, h_in] · [W_x; W_h]``, one matmul per step inside the
+    loop. Either gives the same function.
     """
     if (backend or jax.default_backend()) != "cpu":
-        return True
-    return kind is not None and kind.startswith("elman")
+        return ("hoisted", "hoisted")
+    return _CPU_MODES
+
+
+_CPU_MODES = ("fused", "fused")
 
 
 def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):
@@ -350,7 +392,7 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
             batch *= d
         unroll = default_unroll(batch, w_h.shape[0])
     md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
-    static = (kind, reverse, unroll, hoist_input_default(kind=kind), md)
+    static = (kind, reverse, unroll, projection_modes(kind), md)
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)
     return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))
