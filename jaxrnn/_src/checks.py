@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrnn._src import sharding
 from jaxrnn._src.cell import Cell
 
 
@@ -129,6 +130,18 @@ def check_matmul_dtype(fn: str, matmul_dtype, dtype):
             f"(products accumulate in it), got {md.name}."
         )
     return md
+
+
+def check_time_unsharded(fn: str, xs: jax.Array, time_axis: int, layout: str) -> None:
+    """The scan runs over time on one device: ``xs`` may not be sharded over its time axis."""
+    part = sharding.axis_partition(xs, time_axis)
+    if part is not None:
+        raise ValueError(
+            f"{fn}: xs must not be sharded over its time axis (axis {time_axis} of {layout}), "
+            f"got xs of type {jax.typeof(xs).str_short()} (time over mesh axes {part!r}). "
+            f"Shard the batch axes instead, or gather time first with "
+            f"jax.sharding.reshard(xs, ...)."
+        )
 
 
 def check_unroll_factor(fn: str, unroll) -> None:

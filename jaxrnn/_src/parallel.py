@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrnn._src import sharding
 from jaxrnn._src.cell import Cell
 from jaxrnn._src.elman import ElmanParams
 from jaxrnn._src.gru import GRUParams
@@ -586,6 +587,7 @@ def run_parallel(
     if reverse:
         xw, mask, resets = jax.tree_util.tree_map(lambda a: a[::-1], (xw, mask, resets))
     init_carry = cell.initial_carry(batch_shape, xs.dtype)
+    init_carry = sharding.like_batch(init_carry, sharding.time_major_batch(xs))
 
     if method == "associative":
         spec = linear_spec(cell)

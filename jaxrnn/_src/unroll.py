@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrnn._src import checks, fastpath, parallel
+from jaxrnn._src import checks, fastpath, parallel, sharding
 from jaxrnn._src import remat as remat_lib
 from jaxrnn._src.cell import Cell
 
@@ -113,6 +113,7 @@ def reference_run_time_major(
     initial = None
     if resets is not None:
         initial = _cast_carry(cell.initial_carry(batch_shape, xs.dtype), xs.dtype)
+        initial = sharding.like_batch(initial, sharding.time_major_batch(xs))
 
     def body(c, inputs):
         xw_t, m_t, r_t = inputs
@@ -280,14 +281,19 @@ def unroll(
     if time_major:
         time, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])
         flag_shape, layout = (time, *batch_shape), "(time, *batch) with time_major=True"
+        layout_xs = "(time, *batch, features) with time_major=True"
     else:
         time, batch_shape = xs.shape[-2], tuple(xs.shape[:-2])
         flag_shape, layout = (*batch_shape, time), "(*batch, time)"
+        layout_xs = "(*batch, time, features)"
+    checks.check_time_unsharded(fn, xs, 0 if time_major else xs.ndim - 2, layout_xs)
     if carry is None:
         carry = cell.initial_carry(batch_shape, xs.dtype)
     else:
         checks.check_carry(fn, cell, carry, batch_shape, xs.dtype)
     carry = _cast_carry(carry, xs.dtype)
+    batch_axes = tuple(range(1, xs.ndim - 1)) if time_major else tuple(range(xs.ndim - 2))
+    carry = sharding.like_batch(carry, sharding.batch_spec(xs, batch_axes))
     if seq_lengths is not None:
         seq_lengths = checks.check_seq_lengths(fn, seq_lengths, batch_shape)
     if mask is not None:
