@@ -252,6 +252,53 @@ def test_linen_inside_compact_model():
     assert out.shape == (BATCH, TIME, 3)
 
 
+PARALLEL_MODELS = {  # cells linear in their carry, run by the shells with a parallel method
+    "mingru": (lambda: jaxrnn.mingru(4), "associative"),
+    "lru": (lambda: jaxrnn.lru(4, 3), "associative"),
+    "stack_bi_minlstm": (
+        lambda: jaxrnn.stack(jaxrnn.minlstm(4), 2, bidirectional=True),
+        "associative",
+    ),
+    "gru_quasi_deer": (lambda: jaxrnn.gru(4), "quasi_deer"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("name", sorted(PARALLEL_MODELS))
+def test_shells_pass_the_method(name, mode):
+    make, method = PARALLEL_MODELS[name]
+    model = make()
+    xs, carry, call, pure, attrs = _mode_args(model, mode)
+    params = model.init(_key(), INPUT_SIZE)
+    expected_ys, expected_carry = _pure(model, params, xs, carry, method=method, **pure)
+    sequential_ys, _ = _pure(model, params, xs, carry, **pure)
+    _assert_trees_close(sequential_ys, expected_ys)  # the same function, another algorithm
+
+    layer = jnn.RNN(model, return_carry=True, method=method, **attrs)
+    variables = {"params": _to_flax_layout(model, params)}
+    carry_out, ys = jax.jit(lambda v, xs, c: layer.apply(v, xs, c, **call))(variables, xs, carry)
+    _assert_trees_close(ys, expected_ys)
+    _assert_trees_close(carry_out, expected_carry)
+
+    nnx_layer = jnnx.RNN(model, INPUT_SIZE, rngs=nnx.Rngs(0), method=method, **attrs)
+    nnx_layer.load_params(params)
+    carry_out, ys = nnx.jit(lambda m, xs, c: m(xs, c, return_carry=True, **call))(
+        nnx_layer, xs, carry
+    )
+    _assert_trees_close(ys, expected_ys)
+    _assert_trees_close(carry_out, expected_carry)
+
+
+def test_shells_refuse_a_method_the_cell_cannot_use():
+    xs = jnp.ones((BATCH, TIME, INPUT_SIZE))
+    msg = r"method='associative' needs a cell whose recurrence is linear in its carry"
+    with pytest.raises(ValueError, match=msg):
+        jnn.RNN(jaxrnn.lstm(4), method="associative").init(_key(), xs)
+    layer = jnnx.RNN(jaxrnn.stack(jaxrnn.gru(4), 2), INPUT_SIZE, rngs=nnx.Rngs(0), method="bogus")
+    with pytest.raises(ValueError, match=r"method must be one of .* got 'bogus'"):
+        layer(xs)
+
+
 # --- Bad input ------------------------------------------------------------------------------
 
 

@@ -105,7 +105,8 @@ def run(
     *,
     time_major: bool,
     reverse: bool,
-    unroll: int | bool,
+    unroll: int | bool | None,
+    method: str,
     seq_lengths,
     mask,
     resets,
@@ -121,6 +122,7 @@ def run(
             time_major=time_major,
             reverse=reverse,
             unroll=unroll,
+            method=method,
             seq_lengths=seq_lengths,
             mask=mask,
             resets=resets,
@@ -141,4 +143,5 @@ def run(
         key=key,
         time_major=time_major,
         unroll=unroll,
+        method=method,
     )

@@ -66,7 +66,11 @@ class RNN(nn.Module):
       reverse: run backwards over each sequence's valid steps (a `Cell` only; a network's
         directions come from ``bidirectional``).
       return_carry: return ``(carry, outputs)``, as ``flax.linen.RNN``, instead of ``outputs``.
-      unroll: the scan's unroll factor.
+      unroll: the scan's unroll factor; ``None`` (default) takes the per-backend tuned value
+        of `jaxrnn.unroll`.
+      method: ``'sequential'`` (default), or a parallel method of `jaxrnn.unroll`:
+        ``'associative'`` for ``jaxrnn.mingru``/``minlstm``/``lru``, ``'quasi_deer'``,
+        ``'deer'``, ``'auto'``.
       param_dtype: dtype of the params; computation runs in the inputs' dtype.
       deterministic: default for the call's ``deterministic``; only a network with
         ``dropout > 0`` needs one. Dropout draws from the ``'dropout'`` rng stream.
@@ -89,7 +93,8 @@ class RNN(nn.Module):
     time_major: bool = False
     reverse: bool = False
     return_carry: bool = False
-    unroll: int | bool = 1
+    unroll: int | bool | None = None
+    method: str = "sequential"
     param_dtype: Any = jnp.float32
     deterministic: bool | None = None
 
@@ -150,6 +155,7 @@ class RNN(nn.Module):
             time_major=self.time_major,
             reverse=self.reverse,
             unroll=self.unroll,
+            method=self.method,
             seq_lengths=seq_lengths,
             mask=mask,
             resets=resets,

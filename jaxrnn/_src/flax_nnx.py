@@ -27,7 +27,11 @@ class RNN(nnx.Module):
       time_major: inputs and outputs are ``(time, *batch, features)``.
       reverse: run backwards over each sequence's valid steps (a `Cell` only).
       return_carry: return ``(carry, outputs)`` instead of ``outputs``.
-      unroll: the scan's unroll factor.
+      unroll: the scan's unroll factor; ``None`` (default) takes the per-backend tuned value
+        of `jaxrnn.unroll`.
+      method: ``'sequential'`` (default), or a parallel method of `jaxrnn.unroll`:
+        ``'associative'`` for ``jaxrnn.mingru``/``minlstm``/``lru``, ``'quasi_deer'``,
+        ``'deer'``, ``'auto'``.
       param_dtype: dtype of the params; computation runs in the inputs' dtype.
       deterministic: whether a network's dropout is off; ``model.eval()`` / ``model.train()``
         set it.
@@ -51,7 +55,8 @@ class RNN(nnx.Module):
         time_major: bool = False,
         reverse: bool = False,
         return_carry: bool = False,
-        unroll: int | bool = 1,
+        unroll: int | bool | None = None,
+        method: str = "sequential",
         param_dtype: Any = jnp.float32,
         deterministic: bool = False,
     ):
@@ -63,6 +68,7 @@ class RNN(nnx.Module):
         self.reverse = reverse
         self.return_carry = return_carry
         self.unroll = unroll
+        self.method = method
         self.param_dtype = param_dtype
         self.deterministic = deterministic
         params = cell.init(rngs.params(), input_size, dtype=param_dtype)
@@ -103,6 +109,7 @@ class RNN(nnx.Module):
             time_major=self.time_major,
             reverse=self.reverse,
             unroll=self.unroll,
+            method=self.method,
             seq_lengths=seq_lengths,
             mask=mask,
             resets=resets,

@@ -20,8 +20,9 @@ class Network(NamedTuple):
       init: ``init(key, input_size, *, dtype=jnp.float32) -> params``; ``params[layer][d]`` is
         the params of direction ``d`` (0 forward, 1 backward) of ``layer``.
       apply: ``apply(params, xs, carry=None, *, seq_lengths=None, mask=None, resets=None,
-        key=None, time_major=False, unroll=None) -> (ys, carries)``; ``carries[layer][d]`` is the
-        final carry of that layer and direction.
+        key=None, time_major=False, unroll=None, method="sequential") -> (ys, carries)``;
+        ``carries[layer][d]`` is the final carry of that layer and direction. ``unroll`` and
+        ``method`` go to `jaxrnn.unroll` for every layer and direction.
       initial_carry: ``initial_carry(batch_shape=(), dtype=jnp.float32) -> carries``.
       cells: the cell of each layer.
       num_layers, bidirectional, dropout: the configuration.
@@ -122,6 +123,7 @@ def stack(
         key=None,
         time_major: bool = False,
         unroll: int | bool | None = None,
+        method: str = "sequential",
     ):
         """Runs the network; see `stack`. Returns ``(ys, carries)``."""
         if not isinstance(params, (tuple, list)) or len(params) != num_layers:
@@ -158,6 +160,7 @@ def stack(
                     seq_lengths=seq_lengths,
                     mask=mask,
                     resets=resets,
+                    method=method,
                 )
                 outs.append(y)
                 finals.append(h)
