@@ -162,7 +162,7 @@ def torch_runner(kind, xs_bm, dtype, device):
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     module = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
     model = module(hidden, hidden).to(dev, tdtype)
-    x = torch.from_numpy(np.asarray(jnp.moveaxis(xs_bm, 1, 0).astype(jnp.float32)))
+    x = torch.from_numpy(np.array(jnp.moveaxis(xs_bm, 1, 0).astype(jnp.float32)))
     x = x.to(dev, tdtype).requires_grad_(True)
 
     def sync():

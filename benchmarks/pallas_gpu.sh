@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU evaluation of the persistent Pallas Elman kernels (jaxrnn/_src/pallas_elman.py): their
+# tests in Pallas's interpreter, then benchmarks/pallas_gpu.py (correctness on the device
+# against jaxrnn.unroll, then timings against jaxrnn.unroll and PyTorch cuDNN, float32 and
+# bfloat16, num_warps 4 and 8). Needs jax (CUDA) and torch; no network.
+# Budget: under 4 minutes on one H100. Writes JSON, a markdown table and a log to $OUT.
+#
+#   OUT=gpu_results bash benchmarks/pallas_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU
+PY="${PYTHON:-python3}"
+log="$OUT/pallas_gpu.log"
+: > "$log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version --format=csv 2>&1 || true
+} 2>&1 | tee -a "$log"
+echo "== kernel tests (interpreter; 60 s cap)" | tee -a "$log"
+timeout 60 "$PY" -m pytest tests/test_pallas.py -q -x -p no:cacheprovider 2>&1 | tail -3 \
+  | tee -a "$log"
+echo "== on-device check and timings (180 s cap)" | tee -a "$log"
+timeout 180 "$PY" benchmarks/pallas_gpu.py --reps 20 --out "$OUT/pallas_gpu.json" 2>&1 \
+  | tee -a "$log"
+date -u | tee -a "$log"
