@@ -28,6 +28,10 @@ gradients against the reference loop; the CUDA lowering is checked too). It has 
 on a GPU yet, so `jaxrnn.unroll` does not dispatch to it; ``benchmarks/pallas_gpu.sh`` runs the
 evaluation (correctness on the GPU, then timings against the scan and cuDNN).
 
+Backend: Pallas's Triton backend, which JAX 0.11 deprecates in favour of Mosaic GPU (Hopper
+and newer). It still runs on JAX 0.11 and on GPUs older than Hopper; if the evaluation shows
+that the persistent design pays, a Mosaic GPU port comes next, with the LSTM and GRU.
+
 Limits: dense sequences (no ``seq_lengths``, ``mask`` or ``resets``; ``reverse`` by flipping
 ``xs``); a hidden size that is a power of two from 16 to 256 (``W_h`` must fit on chip); the
 batch is padded to a multiple of ``block_batch`` (at least 16, the smallest Triton matmul).
