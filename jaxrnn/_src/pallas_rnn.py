@@ -1,0 +1,447 @@
+r"""Persistent Pallas kernels for the Elman RNN, LSTM and GRU: the time loop inside one kernel.
+
+For small batches a GPU RNN is latency-bound: each step of a ``lax.scan`` is at least one
+kernel launch, and a cuDNN step takes about 1–2 µs where XLA's loop takes 4 µs or more. Here
+each program of the grid owns ``block_batch`` rows of the batch, loads :math:`W_h` once (one
+``H × H`` block per gate), keeps the carry in registers, and runs every step itself. The input
+projection is hoisted out, one XLA matmul over all steps:
+
+.. math::
+
+    Z^x = X W_x + b_x + b_h, \qquad z_t = Z^x_t + h_{t-1} W_h \;(\text{in the kernel}).
+
+Elman: :math:`h_t = \phi(z_t)`. LSTM, gates :math:`i, f, g, o` as `jaxrnn.lstm`:
+:math:`c_t = \sigma(f_t) c_{t-1} + \sigma(i_t)\tanh(g_t)`, :math:`h_t = \sigma(o_t)\tanh(c_t)`.
+GRU, as `jaxrnn.gru`: :math:`r, z = \sigma(\cdot)`, :math:`n_t = \tanh(Z^x_{n,t} + r_t \odot
+(h_{t-1} W_{hn} + b_{hn}))`, :math:`h_t = (1 - z_t) n_t + z_t h_{t-1}` (``b_hn`` stays in the
+kernel).
+
+The gradient is a second persistent kernel that runs the recurrence backwards with
+:math:`W_h^\top` held the same way. It turns the output and carry cotangents into the
+pre-activation cotangents :math:`\delta_t = \partial L / \partial z_t` (Elman:
+:math:`\delta_t = (\bar y_t + \delta_{t+1} W_h^\top) \odot \phi'(z_t)`; LSTM: the usual
+gate derivatives with the cell-state cotangent carried along), and the weight gradients are
+hoisted, one XLA matmul each over all steps:
+
+.. math::
+
+    \bar W_h = \sum_t h_{t-1}^\top \delta_t, \quad \bar W_x = \sum_t x_t^\top \delta_t, \quad
+    \bar b = \sum_t \delta_t, \quad \bar x_t = \delta_t W_x^\top.
+
+It is a ``jax.custom_vjp``: reverse mode only.
+
+Status: tested on CPU in Pallas's interpreter (outputs and gradients against the loop over
+``cell.step`` and against `jaxrnn.unroll`; ``check_grads`` in float64), and the CUDA lowering
+is checked down to the Triton calls. It has not run on a GPU yet, so `jaxrnn.unroll` does not
+dispatch to it; ``benchmarks/pallas_gpu.sh`` runs the evaluation (correctness on the GPU, then
+timings against `jaxrnn.unroll` and cuDNN).
+
+Backend: Pallas's Triton backend, which JAX 0.11 deprecates in favour of Mosaic GPU (Hopper
+and newer). It still runs on JAX 0.11 and on GPUs older than Hopper; if the evaluation shows
+that the persistent design pays, a Mosaic GPU port comes next.
+
+Limits: dense sequences (no ``seq_lengths``, ``mask`` or ``resets``; ``reverse`` by flipping
+``xs``); no LSTM projection; a hidden size that is a power of two from 16 to 256 (the weights
+must fit on chip: an LSTM at H = 128 holds 256 KiB of float32 weights, a GRU 192 KiB, so
+``weight_dtype=jnp.bfloat16`` may be needed); the batch is padded to a multiple of
+``block_batch`` (at least 16, the smallest Triton matmul).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from jaxrnn._src.lstm import LSTMCarry
+
+KINDS = ("elman_tanh", "elman_relu", "lstm", "gru")
+HIDDEN_SIZES = (16, 32, 64, 128, 256)
+_CARRY_LEAVES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 2, "gru": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs of a program: "seq" (T, block_batch, n), "row" (block_batch, n), "full" weights.
+
+
+def _gate(ref, g, hidden, t=None):
+    """Gate ``g``'s columns of a ``(.., G·H)`` ref, at step ``t`` for a sequence ref."""
+    cols = pl.ds(g * hidden, hidden)
+    return ref[:, cols] if t is None else ref[t, :, cols]
+
+
+def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc):
+    w = w_ref[...]
+
+    def step(t, h):
+        z = xw_ref[t].astype(acc) + jnp.dot(h.astype(w.dtype), w, preferred_element_type=acc)
+        h = jnp.maximum(z, 0.0) if relu else jnp.tanh(z)
+        hs_ref[t] = h.astype(hs_ref.dtype)
+        return h
+
+    ht_ref[...] = lax.fori_loop(0, xw_ref.shape[0], step, h0_ref[...].astype(acc)).astype(
+        ht_ref.dtype
+    )
+
+
+def _elman_backward(hs_ref, wt_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, relu, acc):
+    wt = wt_ref[...]
+    steps = hs_ref.shape[0]
+
+    def step(i, dh):
+        t = steps - 1 - i
+        d = gs_ref[t].astype(acc) + dh
+        h = hs_ref[t].astype(acc)
+        dz = jnp.where(h > 0.0, d, 0.0) if relu else d * (1.0 - h * h)
+        dz_ref[t] = dz.astype(dz_ref.dtype)
+        return jnp.dot(dz.astype(wt.dtype), wt, preferred_element_type=acc)
+
+    dh0_ref[...] = lax.fori_loop(0, steps, step, ght_ref[...].astype(acc)).astype(dh0_ref.dtype)
+
+
+def _lstm_forward(
+    xw_ref, w_ref, h0_ref, c0_ref, hs_ref, cs_ref, acts_ref, ht_ref, ct_ref, *, acc
+):  # fmt: skip
+    hidden = h0_ref.shape[-1]
+    ws = [_gate(w_ref, g, hidden) for g in range(4)]
+
+    def step(t, carry):
+        h, c = carry
+        hw = h.astype(ws[0].dtype)
+        z = [
+            _gate(xw_ref, g, hidden, t).astype(acc) + jnp.dot(hw, ws[g], preferred_element_type=acc)
+            for g in range(4)
+        ]
+        i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
+        g = jnp.tanh(z[2])
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        for k, a in enumerate((i, f, g, o)):
+            acts_ref[t, :, pl.ds(k * hidden, hidden)] = a.astype(acts_ref.dtype)
+        cs_ref[t] = c.astype(cs_ref.dtype)
+        hs_ref[t] = h.astype(hs_ref.dtype)
+        return h, c
+
+    init = (h0_ref[...].astype(acc), c0_ref[...].astype(acc))
+    h, c = lax.fori_loop(0, xw_ref.shape[0], step, init)
+    ht_ref[...] = h.astype(ht_ref.dtype)
+    ct_ref[...] = c.astype(ct_ref.dtype)
+
+
+def _lstm_backward(
+    acts_ref, wt_ref, cs_ref, c0_ref, gs_ref, ght_ref, gct_ref, dz_ref, dh0_ref, dc0_ref, *, acc
+):  # fmt: skip
+    hidden = c0_ref.shape[-1]
+    wts = [wt_ref[pl.ds(g * hidden, hidden), :] for g in range(4)]
+    steps = cs_ref.shape[0]
+    c0 = c0_ref[...].astype(acc)
+
+    def step(k, carry):
+        dh, dc = carry
+        t = steps - 1 - k
+        i, f, g, o = (_gate(acts_ref, n, hidden, t).astype(acc) for n in range(4))
+        c = cs_ref[t].astype(acc)
+        c_prev = jnp.where(t > 0, cs_ref[jnp.maximum(t - 1, 0)].astype(acc), c0)
+        dh = gs_ref[t].astype(acc) + dh
+        tc = jnp.tanh(c)
+        dc = dc + dh * o * (1.0 - tc * tc)
+        dz = (
+            dc * g * i * (1.0 - i),  # i
+            dc * c_prev * f * (1.0 - f),  # f
+            dc * i * (1.0 - g * g),  # g
+            dh * tc * o * (1.0 - o),  # o
+        )
+        dh = jnp.zeros_like(dh)
+        for n in range(4):
+            dz_ref[t, :, pl.ds(n * hidden, hidden)] = dz[n].astype(dz_ref.dtype)
+            dh = dh + jnp.dot(dz[n].astype(wts[n].dtype), wts[n], preferred_element_type=acc)
+        return dh, dc * f
+
+    init = (ght_ref[...].astype(acc), gct_ref[...].astype(acc))
+    dh, dc = lax.fori_loop(0, steps, step, init)
+    dh0_ref[...] = dh.astype(dh0_ref.dtype)
+    dc0_ref[...] = dc.astype(dc0_ref.dtype)
+
+
+def _gru_forward(xw_ref, w_ref, bhn_ref, h0_ref, hs_ref, acts_ref, ht_ref, *, acc):
+    """``xw`` holds ``x W_x + b_x`` plus ``b_h``'s r and z parts; ``b_hn`` stays inside ``r ⊙``."""
+    hidden = h0_ref.shape[-1]
+    ws = [_gate(w_ref, g, hidden) for g in range(3)]
+    b_hn = bhn_ref[...].astype(acc)
+
+    def step(t, h):
+        hw = [jnp.dot(h.astype(ws[0].dtype), w, preferred_element_type=acc) for w in ws]
+        r = jax.nn.sigmoid(_gate(xw_ref, 0, hidden, t).astype(acc) + hw[0])
+        z = jax.nn.sigmoid(_gate(xw_ref, 1, hidden, t).astype(acc) + hw[1])
+        hn = hw[2] + b_hn
+        n = jnp.tanh(_gate(xw_ref, 2, hidden, t).astype(acc) + r * hn)
+        h = (1.0 - z) * n + z * h
+        for k, a in enumerate((r, z, n, hn)):
+            acts_ref[t, :, pl.ds(k * hidden, hidden)] = a.astype(acts_ref.dtype)
+        hs_ref[t] = h.astype(hs_ref.dtype)
+        return h
+
+    h = lax.fori_loop(0, xw_ref.shape[0], step, h0_ref[...].astype(acc))
+    ht_ref[...] = h.astype(ht_ref.dtype)
+
+
+def _gru_backward(acts_ref, wt_ref, hs_ref, h0_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, acc):
+    """``dz`` is the cotangent of the input pre-activations ``[x_r, x_z, x_n]``."""
+    hidden = h0_ref.shape[-1]
+    wts = [wt_ref[pl.ds(g * hidden, hidden), :] for g in range(3)]
+    steps = hs_ref.shape[0]
+    h0 = h0_ref[...].astype(acc)
+
+    def step(k, dh):
+        t = steps - 1 - k
+        r, z, n, hn = (_gate(acts_ref, m, hidden, t).astype(acc) for m in range(4))
+        h_prev = jnp.where(t > 0, hs_ref[jnp.maximum(t - 1, 0)].astype(acc), h0)
+        dh = gs_ref[t].astype(acc) + dh
+        dzn = dh * (1.0 - z) * (1.0 - n * n)
+        dzr = dzn * hn * r * (1.0 - r)
+        dzz = dh * (h_prev - n) * z * (1.0 - z)
+        for m, d in enumerate((dzr, dzz, dzn)):
+            dz_ref[t, :, pl.ds(m * hidden, hidden)] = d.astype(dz_ref.dtype)
+        dh = dh * z
+        for w, d in zip(wts, (dzr, dzz, dzn * r)):
+            dh = dh + jnp.dot(d.astype(w.dtype), w, preferred_element_type=acc)
+        return dh
+
+    dh = lax.fori_loop(0, steps, step, ght_ref[...].astype(acc))
+    dh0_ref[...] = dh.astype(dh0_ref.dtype)
+
+
+def _call(kernel, args, roles, outs, out_roles, config):
+    """``pallas_call`` on a grid over batch blocks; ``roles`` say how each array is cut."""
+
+    def spec(role, shape):
+        if role == "seq":
+            return pl.BlockSpec((shape[0], config.block_batch, shape[2]), lambda b: (0, b, 0))
+        if role == "row":
+            return pl.BlockSpec((config.block_batch, shape[1]), lambda b: (b, 0))
+        return pl.BlockSpec(shape, lambda b: (0, 0))
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=outs,
+        grid=(args[0].shape[1] // config.block_batch,),
+        in_specs=[spec(r, a.shape) for r, a in zip(roles, args)],
+        out_specs=tuple(spec(r, o.shape) for r, o in zip(out_roles, outs)),
+        compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+        interpret=config.interpret,
+    )(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sequence function and its VJP.
+
+
+class _Config(tuple):
+    """Static settings: ``(kind, block_batch, num_warps, weight_dtype, interpret)``."""
+
+    kind = property(lambda self: self[0])
+    block_batch = property(lambda self: self[1])
+    num_warps = property(lambda self: self[2])
+    weight_dtype = property(lambda self: self[3])
+    interpret = property(lambda self: self[4])
+
+
+def _project(kind, params, xs):
+    """``X W_x + b_x + b_h`` (for the GRU, ``b_h``'s n part is left out: it sits inside
+    ``r ⊙ (h W_hn + b_hn)``)."""
+    xw = jnp.einsum("tbf,fg->tbg", xs, params.w_x)
+    if params.b_x is not None:
+        xw = xw + params.b_x
+    if params.b_h is not None:
+        b_h = params.b_h
+        if kind == "gru":
+            two = 2 * (b_h.shape[0] // 3)
+            b_h = jnp.concatenate([b_h[:two], jnp.zeros_like(b_h[two:])])
+        xw = xw + b_h
+    return xw
+
+
+def _struct(like, dtype):
+    return jax.ShapeDtypeStruct(like.shape, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sequence(params, xs, carry, config):
+    return _sequence_fwd(params, xs, carry, config)[0]
+
+
+def _sequence_fwd(params, xs, carry, config):
+    acc = jnp.promote_types(xs.dtype, jnp.float32)
+    xw = _project(config.kind, params, xs)
+    w_h = params.w_h.astype(config.weight_dtype)
+    dt = xs.dtype
+    if config.kind == "lstm":
+        h0, c0 = carry
+        seq_h = jax.ShapeDtypeStruct(xs.shape[:2] + h0.shape[-1:], dt)
+        outs = (seq_h, seq_h, _struct(xw, dt), _struct(h0, dt), _struct(c0, dt))
+        hs, cs, acts, ht, ct = _call(
+            functools.partial(_lstm_forward, acc=acc), (xw, w_h, h0, c0),
+            ("seq", "full", "row", "row"), outs, ("seq", "seq", "seq", "row", "row"), config,
+        )  # fmt: skip
+        return (hs, (ht, ct)), (params, xs, carry, hs, (cs, acts))
+    if config.kind == "gru":
+        (h0,) = carry
+        hidden = h0.shape[-1]
+        b_hn = jnp.zeros((1, hidden), acc) if params.b_h is None else params.b_h[None, 2 * hidden :]
+        seq_h = jax.ShapeDtypeStruct(xs.shape[:2] + (hidden,), dt)
+        seq_a = jax.ShapeDtypeStruct(xs.shape[:2] + (4 * hidden,), dt)
+        hs, acts, ht = _call(
+            functools.partial(_gru_forward, acc=acc), (xw, w_h, b_hn.astype(acc), h0),
+            ("seq", "full", "full", "row"), (seq_h, seq_a, _struct(h0, dt)),
+            ("seq", "seq", "row"), config,
+        )  # fmt: skip
+        return (hs, (ht,)), (params, xs, carry, hs, (acts,))
+    (h0,) = carry
+    kernel = functools.partial(_elman_forward, relu=config.kind == "elman_relu", acc=acc)
+    hs, ht = _call(
+        kernel, (xw, w_h, h0), ("seq", "full", "row"), (_struct(xw, dt), _struct(h0, dt)),
+        ("seq", "row"), config,
+    )  # fmt: skip
+    return (hs, (ht,)), (params, xs, carry, hs, ())
+
+
+def _sequence_bwd(config, residuals, cotangents):
+    params, xs, carry, hs, saved = residuals
+    g_hs, g_carry = cotangents
+    acc = jnp.promote_types(xs.dtype, jnp.float32)
+    dt = xs.dtype
+    w_ht = params.w_h.T.astype(config.weight_dtype)
+    g_carry = tuple(g.astype(dt) for g in g_carry)
+    if config.kind == "lstm":
+        cs, acts = saved
+        h0, c0 = carry
+        dz, dh0, dc0 = _call(
+            functools.partial(_lstm_backward, acc=acc),
+            (acts, w_ht, cs, c0, g_hs.astype(dt), *g_carry),
+            ("seq", "full", "seq", "row", "seq", "row", "row"),
+            (_struct(acts, dt), _struct(h0, dt), _struct(c0, dt)),
+            ("seq", "row", "row"),
+            config,
+        )
+        d_carry = (dh0, dc0)
+    elif config.kind == "gru":
+        (acts,) = saved
+        (h0,) = carry
+        hidden = h0.shape[-1]
+        dz, dh0 = _call(
+            functools.partial(_gru_backward, acc=acc),
+            (acts, w_ht, hs, h0, g_hs.astype(dt), *g_carry),
+            ("seq", "full", "seq", "row", "seq", "row"),
+            (jax.ShapeDtypeStruct(xs.shape[:2] + (3 * hidden,), dt), _struct(h0, dt)),
+            ("seq", "row"),
+            config,
+        )
+        d_carry = (dh0,)
+        # The recurrent n term is r ⊙ (h W_hn + b_hn): its cotangent carries the factor r.
+        dz_h = jnp.concatenate(
+            [dz[..., : 2 * hidden], dz[..., 2 * hidden :] * acts[..., :hidden]], -1
+        )
+    else:
+        (h0,) = carry
+        kernel = functools.partial(_elman_backward, relu=config.kind == "elman_relu", acc=acc)
+        dz, dh0 = _call(
+            kernel, (hs, w_ht, g_hs.astype(dt), *g_carry), ("seq", "full", "seq", "row"),
+            (_struct(hs, dt), _struct(h0, dt)), ("seq", "row"), config,
+        )  # fmt: skip
+        d_carry = (dh0,)
+    if config.kind != "gru":
+        dz_h = dz
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    grads = params._replace(
+        w_x=jnp.einsum("tbf,tbg->fg", xs, dz).astype(params.w_x.dtype),
+        w_h=jnp.einsum("tbh,tbg->hg", h_prev, dz_h).astype(params.w_h.dtype),
+        b_x=None if params.b_x is None else jnp.sum(dz, axis=(0, 1)).astype(params.b_x.dtype),
+        b_h=None if params.b_h is None else jnp.sum(dz_h, axis=(0, 1)).astype(params.b_h.dtype),
+    )
+    dxs = jnp.einsum("tbg,fg->tbf", dz, params.w_x).astype(xs.dtype)
+    return grads, dxs, tuple(d.astype(c.dtype) for d, c in zip(d_carry, carry))
+
+
+_sequence.defvjp(_sequence_fwd, _sequence_bwd)
+
+
+def sequence(
+    cell,
+    params,
+    xs: jax.Array,
+    carry=None,
+    *,
+    block_batch: int = 16,
+    num_warps: int = 8,
+    weight_dtype=None,
+    interpret: bool = False,
+):
+    """Runs a built-in Elman, LSTM or GRU cell over time-major ``xs`` with the persistent kernels.
+
+    The same function as ``jaxrnn.unroll(cell, params, xs, carry, time_major=True)`` on dense
+    sequences.
+
+    Args:
+      cell: ``jaxrnn.elman(H)`` (tanh or relu), ``jaxrnn.lstm(H)`` without ``proj_size``, or
+        ``jaxrnn.gru(H)``.
+      params: ``cell.init(...)``.
+      xs: ``(T, B, F)`` float inputs, time-major.
+      carry: the cell's carry for batch ``B`` (``(B, H)``, or ``LSTMCarry(h, c)``); default
+        zeros.
+      block_batch: batch rows per program (a power of two, at least 16); the batch is padded
+        to a multiple of it.
+      num_warps: Triton warps per program.
+      weight_dtype: dtype the recurrent weights are held in on chip (default ``xs.dtype``);
+        products accumulate in float32 (float64 for float64 inputs).
+      interpret: run in Pallas's interpreter (any backend; for tests).
+
+    Returns:
+      ``(ys, carry)``: ``(T, B, H)`` outputs and the final carry.
+    """
+    fn = "pallas_rnn.sequence"
+    kind = getattr(cell, "kind", None)
+    if kind not in KINDS or getattr(params, "w_p", None) is not None:
+        raise ValueError(
+            f"{fn}: cell must be jaxrnn.elman(...), jaxrnn.lstm(...) without proj_size or "
+            f"jaxrnn.gru(...), got "
+            f"{getattr(cell, 'name', cell)!r}."
+        )
+    backend = jax.default_backend()
+    if not interpret and backend != "gpu":
+        raise ValueError(
+            f"{fn}: the kernels compile for a GPU (Pallas's Triton backend), but the default "
+            f"backend is {backend!r}; pass interpret=True to run them in Pallas's interpreter."
+        )
+    hidden = params.w_h.shape[0]
+    if hidden not in HIDDEN_SIZES:
+        raise ValueError(
+            f"{fn}: hidden size must be one of {HIDDEN_SIZES} (W_h is held on chip), got {hidden}."
+        )
+    if block_batch < 16 or block_batch & (block_batch - 1):
+        raise ValueError(f"{fn}: block_batch must be a power of two >= 16, got {block_batch!r}.")
+    if xs.ndim != 3 or xs.shape[-1] != params.w_x.shape[0]:
+        raise ValueError(
+            f"{fn}: xs must be (time, batch, {params.w_x.shape[0]}), got shape {xs.shape}."
+        )
+    batch = xs.shape[1]
+    if carry is None:
+        carry = cell.initial_carry((batch,), xs.dtype)
+    leaves = tuple(jax.tree_util.tree_leaves(carry))
+    if any(a.shape != (batch, hidden) for a in leaves) or len(leaves) != _CARRY_LEAVES[kind]:
+        raise ValueError(
+            f"{fn}: carry must be cell.initial_carry(({batch},)) with leaves of shape "
+            f"{(batch, hidden)}, got shapes {[a.shape for a in leaves]}."
+        )
+    pad = -batch % block_batch
+    if pad:
+        xs = jnp.pad(xs, ((0, 0), (0, pad), (0, 0)))
+        leaves = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in leaves)
+    weight_dtype = jnp.dtype(xs.dtype if weight_dtype is None else weight_dtype)
+    config = _Config((kind, block_batch, num_warps, weight_dtype, interpret))
+    ys, final = _sequence(params, xs, tuple(a.astype(xs.dtype) for a in leaves), config)
+    ys, final = ys[:, :batch], tuple(a[:batch] for a in final)
+    return ys, (LSTMCarry(*final) if kind == "lstm" else final[0])
