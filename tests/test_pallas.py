@@ -55,6 +55,17 @@ def test_equals_the_loop_over_cell_step(name):
     assert_trees_close((ys, final), reference_unroll(cell, params, xs, carry, time_major=True))
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_streamed_and_held_weights_agree(name, stream):
+    """``stream_weights`` reloads W_h every step instead of holding it: same numbers."""
+    cell, params, xs, carry = _inputs(name)
+    got = _kernel(cell, stream_weights=stream)(params, xs, carry)
+    assert_trees_close(got, jaxrnn.unroll(cell, params, xs, carry, time_major=True))
+    loss = lambda p: jnp.sum(_kernel(cell, stream_weights=stream)(p, xs, carry)[0] ** 2)
+    want = lambda p: jnp.sum(jaxrnn.unroll(cell, p, xs, carry, time_major=True)[0] ** 2)
+    assert_trees_close(jax.grad(loss)(params), jax.grad(want)(params), rtol=1e-4, atol=1e-5)
+
+
 def test_several_programs_and_default_carry(name):
     """Batch 40 in blocks of 16: three programs, the last one padded."""
     cell, params, xs, _ = _inputs(name, hidden=32, batch=40)

@@ -61,6 +61,13 @@ from jaxrnn._src.lstm import LSTMCarry
 
 KINDS = ("elman_tanh", "elman_relu", "lstm", "gru")
 HIDDEN_SIZES = (16, 32, 64, 128, 256)
+# Recurrent weights up to this size are held in shared memory for the whole loop; larger ones
+# are streamed one gate block at a time. Compiled for sm_90 with Triton 3.9 (no GPU needed;
+# num_warps=8, no register spills), the kernels use about the held weights' size plus 8–16 KiB
+# of shared memory: Elman H128 f32 72 KiB, GRU H128 f32 200–208 KiB, LSTM H128 bf16
+# 132–136 KiB; LSTM H128 f32 would need 264 KiB held (over an H100's 227 KiB per block) and
+# takes 72 KiB streamed. One H x H block must fit: Elman H256 needs bfloat16 weights.
+HELD_WEIGHT_BYTES = 200 * 1024
 _CARRY_LEAVES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 2, "gru": 1}
 
 
@@ -74,10 +81,21 @@ def _gate(ref, g, hidden, t=None):
     return ref[:, cols] if t is None else ref[t, :, cols]
 
 
-def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc):
-    w = w_ref[...]
+def _held(load, n, stream):
+    """``get(k)``: weight block ``k`` of ``n``, loaded once before the time loop (held on chip),
+    or with ``stream`` loaded again right before each use in every step (from L2: for weights
+    too large to stay in shared memory, one block at a time)."""
+    if stream:
+        return load
+    held = [load(k) for k in range(n)]
+    return lambda k: held[k]
+
+
+def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc, stream):
+    get_w = _held(lambda _: w_ref[...], 1, stream)
 
     def step(t, h):
+        w = get_w(0)
         z = xw_ref[t].astype(acc) + jnp.dot(h.astype(w.dtype), w, preferred_element_type=acc)
         h = jnp.maximum(z, 0.0) if relu else jnp.tanh(z)
         hs_ref[t] = h.astype(hs_ref.dtype)
@@ -88,11 +106,12 @@ def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc):
     )
 
 
-def _elman_backward(hs_ref, wt_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, relu, acc):
-    wt = wt_ref[...]
+def _elman_backward(hs_ref, wt_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, relu, acc, stream):
+    get_wt = _held(lambda _: wt_ref[...], 1, stream)
     steps = hs_ref.shape[0]
 
     def step(i, dh):
+        wt = get_wt(0)
         t = steps - 1 - i
         d = gs_ref[t].astype(acc) + dh
         h = hs_ref[t].astype(acc)
@@ -104,16 +123,17 @@ def _elman_backward(hs_ref, wt_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, relu, a
 
 
 def _lstm_forward(
-    xw_ref, w_ref, h0_ref, c0_ref, hs_ref, cs_ref, acts_ref, ht_ref, ct_ref, *, acc
+    xw_ref, w_ref, h0_ref, c0_ref, hs_ref, cs_ref, acts_ref, ht_ref, ct_ref, *, acc, stream
 ):  # fmt: skip
     hidden = h0_ref.shape[-1]
-    ws = [_gate(w_ref, g, hidden) for g in range(4)]
+    get_w = _held(lambda g: _gate(w_ref, g, hidden), 4, stream)
 
     def step(t, carry):
         h, c = carry
-        hw = h.astype(ws[0].dtype)
+        hw = h.astype(w_ref.dtype)
         z = [
-            _gate(xw_ref, g, hidden, t).astype(acc) + jnp.dot(hw, ws[g], preferred_element_type=acc)
+            _gate(xw_ref, g, hidden, t).astype(acc)
+            + jnp.dot(hw, get_w(g), preferred_element_type=acc)
             for g in range(4)
         ]
         i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
@@ -133,10 +153,11 @@ def _lstm_forward(
 
 
 def _lstm_backward(
-    acts_ref, wt_ref, cs_ref, c0_ref, gs_ref, ght_ref, gct_ref, dz_ref, dh0_ref, dc0_ref, *, acc
+    acts_ref, wt_ref, cs_ref, c0_ref, gs_ref, ght_ref, gct_ref, dz_ref, dh0_ref, dc0_ref, *, acc,
+    stream,
 ):  # fmt: skip
     hidden = c0_ref.shape[-1]
-    wts = [wt_ref[pl.ds(g * hidden, hidden), :] for g in range(4)]
+    get_wt = _held(lambda g: wt_ref[pl.ds(g * hidden, hidden), :], 4, stream)
     steps = cs_ref.shape[0]
     c0 = c0_ref[...].astype(acc)
 
@@ -158,7 +179,7 @@ def _lstm_backward(
         dh = jnp.zeros_like(dh)
         for n in range(4):
             dz_ref[t, :, pl.ds(n * hidden, hidden)] = dz[n].astype(dz_ref.dtype)
-            dh = dh + jnp.dot(dz[n].astype(wts[n].dtype), wts[n], preferred_element_type=acc)
+            dh = dh + jnp.dot(dz[n].astype(wt_ref.dtype), get_wt(n), preferred_element_type=acc)
         return dh, dc * f
 
     init = (ght_ref[...].astype(acc), gct_ref[...].astype(acc))
@@ -167,14 +188,15 @@ def _lstm_backward(
     dc0_ref[...] = dc.astype(dc0_ref.dtype)
 
 
-def _gru_forward(xw_ref, w_ref, bhn_ref, h0_ref, hs_ref, acts_ref, ht_ref, *, acc):
+def _gru_forward(xw_ref, w_ref, bhn_ref, h0_ref, hs_ref, acts_ref, ht_ref, *, acc, stream):
     """``xw`` holds ``x W_x + b_x`` plus ``b_h``'s r and z parts; ``b_hn`` stays inside ``r ⊙``."""
     hidden = h0_ref.shape[-1]
-    ws = [_gate(w_ref, g, hidden) for g in range(3)]
+    get_w = _held(lambda g: _gate(w_ref, g, hidden), 3, stream)
     b_hn = bhn_ref[...].astype(acc)
 
     def step(t, h):
-        hw = [jnp.dot(h.astype(ws[0].dtype), w, preferred_element_type=acc) for w in ws]
+        hb = h.astype(w_ref.dtype)
+        hw = [jnp.dot(hb, get_w(g), preferred_element_type=acc) for g in range(3)]
         r = jax.nn.sigmoid(_gate(xw_ref, 0, hidden, t).astype(acc) + hw[0])
         z = jax.nn.sigmoid(_gate(xw_ref, 1, hidden, t).astype(acc) + hw[1])
         hn = hw[2] + b_hn
@@ -189,10 +211,12 @@ def _gru_forward(xw_ref, w_ref, bhn_ref, h0_ref, hs_ref, acts_ref, ht_ref, *, ac
     ht_ref[...] = h.astype(ht_ref.dtype)
 
 
-def _gru_backward(acts_ref, wt_ref, hs_ref, h0_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, acc):
+def _gru_backward(
+    acts_ref, wt_ref, hs_ref, h0_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, acc, stream
+):  # fmt: skip
     """``dz`` is the cotangent of the input pre-activations ``[x_r, x_z, x_n]``."""
     hidden = h0_ref.shape[-1]
-    wts = [wt_ref[pl.ds(g * hidden, hidden), :] for g in range(3)]
+    get_wt = _held(lambda g: wt_ref[pl.ds(g * hidden, hidden), :], 3, stream)
     steps = hs_ref.shape[0]
     h0 = h0_ref[...].astype(acc)
 
@@ -207,16 +231,19 @@ def _gru_backward(acts_ref, wt_ref, hs_ref, h0_ref, gs_ref, ght_ref, dz_ref, dh0
         for m, d in enumerate((dzr, dzz, dzn)):
             dz_ref[t, :, pl.ds(m * hidden, hidden)] = d.astype(dz_ref.dtype)
         dh = dh * z
-        for w, d in zip(wts, (dzr, dzz, dzn * r)):
-            dh = dh + jnp.dot(d.astype(w.dtype), w, preferred_element_type=acc)
+        for g, d in enumerate((dzr, dzz, dzn * r)):
+            dh = dh + jnp.dot(d.astype(wt_ref.dtype), get_wt(g), preferred_element_type=acc)
         return dh
 
     dh = lax.fori_loop(0, steps, step, ght_ref[...].astype(acc))
     dh0_ref[...] = dh.astype(dh0_ref.dtype)
 
 
-def _call(kernel, args, roles, outs, out_roles, config):
-    """``pallas_call`` on a grid over batch blocks; ``roles`` say how each array is cut."""
+def _call(kernel, args, roles, outs, out_roles, config, acc, **static):
+    """``pallas_call`` on a grid over batch blocks; ``roles`` say how each array is cut.
+
+    ``kernel`` gets the accumulation dtype ``acc``, ``config.stream`` and ``static``.
+    """
 
     def spec(role, shape):
         if role == "seq":
@@ -226,7 +253,7 @@ def _call(kernel, args, roles, outs, out_roles, config):
         return pl.BlockSpec(shape, lambda b: (0, 0))
 
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, acc=acc, stream=config.stream, **static),
         out_shape=outs,
         grid=(args[0].shape[1] // config.block_batch,),
         in_specs=[spec(r, a.shape) for r, a in zip(roles, args)],
@@ -241,13 +268,14 @@ def _call(kernel, args, roles, outs, out_roles, config):
 
 
 class _Config(tuple):
-    """Static settings: ``(kind, block_batch, num_warps, weight_dtype, interpret)``."""
+    """Static settings: ``(kind, block_batch, num_warps, weight_dtype, interpret, stream)``."""
 
     kind = property(lambda self: self[0])
     block_batch = property(lambda self: self[1])
     num_warps = property(lambda self: self[2])
     weight_dtype = property(lambda self: self[3])
     interpret = property(lambda self: self[4])
+    stream = property(lambda self: self[5])
 
 
 def _project(kind, params, xs):
@@ -284,8 +312,8 @@ def _sequence_fwd(params, xs, carry, config):
         seq_h = jax.ShapeDtypeStruct(xs.shape[:2] + h0.shape[-1:], dt)
         outs = (seq_h, seq_h, _struct(xw, dt), _struct(h0, dt), _struct(c0, dt))
         hs, cs, acts, ht, ct = _call(
-            functools.partial(_lstm_forward, acc=acc), (xw, w_h, h0, c0),
-            ("seq", "full", "row", "row"), outs, ("seq", "seq", "seq", "row", "row"), config,
+            _lstm_forward, (xw, w_h, h0, c0),
+            ("seq", "full", "row", "row"), outs, ("seq", "seq", "seq", "row", "row"), config, acc,
         )  # fmt: skip
         return (hs, (ht, ct)), (params, xs, carry, hs, (cs, acts))
     if config.kind == "gru":
@@ -295,16 +323,15 @@ def _sequence_fwd(params, xs, carry, config):
         seq_h = jax.ShapeDtypeStruct(xs.shape[:2] + (hidden,), dt)
         seq_a = jax.ShapeDtypeStruct(xs.shape[:2] + (4 * hidden,), dt)
         hs, acts, ht = _call(
-            functools.partial(_gru_forward, acc=acc), (xw, w_h, b_hn.astype(acc), h0),
+            _gru_forward, (xw, w_h, b_hn.astype(acc), h0),
             ("seq", "full", "full", "row"), (seq_h, seq_a, _struct(h0, dt)),
-            ("seq", "seq", "row"), config,
+            ("seq", "seq", "row"), config, acc,
         )  # fmt: skip
         return (hs, (ht,)), (params, xs, carry, hs, (acts,))
     (h0,) = carry
-    kernel = functools.partial(_elman_forward, relu=config.kind == "elman_relu", acc=acc)
     hs, ht = _call(
-        kernel, (xw, w_h, h0), ("seq", "full", "row"), (_struct(xw, dt), _struct(h0, dt)),
-        ("seq", "row"), config,
+        _elman_forward, (xw, w_h, h0), ("seq", "full", "row"), (_struct(xw, dt), _struct(h0, dt)),
+        ("seq", "row"), config, acc, relu=config.kind == "elman_relu",
     )  # fmt: skip
     return (hs, (ht,)), (params, xs, carry, hs, ())
 
@@ -320,12 +347,13 @@ def _sequence_bwd(config, residuals, cotangents):
         cs, acts = saved
         h0, c0 = carry
         dz, dh0, dc0 = _call(
-            functools.partial(_lstm_backward, acc=acc),
+            _lstm_backward,
             (acts, w_ht, cs, c0, g_hs.astype(dt), *g_carry),
             ("seq", "full", "seq", "row", "seq", "row", "row"),
             (_struct(acts, dt), _struct(h0, dt), _struct(c0, dt)),
             ("seq", "row", "row"),
             config,
+            acc,
         )
         d_carry = (dh0, dc0)
     elif config.kind == "gru":
@@ -333,12 +361,13 @@ def _sequence_bwd(config, residuals, cotangents):
         (h0,) = carry
         hidden = h0.shape[-1]
         dz, dh0 = _call(
-            functools.partial(_gru_backward, acc=acc),
+            _gru_backward,
             (acts, w_ht, hs, h0, g_hs.astype(dt), *g_carry),
             ("seq", "full", "seq", "row", "seq", "row"),
             (jax.ShapeDtypeStruct(xs.shape[:2] + (3 * hidden,), dt), _struct(h0, dt)),
             ("seq", "row"),
             config,
+            acc,
         )
         d_carry = (dh0,)
         # The recurrent n term is r ⊙ (h W_hn + b_hn): its cotangent carries the factor r.
@@ -347,10 +376,10 @@ def _sequence_bwd(config, residuals, cotangents):
         )
     else:
         (h0,) = carry
-        kernel = functools.partial(_elman_backward, relu=config.kind == "elman_relu", acc=acc)
         dz, dh0 = _call(
-            kernel, (hs, w_ht, g_hs.astype(dt), *g_carry), ("seq", "full", "seq", "row"),
-            (_struct(hs, dt), _struct(h0, dt)), ("seq", "row"), config,
+            _elman_backward, (hs, w_ht, g_hs.astype(dt), *g_carry), ("seq", "full", "seq", "row"),
+            (_struct(hs, dt), _struct(h0, dt)), ("seq", "row"), config, acc,
+            relu=config.kind == "elman_relu",
         )  # fmt: skip
         d_carry = (dh0,)
     if config.kind != "gru":
@@ -378,6 +407,7 @@ def sequence(
     block_batch: int = 16,
     num_warps: int = 8,
     weight_dtype=None,
+    stream_weights: bool | None = None,
     interpret: bool = False,
 ):
     """Runs a built-in Elman, LSTM or GRU cell over time-major ``xs`` with the persistent kernels.
@@ -397,6 +427,10 @@ def sequence(
       num_warps: Triton warps per program.
       weight_dtype: dtype the recurrent weights are held in on chip (default ``xs.dtype``);
         products accumulate in float32 (float64 for float64 inputs).
+      stream_weights: reload ``W_h`` from global memory (L2) in every step instead of holding
+        it in shared memory; default: only when it is larger than `HELD_WEIGHT_BYTES` (an
+        LSTM at H = 128 in float32 needs 264 KiB of shared memory held, more than an H100's
+        227 KiB per block).
       interpret: run in Pallas's interpreter (any backend; for tests).
 
     Returns:
@@ -441,7 +475,14 @@ def sequence(
         xs = jnp.pad(xs, ((0, 0), (0, pad), (0, 0)))
         leaves = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in leaves)
     weight_dtype = jnp.dtype(xs.dtype if weight_dtype is None else weight_dtype)
-    config = _Config((kind, block_batch, num_warps, weight_dtype, interpret))
+    if hidden * hidden * weight_dtype.itemsize > HELD_WEIGHT_BYTES:
+        raise ValueError(
+            f"{fn}: one {hidden}x{hidden} block of W_h in {weight_dtype.name} takes more than "
+            f"{HELD_WEIGHT_BYTES // 1024} KiB of shared memory; pass weight_dtype=jnp.bfloat16."
+        )
+    if stream_weights is None:
+        stream_weights = params.w_h.size * weight_dtype.itemsize > HELD_WEIGHT_BYTES
+    config = _Config((kind, block_batch, num_warps, weight_dtype, interpret, bool(stream_weights)))
     ys, final = _sequence(params, xs, tuple(a.astype(xs.dtype) for a in leaves), config)
     ys, final = ys[:, :batch], tuple(a[:batch] for a in final)
     return ys, (LSTMCarry(*final) if kind == "lstm" else final[0])
