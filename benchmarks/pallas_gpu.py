@@ -149,7 +149,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default=CELLS)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--warps", default="8", help="comma-separated num_warps values")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke run)")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU evaluation of the persistent Pallas kernels (jaxrnn/_src/pallas_rnn.py: Elman, LSTM,
 # GRU) with benchmarks/pallas_gpu.py: correctness on the device against jaxrnn.unroll, then
-# timings against jaxrnn.unroll and PyTorch cuDNN, float32 and bfloat16, num_warps 4 and 8.
+# timings against jaxrnn.unroll and PyTorch cuDNN, float32 and bfloat16, 8 warps (no spills
+# in benchmarks/pallas_compile_check.py; 4 spill for the float32 LSTM).
 # (CI runs the kernels' tests in Pallas's interpreter.) Needs jax (CUDA) and torch; no network.
-# Budget: under 5 minutes on one H100. Writes JSON, a markdown table and a log to $OUT (the
+# Budget: about 3 minutes on one H100. Writes JSON, a markdown table and a log to $OUT (the
 # JSON after every cell, so a time limit keeps what was measured).
 #
 #   OUT=gpu_results bash benchmarks/pallas_gpu.sh
