@@ -126,23 +126,31 @@ def _elman_tangent(dx, dhw, dcarry, coef):
 
 
 def _lstm_primal(xw, hw, carry):
+    """The LSTM step; its residuals are already the tangent coefficients.
+
+    Computing them inside the loop keeps 3 arrays per step instead of the gates, ``c_in`` and
+    ``tanh(c)`` plus the coefficients made from them after the loop: measured on 2 CPU cores,
+    fwd+bwd temporaries 26.6 against 32.0 MB at B16 T256 H128 (35.6 against 47.5 ms, the
+    old size crossing glibc's 32 MiB mmap threshold, so every call page-faulted its
+    temporaries in again), 54 against 64 MB and 129 against 138 ms at B32 T128 H256, the same
+    time at B4 T1024 H64.
+    """
     _, c = carry
     i, f, g, o = _gate_sums(xw, hw, 4)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c_new = f * c + i * g
     tc = jnp.tanh(c_new)
     h = o * tc
-    return (h, c_new), h, (jnp.concatenate([i, f, g, o], axis=-1), c, tc)
+    slopes = jnp.concatenate(
+        [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
+    )
+    return (h, c_new), h, (slopes, f, o * (1 - tc * tc))
 
 
 def _lstm_coefficients(res, h_in):
+    """``(slopes of i, f, g, o; f; o·tanh′(c))``, computed by `_lstm_primal` in the loop."""
     del h_in
-    gates, c_in, tc = res
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    slopes = jnp.concatenate(
-        [g * i * (1 - i), c_in * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
-    )
-    return slopes, f, o * (1 - tc * tc)
+    return res
 
 
 def _lstm_tangent(dx, dhw, dcarry, coef):
