@@ -80,8 +80,9 @@ def default_unroll(batch_size: int, hidden_size: int, backend: str | None = None
 # ----------------------------------------------------------------------------------------------
 # Per-cell recurrences. ``primal(xw_t, hw_t, carry_in) -> (carry_new, y, residuals)`` where
 # ``hw_t = h_in @ W_h (+ b_h for the GRU)``; ``coefficients(residuals, h_in)`` turns the stacked
-# residuals into the gate derivatives for all steps at once; ``tangent(dx_t, dhw_t, dcarry_in,
-# coef_t) -> (dcarry_new, dy)`` is linear in ``dx_t, dhw_t, dcarry_in``.
+# residuals into the gate derivatives for all steps at once (the LSTM's residuals are those
+# derivatives already); ``tangent(dx_t, dhw_t, dcarry_in, coef_t) -> (dcarry_new, dy)`` is
+# linear in ``dx_t, dhw_t, dcarry_in``.
 
 
 def _gates(a, n):
