@@ -91,6 +91,16 @@ def _held(load, n, stream):
     return lambda k: held[k]
 
 
+def _row_blocks(wt_ref, hidden, n, stream):
+    """``get(k)``: rows ``k·H:(k+1)·H`` of ``W_hᵀ``, gate ``k``'s block (held or streamed)."""
+    return _held(lambda g: wt_ref[pl.ds(g * hidden, hidden), :], n, stream)
+
+
+def _before(ref, t, first, acc):
+    """``ref[t - 1]``, or ``first`` at ``t = 0``: the state that entered step ``t``."""
+    return jnp.where(t > 0, ref[jnp.maximum(t - 1, 0)].astype(acc), first)
+
+
 def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc, stream):
     get_w = _held(lambda _: w_ref[...], 1, stream)
 
@@ -157,7 +167,7 @@ def _lstm_backward(
     stream,
 ):  # fmt: skip
     hidden = c0_ref.shape[-1]
-    get_wt = _held(lambda g: wt_ref[pl.ds(g * hidden, hidden), :], 4, stream)
+    get_wt = _row_blocks(wt_ref, hidden, 4, stream)
     steps = cs_ref.shape[0]
     c0 = c0_ref[...].astype(acc)
 
@@ -166,7 +176,7 @@ def _lstm_backward(
         t = steps - 1 - k
         i, f, g, o = (_gate(acts_ref, n, hidden, t).astype(acc) for n in range(4))
         c = cs_ref[t].astype(acc)
-        c_prev = jnp.where(t > 0, cs_ref[jnp.maximum(t - 1, 0)].astype(acc), c0)
+        c_prev = _before(cs_ref, t, c0, acc)
         dh = gs_ref[t].astype(acc) + dh
         tc = jnp.tanh(c)
         dc = dc + dh * o * (1.0 - tc * tc)
@@ -216,14 +226,14 @@ def _gru_backward(
 ):  # fmt: skip
     """``dz`` is the cotangent of the input pre-activations ``[x_r, x_z, x_n]``."""
     hidden = h0_ref.shape[-1]
-    get_wt = _held(lambda g: wt_ref[pl.ds(g * hidden, hidden), :], 3, stream)
+    get_wt = _row_blocks(wt_ref, hidden, 3, stream)
     steps = hs_ref.shape[0]
     h0 = h0_ref[...].astype(acc)
 
     def step(k, dh):
         t = steps - 1 - k
         r, z, n, hn = (_gate(acts_ref, m, hidden, t).astype(acc) for m in range(4))
-        h_prev = jnp.where(t > 0, hs_ref[jnp.maximum(t - 1, 0)].astype(acc), h0)
+        h_prev = _before(hs_ref, t, h0, acc)
         dh = gs_ref[t].astype(acc) + dh
         dzn = dh * (1.0 - z) * (1.0 - n * n)
         dzr = dzn * hn * r * (1.0 - r)
