@@ -50,6 +50,7 @@ must fit on chip: an LSTM at H = 128 holds 256 KiB of float32 weights, a GRU 192
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -277,15 +278,15 @@ def _call(kernel, args, roles, outs, out_roles, config, acc, **static):
 # The sequence function and its VJP.
 
 
-class _Config(tuple):
-    """Static settings: ``(kind, block_batch, num_warps, weight_dtype, interpret, stream)``."""
+class _Config(NamedTuple):
+    """Static settings of one call (hashable: the VJP's non-differentiable argument)."""
 
-    kind = property(lambda self: self[0])
-    block_batch = property(lambda self: self[1])
-    num_warps = property(lambda self: self[2])
-    weight_dtype = property(lambda self: self[3])
-    interpret = property(lambda self: self[4])
-    stream = property(lambda self: self[5])
+    kind: str
+    block_batch: int
+    num_warps: int
+    weight_dtype: Any
+    interpret: bool
+    stream: bool
 
 
 def _project(kind, params, xs):
@@ -492,7 +493,7 @@ def sequence(
         )
     if stream_weights is None:
         stream_weights = params.w_h.size * weight_dtype.itemsize > HELD_WEIGHT_BYTES
-    config = _Config((kind, block_batch, num_warps, weight_dtype, interpret, bool(stream_weights)))
+    config = _Config(kind, block_batch, num_warps, weight_dtype, interpret, bool(stream_weights))
     ys, final = _sequence(params, xs, tuple(a.astype(xs.dtype) for a in leaves), config)
     ys, final = ys[:, :batch], tuple(a[:batch] for a in final)
     return ys, (LSTMCarry(*final) if kind == "lstm" else final[0])

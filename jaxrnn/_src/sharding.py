@@ -22,31 +22,28 @@ def axis_partition(x: jax.Array, axis: int):
     return spec[axis]
 
 
-def batch_spec(xs: jax.Array, batch_axes: tuple[int, ...]):
-    """The explicit mesh axes of ``xs``'s batch axes, or ``None`` where none is sharded.
+def time_major_batch(xs: jax.Array):
+    """The explicit mesh axes of time-major ``xs``'s batch axes, or ``None`` where none is
+    sharded.
 
-    Returns ``(mesh, entries)``: ``entries[i]`` is the partition of batch axis ``i``.
+    ``xs`` is ``(time, *batch, features)``. Returns ``(mesh, entries)``: ``entries[i]`` is the
+    partition of batch axis ``i``.
     """
     sharding = getattr(jax.typeof(xs), "sharding", None)
     spec = getattr(sharding, "spec", None)
     if spec is None:
         return None
     spec = tuple(spec) + (None,) * (xs.ndim - len(spec))
-    entries = tuple(spec[a] for a in batch_axes)
+    entries = spec[1:-1]
     if all(e is None for e in entries):
         return None
     return sharding.mesh, entries
 
 
-def time_major_batch(xs: jax.Array):
-    """`batch_spec` of time-major ``xs: (time, *batch, features)``."""
-    return batch_spec(xs, tuple(range(1, xs.ndim - 1)))
-
-
 def like_batch(tree, batch):
     """Reshards each ``(*batch, ...)`` leaf of ``tree`` to the batch sharding ``batch``.
 
-    ``batch`` comes from `batch_spec`; ``None`` returns ``tree`` unchanged. Leaves that have
+    ``batch`` comes from `time_major_batch`; ``None`` returns ``tree`` unchanged. Leaves that have
     that sharding already are returned as they are.
     """
     if batch is None:

@@ -292,8 +292,6 @@ def unroll(
     else:
         checks.check_carry(fn, cell, carry, batch_shape, xs.dtype)
     carry = _cast_carry(carry, xs.dtype)
-    batch_axes = tuple(range(1, xs.ndim - 1)) if time_major else tuple(range(xs.ndim - 2))
-    carry = sharding.like_batch(carry, sharding.batch_spec(xs, batch_axes))
     if seq_lengths is not None:
         seq_lengths = checks.check_seq_lengths(fn, seq_lengths, batch_shape)
     if mask is not None:
@@ -305,6 +303,7 @@ def unroll(
         xs = jnp.moveaxis(xs, -2, 0)
         mask = None if mask is None else jnp.moveaxis(mask, -1, 0)
         resets = None if resets is None else jnp.moveaxis(resets, -1, 0)
+    carry = sharding.like_batch(carry, sharding.time_major_batch(xs))
     mask, resets = step_flags(time, batch_shape, seq_lengths, mask, resets)
     method = parallel.resolve_method(cell, method, time)
     if method == "sequential":
