@@ -1,8 +1,8 @@
 """Evaluates the persistent Pallas kernels (`jaxrnn._src.pallas_rnn`) on a GPU.
 
 1. Correctness on the device: the kernels' outputs and gradients against ``jaxrnn.unroll``
-   (the fast path), as relative errors (both sides run their float32 matmuls at the default
-   precision, TF32 on an H100).
+   (the fast path), dense and with random lengths and resets in reverse, as relative errors
+   (both sides run their float32 matmuls at the default precision, TF32 on an H100).
 2. Speed: forward and forward+backward against ``jaxrnn.unroll`` and PyTorch's ``nn.RNN``,
    ``nn.LSTM``, ``nn.GRU`` (cuDNN), interleaved rounds, medians; for each ``num_warps``.
 
@@ -54,14 +54,20 @@ def _problem(kind, batch, time_, hidden, dtype):
     return cell, params, xs
 
 
-def _runs(cell, warps, interpret):
-    """``{name: fn(params, xs_bm) -> ys_bm}``: the scan and one kernel per ``num_warps``."""
-    runs = {"jaxrnn": lambda p, xs: jaxrnn.unroll(cell, p, xs)[0]}
+def _runs(cell, warps, interpret, **flags):
+    """``{name: fn(params, xs_bm) -> ys_bm}``: the scan and one kernel per ``num_warps``.
+
+    ``flags``: `jaxrnn.unroll`'s ``seq_lengths``, ``resets`` (batch-major) and ``reverse``.
+    """
+    runs = {"jaxrnn": lambda p, xs: jaxrnn.unroll(cell, p, xs, **flags)[0]}
+    kernel_flags = dict(flags)
+    if "resets" in flags:
+        kernel_flags["resets"] = flags["resets"].T
     for w in warps:
 
         def kernel(p, xs, w=w):
             hs, _ = pallas_rnn.sequence(
-                cell, p, jnp.moveaxis(xs, 1, 0), num_warps=w, interpret=interpret
+                cell, p, jnp.moveaxis(xs, 1, 0), num_warps=w, interpret=interpret, **kernel_flags
             )
             return jnp.moveaxis(hs, 0, 1)
 
@@ -78,10 +84,21 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / (1e-6 + np.max(np.abs(b))))
 
 
-def check(kind, dtype, warps, interpret, batch=8, time_=64, hidden=128):
-    """Relative errors of each kernel against ``jaxrnn.unroll``: outputs and gradients."""
+def check(kind, dtype, warps, interpret, batch=8, time_=64, hidden=128, flags=False):
+    """Relative errors of each kernel against ``jaxrnn.unroll``: outputs and gradients.
+
+    ``flags``: with random ``seq_lengths`` and ``resets``, run in reverse.
+    """
     cell, params, xs = _problem(kind, batch, time_, hidden, dtype)
-    runs = _runs(cell, warps, interpret)
+    kw = {}
+    if flags:
+        keys = jax.random.split(jax.random.PRNGKey(1), 2)
+        kw = {
+            "seq_lengths": jax.random.randint(keys[0], (batch,), 0, time_ + 1),
+            "resets": jax.random.bernoulli(keys[1], 0.05, (batch, time_)),
+            "reverse": True,
+        }
+    runs = _runs(cell, warps, interpret, **kw)
     want = jax.jit(runs["jaxrnn"])(params, xs)
     want_g = jax.jit(jax.grad(_loss(runs["jaxrnn"]), argnums=(0, 1)))(params, xs)
     out = {}
@@ -172,9 +189,12 @@ def main(argv=None):
                 batch, time_, hidden = _parse(args.cells.split(",")[0])[1:]
             else:
                 batch, time_, hidden = 8, 64, 128
-            key = f"{kind}/{dtype.name}"
-            report["check"][key] = check(kind, dtype, warps, args.interpret, batch, time_, hidden)
-            print(f"check {key}: {json.dumps(report['check'][key])}", flush=True)
+            for flags in (False, True):
+                key = f"{kind}/{dtype.name}" + ("/lengths_resets_reverse" if flags else "")
+                report["check"][key] = check(
+                    kind, dtype, warps, args.interpret, batch, time_, hidden, flags
+                )
+                print(f"check {key}: {json.dumps(report['check'][key])}", flush=True)
     rows = []
     report["rows"] = rows
     for spec in args.cells.split(","):

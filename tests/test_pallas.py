@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, fresh_key, random_carry, reference_unroll
+from conftest import (
+    INPUT_SIZE,
+    MODES,
+    assert_trees_close,
+    fresh_key,
+    mode_inputs,
+    random_carry,
+    reference_unroll,
+)
 from jax.test_util import check_grads
 
 import jaxrnn
@@ -92,6 +100,64 @@ def test_gradients_equal_the_scan(name):
     assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+# The runner's modes with one batch axis, given to the kernels time-major.
+FLAG_MODES = sorted(
+    m
+    for m, (shape, spec) in MODES.items()
+    if len(shape) == 1 and set(spec) & {"reverse", "seq_lengths", "mask", "resets"}
+)
+
+
+def _mode(cell, mode, dtype=jnp.float32):
+    """``(xs, carry, kwargs)`` of one runner mode, time-major, without ``unroll``."""
+    xs, carry, kwargs = mode_inputs(cell, mode, dtype)
+    kwargs.pop("unroll", None)
+    if not kwargs.pop("time_major", False):
+        xs = jnp.swapaxes(xs, 0, 1)
+        for k in ("mask", "resets"):
+            if k in kwargs:
+                kwargs[k] = kwargs[k].T
+    return xs, carry, kwargs
+
+
+@pytest.mark.parametrize("mode", FLAG_MODES)
+def test_lengths_masks_resets_and_reverse_equal_the_loop(name, mode):
+    """Outputs against the loop over ``cell.step``; gradients against `jaxrnn.unroll`."""
+    cell = CELLS[name](HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = _mode(cell, mode)
+    run = lambda p, xs, c: pallas_rnn.sequence(cell, p, xs, c, interpret=True, **kwargs)
+    got = jax.jit(run)(params, xs, carry)
+    want = reference_unroll(cell, params, xs, carry, time_major=True, **kwargs)
+    assert_trees_close(got, want)
+    if carry is None:
+        carry = cell.initial_carry((xs.shape[1],))
+    w_ys = jax.random.normal(fresh_key(), got[0].shape)
+    w_carry = random_carry(cell, (xs.shape[1],))
+
+    def grad_of(f):
+        def loss(p, xs, c):
+            ys, final = f(p, xs, c)
+            terms = jax.tree_util.tree_map(lambda a, w: jnp.sum(a * w), final, w_carry)
+            return jnp.sum(ys * w_ys) + sum(jax.tree_util.tree_leaves(terms))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    scan = lambda p, xs, c: jaxrnn.unroll(cell, p, xs, c, time_major=True, **kwargs)
+    assert_trees_close(grad_of(run)(params, xs, carry), grad_of(scan)(params, xs, carry),
+                       rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["everything", "everything_time_major_reverse"])
+def test_check_grads_float64_with_flags(name, mode):
+    with jax.enable_x64(True):
+        cell = CELLS[name](HIDDEN)
+        params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
+        xs, carry, kwargs = _mode(cell, mode, jnp.float64)
+        run = lambda p, xs, c: pallas_rnn.sequence(cell, p, xs, c, interpret=True, **kwargs)
+        check_grads(run, (params, xs, carry), order=1, modes=("rev",), eps=1e-6)
+
+
 def test_check_grads_float64(name):
     with jax.enable_x64(True):
         cell, params, xs, carry = _inputs(name, dtype=jnp.float64)
@@ -157,8 +223,9 @@ def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
     report = module.main([*argv, "--warps", "4", "--out", str(out)])
     for kind in ("lstm", "gru"):
         for dtype, bound in (("float32", 1e-5), ("bfloat16", 5e-2)):
-            errors = report["check"][f"{kind}/{dtype}"]["pallas_w4"]
-            assert errors["out_rel_err"] < bound and errors["grad_rel_err"] < bound, errors
+            for flags in ("", "/lengths_resets_reverse"):
+                errors = report["check"][f"{kind}/{dtype}{flags}"]["pallas_w4"]
+                assert errors["out_rel_err"] < bound and errors["grad_rel_err"] < bound, errors
     assert len(report["rows"]) == 4
     assert set(report["rows"][0]["ms"]) == {
         "jaxrnn/fwd", "jaxrnn/fwdbwd", "pallas_w4/fwd", "pallas_w4/fwdbwd"

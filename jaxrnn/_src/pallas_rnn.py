@@ -40,8 +40,12 @@ Backend: Pallas's Triton backend, which JAX 0.11 deprecates in favour of Mosaic 
 and newer). It still runs on JAX 0.11 and on GPUs older than Hopper; if the evaluation shows
 that the persistent design pays, a Mosaic GPU port comes next.
 
-Limits: dense sequences (no ``seq_lengths``, ``mask`` or ``resets``; ``reverse`` by flipping
-``xs``); no LSTM projection; a hidden size that is a power of two from 16 to 256 (the weights
+``seq_lengths``, ``mask``, ``resets`` and ``reverse`` have `jaxrnn.unroll`'s meaning: each
+kernel reads two per-step, per-row flags (take the step, or hold the carry; zero the carry
+before the step), and its backward kernel passes the cotangents through skipped steps and
+stops them at resets. ``reverse`` flips the inputs in time around the kernels.
+
+Limits: no LSTM projection; a hidden size that is a power of two from 16 to 256 (the weights
 must fit on chip: an LSTM at H = 128 holds 256 KiB of float32 weights, a GRU 192 KiB, so
 ``weight_dtype=jnp.bfloat16`` may be needed); the batch is padded to a multiple of
 ``block_batch`` (at least 16, the smallest Triton matmul).
@@ -58,16 +62,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from jaxrnn._src import checks
+from jaxrnn._src import unroll as unroll_lib
 from jaxrnn._src.lstm import LSTMCarry
 
 KINDS = ("elman_tanh", "elman_relu", "lstm", "gru")
 HIDDEN_SIZES = (16, 32, 64, 128, 256)
 # Recurrent weights up to this size are held in shared memory for the whole loop; larger ones
 # are streamed one gate block at a time. Compiled for sm_90 with Triton 3.9 (no GPU needed;
-# num_warps=8, no register spills), the kernels use about the held weights' size plus 8–16 KiB
-# of shared memory: Elman H128 f32 72 KiB, GRU H128 f32 200–208 KiB, LSTM H128 bf16
-# 132–136 KiB; LSTM H128 f32 would need 264 KiB held (over an H100's 227 KiB per block) and
-# takes 72 KiB streamed. One H x H block must fit: Elman H256 needs bfloat16 weights.
+# num_warps=8, no register spills but 4 bytes in the bf16 LSTM forward), the kernels use about
+# the held weights' size plus 8–16 KiB of shared memory: Elman H128 f32 72–80 KiB, GRU H128
+# f32 200–208 KiB, LSTM H128 bf16 132–136 KiB; LSTM H128 f32 would need 264 KiB held (over an
+# H100's 227 KiB per block) and takes 72 KiB streamed. One H x H block must fit: Elman H256
+# needs bfloat16 weights.
 HELD_WEIGHT_BYTES = 200 * 1024
 _CARRY_LEAVES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 2, "gru": 1}
 
@@ -97,18 +104,30 @@ def _row_blocks(wt_ref, hidden, n, stream):
     return _held(lambda g: wt_ref[pl.ds(g * hidden, hidden), :], n, stream)
 
 
-def _before(ref, t, first, acc):
-    """``ref[t - 1]``, or ``first`` at ``t = 0``: the state that entered step ``t``."""
-    return jnp.where(t > 0, ref[jnp.maximum(t - 1, 0)].astype(acc), first)
+def _before(ref, t, first, acc, fresh):
+    """The state that entered step ``t``: ``ref[t - 1]`` (``first`` at ``t = 0``), zero in
+    the rows that ``fresh`` (a reset at ``t``) marks."""
+    prev = jnp.where(t > 0, ref[jnp.maximum(t - 1, 0)].astype(acc), first)
+    return jnp.where(fresh, 0.0, prev)
 
 
-def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc, stream):
+def _flags(keep_ref, reset_ref, t):
+    """``(keep, fresh)`` of step ``t``, each ``(block_batch, 1)`` bool: the step is taken
+    (``mask``), the carry restarts from zeros before it (``resets``)."""
+    return keep_ref[t] > 0.5, reset_ref[t] > 0.5
+
+
+def _elman_forward(
+    xw_ref, w_ref, h0_ref, keep_ref, reset_ref, hs_ref, ht_ref, *, relu, acc, stream
+):  # fmt: skip
     get_w = _held(lambda _: w_ref[...], 1, stream)
 
     def step(t, h):
+        keep, fresh = _flags(keep_ref, reset_ref, t)
+        h = jnp.where(fresh, 0.0, h)
         w = get_w(0)
         z = xw_ref[t].astype(acc) + jnp.dot(h.astype(w.dtype), w, preferred_element_type=acc)
-        h = jnp.maximum(z, 0.0) if relu else jnp.tanh(z)
+        h = jnp.where(keep, jnp.maximum(z, 0.0) if relu else jnp.tanh(z), h)
         hs_ref[t] = h.astype(hs_ref.dtype)
         return h
 
@@ -117,31 +136,38 @@ def _elman_forward(xw_ref, w_ref, h0_ref, hs_ref, ht_ref, *, relu, acc, stream):
     )
 
 
-def _elman_backward(hs_ref, wt_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, relu, acc, stream):
+def _elman_backward(
+    hs_ref, wt_ref, keep_ref, reset_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, relu, acc, stream
+):  # fmt: skip
     get_wt = _held(lambda _: wt_ref[...], 1, stream)
     steps = hs_ref.shape[0]
 
     def step(i, dh):
         wt = get_wt(0)
         t = steps - 1 - i
+        keep, fresh = _flags(keep_ref, reset_ref, t)
         d = gs_ref[t].astype(acc) + dh
         h = hs_ref[t].astype(acc)
         dz = jnp.where(h > 0.0, d, 0.0) if relu else d * (1.0 - h * h)
+        dz = jnp.where(keep, dz, 0.0)
         dz_ref[t] = dz.astype(dz_ref.dtype)
-        return jnp.dot(dz.astype(wt.dtype), wt, preferred_element_type=acc)
+        dh = jnp.where(keep, jnp.dot(dz.astype(wt.dtype), wt, preferred_element_type=acc), d)
+        return jnp.where(fresh, 0.0, dh)
 
     dh0_ref[...] = lax.fori_loop(0, steps, step, ght_ref[...].astype(acc)).astype(dh0_ref.dtype)
 
 
 def _lstm_forward(
-    xw_ref, w_ref, h0_ref, c0_ref, hs_ref, cs_ref, acts_ref, ht_ref, ct_ref, *, acc, stream
+    xw_ref, w_ref, h0_ref, c0_ref, keep_ref, reset_ref, hs_ref, cs_ref, acts_ref, ht_ref, ct_ref,
+    *, acc, stream,
 ):  # fmt: skip
     hidden = h0_ref.shape[-1]
     get_w = _held(lambda g: _gate(w_ref, g, hidden), 4, stream)
 
     def step(t, carry):
-        h, c = carry
-        hw = h.astype(w_ref.dtype)
+        keep, fresh = _flags(keep_ref, reset_ref, t)
+        h_in, c_in = (jnp.where(fresh, 0.0, a) for a in carry)
+        hw = h_in.astype(w_ref.dtype)
         z = [
             _gate(xw_ref, g, hidden, t).astype(acc)
             + jnp.dot(hw, get_w(g), preferred_element_type=acc)
@@ -149,8 +175,8 @@ def _lstm_forward(
         ]
         i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
         g = jnp.tanh(z[2])
-        c = f * c + i * g
-        h = o * jnp.tanh(c)
+        c = jnp.where(keep, f * c_in + i * g, c_in)
+        h = jnp.where(keep, o * jnp.tanh(c), h_in)
         for k, a in enumerate((i, f, g, o)):
             acts_ref[t, :, pl.ds(k * hidden, hidden)] = a.astype(acts_ref.dtype)
         cs_ref[t] = c.astype(cs_ref.dtype)
@@ -164,8 +190,8 @@ def _lstm_forward(
 
 
 def _lstm_backward(
-    acts_ref, wt_ref, cs_ref, c0_ref, gs_ref, ght_ref, gct_ref, dz_ref, dh0_ref, dc0_ref, *, acc,
-    stream,
+    acts_ref, wt_ref, cs_ref, c0_ref, keep_ref, reset_ref, gs_ref, ght_ref, gct_ref, dz_ref,
+    dh0_ref, dc0_ref, *, acc, stream,
 ):  # fmt: skip
     hidden = c0_ref.shape[-1]
     get_wt = _row_blocks(wt_ref, hidden, 4, stream)
@@ -175,23 +201,27 @@ def _lstm_backward(
     def step(k, carry):
         dh, dc = carry
         t = steps - 1 - k
+        keep, fresh = _flags(keep_ref, reset_ref, t)
         i, f, g, o = (_gate(acts_ref, n, hidden, t).astype(acc) for n in range(4))
         c = cs_ref[t].astype(acc)
-        c_prev = _before(cs_ref, t, c0, acc)
-        dh = gs_ref[t].astype(acc) + dh
+        c_prev = _before(cs_ref, t, c0, acc, fresh)
+        d = gs_ref[t].astype(acc) + dh
         tc = jnp.tanh(c)
-        dc = dc + dh * o * (1.0 - tc * tc)
+        dc_t = dc + d * o * (1.0 - tc * tc)
         dz = (
-            dc * g * i * (1.0 - i),  # i
-            dc * c_prev * f * (1.0 - f),  # f
-            dc * i * (1.0 - g * g),  # g
-            dh * tc * o * (1.0 - o),  # o
+            dc_t * g * i * (1.0 - i),  # i
+            dc_t * c_prev * f * (1.0 - f),  # f
+            dc_t * i * (1.0 - g * g),  # g
+            d * tc * o * (1.0 - o),  # o
         )
-        dh = jnp.zeros_like(dh)
+        dh = jnp.zeros_like(d)
         for n in range(4):
-            dz_ref[t, :, pl.ds(n * hidden, hidden)] = dz[n].astype(dz_ref.dtype)
-            dh = dh + jnp.dot(dz[n].astype(wt_ref.dtype), get_wt(n), preferred_element_type=acc)
-        return dh, dc * f
+            dz_n = jnp.where(keep, dz[n], 0.0)
+            dz_ref[t, :, pl.ds(n * hidden, hidden)] = dz_n.astype(dz_ref.dtype)
+            dh = dh + jnp.dot(dz_n.astype(wt_ref.dtype), get_wt(n), preferred_element_type=acc)
+        # A skipped step passes both cotangents through; a reset stops them.
+        dh = jnp.where(fresh, 0.0, jnp.where(keep, dh, d))
+        return dh, jnp.where(fresh, 0.0, jnp.where(keep, dc_t * f, dc))
 
     init = (ght_ref[...].astype(acc), gct_ref[...].astype(acc))
     dh, dc = lax.fori_loop(0, steps, step, init)
@@ -199,20 +229,24 @@ def _lstm_backward(
     dc0_ref[...] = dc.astype(dc0_ref.dtype)
 
 
-def _gru_forward(xw_ref, w_ref, bhn_ref, h0_ref, hs_ref, acts_ref, ht_ref, *, acc, stream):
+def _gru_forward(
+    xw_ref, w_ref, bhn_ref, h0_ref, keep_ref, reset_ref, hs_ref, acts_ref, ht_ref, *, acc, stream
+):  # fmt: skip
     """``xw`` holds ``x W_x + b_x`` plus ``b_h``'s r and z parts; ``b_hn`` stays inside ``r ⊙``."""
     hidden = h0_ref.shape[-1]
     get_w = _held(lambda g: _gate(w_ref, g, hidden), 3, stream)
     b_hn = bhn_ref[...].astype(acc)
 
     def step(t, h):
+        keep, fresh = _flags(keep_ref, reset_ref, t)
+        h = jnp.where(fresh, 0.0, h)
         hb = h.astype(w_ref.dtype)
         hw = [jnp.dot(hb, get_w(g), preferred_element_type=acc) for g in range(3)]
         r = jax.nn.sigmoid(_gate(xw_ref, 0, hidden, t).astype(acc) + hw[0])
         z = jax.nn.sigmoid(_gate(xw_ref, 1, hidden, t).astype(acc) + hw[1])
         hn = hw[2] + b_hn
         n = jnp.tanh(_gate(xw_ref, 2, hidden, t).astype(acc) + r * hn)
-        h = (1.0 - z) * n + z * h
+        h = jnp.where(keep, (1.0 - z) * n + z * h, h)
         for k, a in enumerate((r, z, n, hn)):
             acts_ref[t, :, pl.ds(k * hidden, hidden)] = a.astype(acts_ref.dtype)
         hs_ref[t] = h.astype(hs_ref.dtype)
@@ -223,7 +257,8 @@ def _gru_forward(xw_ref, w_ref, bhn_ref, h0_ref, hs_ref, acts_ref, ht_ref, *, ac
 
 
 def _gru_backward(
-    acts_ref, wt_ref, hs_ref, h0_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *, acc, stream
+    acts_ref, wt_ref, hs_ref, h0_ref, keep_ref, reset_ref, gs_ref, ght_ref, dz_ref, dh0_ref, *,
+    acc, stream,
 ):  # fmt: skip
     """``dz`` is the cotangent of the input pre-activations ``[x_r, x_z, x_n]``."""
     hidden = h0_ref.shape[-1]
@@ -233,18 +268,19 @@ def _gru_backward(
 
     def step(k, dh):
         t = steps - 1 - k
+        keep, fresh = _flags(keep_ref, reset_ref, t)
         r, z, n, hn = (_gate(acts_ref, m, hidden, t).astype(acc) for m in range(4))
-        h_prev = _before(hs_ref, t, h0, acc)
-        dh = gs_ref[t].astype(acc) + dh
-        dzn = dh * (1.0 - z) * (1.0 - n * n)
+        h_prev = _before(hs_ref, t, h0, acc, fresh)
+        d = gs_ref[t].astype(acc) + dh
+        dzn = jnp.where(keep, d * (1.0 - z) * (1.0 - n * n), 0.0)
         dzr = dzn * hn * r * (1.0 - r)
-        dzz = dh * (h_prev - n) * z * (1.0 - z)
-        for m, d in enumerate((dzr, dzz, dzn)):
-            dz_ref[t, :, pl.ds(m * hidden, hidden)] = d.astype(dz_ref.dtype)
-        dh = dh * z
-        for g, d in enumerate((dzr, dzz, dzn * r)):
-            dh = dh + jnp.dot(d.astype(wt_ref.dtype), get_wt(g), preferred_element_type=acc)
-        return dh
+        dzz = jnp.where(keep, d * (h_prev - n) * z * (1.0 - z), 0.0)
+        for m, dm in enumerate((dzr, dzz, dzn)):
+            dz_ref[t, :, pl.ds(m * hidden, hidden)] = dm.astype(dz_ref.dtype)
+        dh = jnp.where(keep, d * z, d)
+        for g, dm in enumerate((dzr, dzz, dzn * r)):
+            dh = dh + jnp.dot(dm.astype(wt_ref.dtype), get_wt(g), preferred_element_type=acc)
+        return jnp.where(fresh, 0.0, dh)
 
     dh = lax.fori_loop(0, steps, step, ght_ref[...].astype(acc))
     dh0_ref[...] = dh.astype(dh0_ref.dtype)
@@ -308,12 +344,13 @@ def _struct(like, dtype):
     return jax.ShapeDtypeStruct(like.shape, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sequence(params, xs, carry, config):
-    return _sequence_fwd(params, xs, carry, config)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sequence(params, xs, carry, flags, config):
+    """``flags = (keep, reset)``: ``(T, B, 1)`` arrays of 0/1 (mask; reset before the step)."""
+    return _sequence_fwd(params, xs, carry, flags, config)[0]
 
 
-def _sequence_fwd(params, xs, carry, config):
+def _sequence_fwd(params, xs, carry, flags, config):
     acc = jnp.promote_types(xs.dtype, jnp.float32)
     xw = _project(config.kind, params, xs)
     w_h = params.w_h.astype(config.weight_dtype)
@@ -323,10 +360,11 @@ def _sequence_fwd(params, xs, carry, config):
         seq_h = jax.ShapeDtypeStruct(xs.shape[:2] + h0.shape[-1:], dt)
         outs = (seq_h, seq_h, _struct(xw, dt), _struct(h0, dt), _struct(c0, dt))
         hs, cs, acts, ht, ct = _call(
-            _lstm_forward, (xw, w_h, h0, c0),
-            ("seq", "full", "row", "row"), outs, ("seq", "seq", "seq", "row", "row"), config, acc,
+            _lstm_forward, (xw, w_h, h0, c0, *flags),
+            ("seq", "full", "row", "row", "seq", "seq"), outs, ("seq", "seq", "seq", "row", "row"),
+            config, acc,
         )  # fmt: skip
-        return (hs, (ht, ct)), (params, xs, carry, hs, (cs, acts))
+        return (hs, (ht, ct)), (params, xs, carry, flags, hs, (cs, acts))
     if config.kind == "gru":
         (h0,) = carry
         hidden = h0.shape[-1]
@@ -334,21 +372,22 @@ def _sequence_fwd(params, xs, carry, config):
         seq_h = jax.ShapeDtypeStruct(xs.shape[:2] + (hidden,), dt)
         seq_a = jax.ShapeDtypeStruct(xs.shape[:2] + (4 * hidden,), dt)
         hs, acts, ht = _call(
-            _gru_forward, (xw, w_h, b_hn.astype(acc), h0),
-            ("seq", "full", "full", "row"), (seq_h, seq_a, _struct(h0, dt)),
+            _gru_forward, (xw, w_h, b_hn.astype(acc), h0, *flags),
+            ("seq", "full", "full", "row", "seq", "seq"), (seq_h, seq_a, _struct(h0, dt)),
             ("seq", "seq", "row"), config, acc,
         )  # fmt: skip
-        return (hs, (ht,)), (params, xs, carry, hs, (acts,))
+        return (hs, (ht,)), (params, xs, carry, flags, hs, (acts,))
     (h0,) = carry
     hs, ht = _call(
-        _elman_forward, (xw, w_h, h0), ("seq", "full", "row"), (_struct(xw, dt), _struct(h0, dt)),
-        ("seq", "row"), config, acc, relu=config.kind == "elman_relu",
+        _elman_forward, (xw, w_h, h0, *flags), ("seq", "full", "row", "seq", "seq"),
+        (_struct(xw, dt), _struct(h0, dt)), ("seq", "row"), config, acc,
+        relu=config.kind == "elman_relu",
     )  # fmt: skip
-    return (hs, (ht,)), (params, xs, carry, hs, ())
+    return (hs, (ht,)), (params, xs, carry, flags, hs, ())
 
 
 def _sequence_bwd(config, residuals, cotangents):
-    params, xs, carry, hs, saved = residuals
+    params, xs, carry, flags, hs, saved = residuals
     g_hs, g_carry = cotangents
     acc = jnp.promote_types(xs.dtype, jnp.float32)
     dt = xs.dtype
@@ -359,8 +398,8 @@ def _sequence_bwd(config, residuals, cotangents):
         h0, c0 = carry
         dz, dh0, dc0 = _call(
             _lstm_backward,
-            (acts, w_ht, cs, c0, g_hs.astype(dt), *g_carry),
-            ("seq", "full", "seq", "row", "seq", "row", "row"),
+            (acts, w_ht, cs, c0, *flags, g_hs.astype(dt), *g_carry),
+            ("seq", "full", "seq", "row", "seq", "seq", "seq", "row", "row"),
             (_struct(acts, dt), _struct(h0, dt), _struct(c0, dt)),
             ("seq", "row", "row"),
             config,
@@ -373,8 +412,8 @@ def _sequence_bwd(config, residuals, cotangents):
         hidden = h0.shape[-1]
         dz, dh0 = _call(
             _gru_backward,
-            (acts, w_ht, hs, h0, g_hs.astype(dt), *g_carry),
-            ("seq", "full", "seq", "row", "seq", "row"),
+            (acts, w_ht, hs, h0, *flags, g_hs.astype(dt), *g_carry),
+            ("seq", "full", "seq", "row", "seq", "seq", "seq", "row"),
             (jax.ShapeDtypeStruct(xs.shape[:2] + (3 * hidden,), dt), _struct(h0, dt)),
             ("seq", "row"),
             config,
@@ -388,14 +427,17 @@ def _sequence_bwd(config, residuals, cotangents):
     else:
         (h0,) = carry
         dz, dh0 = _call(
-            _elman_backward, (hs, w_ht, g_hs.astype(dt), *g_carry), ("seq", "full", "seq", "row"),
-            (_struct(hs, dt), _struct(h0, dt)), ("seq", "row"), config, acc,
+            _elman_backward, (hs, w_ht, *flags, g_hs.astype(dt), *g_carry),
+            ("seq", "full", "seq", "seq", "seq", "row"), (_struct(hs, dt), _struct(h0, dt)),
+            ("seq", "row"), config, acc,
             relu=config.kind == "elman_relu",
         )  # fmt: skip
         d_carry = (dh0,)
     if config.kind != "gru":
         dz_h = dz
+    # The state entering each step: zeros after a reset (dz is zero at skipped steps).
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    h_prev = jnp.where(flags[1] > 0.5, jnp.zeros((), dt), h_prev)
     grads = params._replace(
         w_x=jnp.einsum("tbf,tbg->fg", xs, dz).astype(params.w_x.dtype),
         w_h=jnp.einsum("tbh,tbg->hg", h_prev, dz_h).astype(params.w_h.dtype),
@@ -403,7 +445,8 @@ def _sequence_bwd(config, residuals, cotangents):
         b_h=None if params.b_h is None else jnp.sum(dz_h, axis=(0, 1)).astype(params.b_h.dtype),
     )
     dxs = jnp.einsum("tbg,fg->tbf", dz, params.w_x).astype(xs.dtype)
-    return grads, dxs, tuple(d.astype(c.dtype) for d, c in zip(d_carry, carry))
+    d_flags = tuple(jnp.zeros_like(a) for a in flags)
+    return grads, dxs, tuple(d.astype(c.dtype) for d, c in zip(d_carry, carry)), d_flags
 
 
 _sequence.defvjp(_sequence_fwd, _sequence_bwd)
@@ -415,6 +458,10 @@ def sequence(
     xs: jax.Array,
     carry=None,
     *,
+    reverse: bool = False,
+    seq_lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    resets: jax.Array | None = None,
     block_batch: int = 16,
     num_warps: int = 8,
     weight_dtype=None,
@@ -423,8 +470,11 @@ def sequence(
 ):
     """Runs a built-in Elman, LSTM or GRU cell over time-major ``xs`` with the persistent kernels.
 
-    The same function as ``jaxrnn.unroll(cell, params, xs, carry, time_major=True)`` on dense
-    sequences.
+    The same function as ``jaxrnn.unroll(cell, params, xs, carry, time_major=True, reverse=...,
+    seq_lengths=..., mask=..., resets=...)``. In the kernels a step is taken where the mask is
+    set (else the carry is held) after the carry is zeroed where a reset is set; lengths
+    become a mask, and ``reverse`` runs the kernels on time-flipped inputs, a reset then
+    zeroing the carry after its step instead of before.
 
     Args:
       cell: ``jaxrnn.elman(H)`` (tanh or relu), ``jaxrnn.lstm(H)`` without ``proj_size``, or
@@ -433,6 +483,8 @@ def sequence(
       xs: ``(T, B, F)`` float inputs, time-major.
       carry: the cell's carry for batch ``B`` (``(B, H)``, or ``LSTMCarry(h, c)``); default
         zeros.
+      reverse, seq_lengths: as `jaxrnn.unroll`; ``seq_lengths`` is ``(B,)`` ints.
+      mask, resets: as `jaxrnn.unroll` with ``time_major=True``: ``(T, B)`` bool.
       block_batch: batch rows per program (a power of two, at least 16); the batch is padded
         to a multiple of it.
       num_warps: Triton warps per program.
@@ -472,7 +524,14 @@ def sequence(
         raise ValueError(
             f"{fn}: xs must be (time, batch, {params.w_x.shape[0]}), got shape {xs.shape}."
         )
-    batch = xs.shape[1]
+    steps, batch = xs.shape[:2]
+    if seq_lengths is not None:
+        seq_lengths = checks.check_seq_lengths(fn, seq_lengths, (batch,))
+    if mask is not None:
+        mask = checks.check_step_flags(fn, "mask", mask, (steps, batch), "time-major")
+    if resets is not None:
+        resets = checks.check_step_flags(fn, "resets", resets, (steps, batch), "time-major")
+    mask, resets = unroll_lib.step_flags(steps, (batch,), seq_lengths, mask, resets)
     if carry is None:
         carry = cell.initial_carry((batch,), xs.dtype)
     leaves = tuple(jax.tree_util.tree_leaves(carry))
@@ -481,10 +540,23 @@ def sequence(
             f"{fn}: carry must be cell.initial_carry(({batch},)) with leaves of shape "
             f"{(batch, hidden)}, got shapes {[a.shape for a in leaves]}."
         )
+    if mask is not None:
+        # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
+        xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
+    flip = (lambda a: a[::-1]) if reverse else (lambda a: a)
+    keep = jnp.ones((steps, batch), bool) if mask is None else flip(mask)
+    fresh = jnp.zeros((steps, batch), bool)
+    if resets is not None:
+        # Backwards, a reset at t zeroes the carry after step t: before the next flipped step.
+        fresh = jnp.concatenate([fresh[:1], flip(resets)[:-1]]) if reverse else resets
+    acc = jnp.promote_types(xs.dtype, jnp.float32)
+    flags = tuple(a[..., None].astype(acc) for a in (keep, fresh))
+    xs = flip(xs)
     pad = -batch % block_batch
     if pad:
         xs = jnp.pad(xs, ((0, 0), (0, pad), (0, 0)))
         leaves = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in leaves)
+        flags = tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in flags)
     weight_dtype = jnp.dtype(xs.dtype if weight_dtype is None else weight_dtype)
     if hidden * hidden * weight_dtype.itemsize > HELD_WEIGHT_BYTES:
         raise ValueError(
@@ -494,6 +566,10 @@ def sequence(
     if stream_weights is None:
         stream_weights = params.w_h.size * weight_dtype.itemsize > HELD_WEIGHT_BYTES
     config = _Config(kind, block_batch, num_warps, weight_dtype, interpret, bool(stream_weights))
-    ys, final = _sequence(params, xs, tuple(a.astype(xs.dtype) for a in leaves), config)
-    ys, final = ys[:, :batch], tuple(a[:batch] for a in final)
+    hs, final = _sequence(params, xs, tuple(a.astype(xs.dtype) for a in leaves), flags, config)
+    ys, final = flip(hs[:, :batch]), tuple(a[:batch] for a in final)
+    if mask is not None:  # the kernels store the carry's h, held at skipped steps
+        ys = jnp.where(mask[..., None], ys, jnp.zeros((), ys.dtype))
+    if reverse and resets is not None:
+        final = tuple(jnp.where(resets[0][:, None], jnp.zeros((), a.dtype), a) for a in final)
     return ys, (LSTMCarry(*final) if kind == "lstm" else final[0])
