@@ -207,6 +207,14 @@ def test_bad_arguments_are_named():
     projected = jaxrnn.lstm(HIDDEN, proj_size=4)
     with pytest.raises(ValueError, match=r"without proj_size or jaxrnn.gru\(...\), got 'lstm"):
         run(projected, projected.init(fresh_key(), FEATURES), xs)
+    with pytest.raises(
+        ValueError, match=r"mask must have shape \(7, 5\) \(time-major.*got shape \(5, 7\)"
+    ):
+        run(cell, params, xs, mask=jnp.ones((BATCH, TIME), bool))
+    with pytest.raises(TypeError, match=r"resets must be a bool array, got dtype int32"):
+        run(cell, params, xs, resets=jnp.ones((TIME, BATCH), jnp.int32))
+    with pytest.raises(ValueError, match=r"seq_lengths must have shape \(5,\) .* got shape \(7,\)"):
+        run(cell, params, xs, seq_lengths=jnp.ones((TIME,), jnp.int32))
     wide = jaxrnn.gru(48)
     with pytest.raises(ValueError, match=r"hidden size must be one of .* got 48"):
         run(wide, wide.init(fresh_key(), FEATURES), xs)
