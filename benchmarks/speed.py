@@ -6,6 +6,7 @@ Usage::
     python benchmarks/speed.py --device gpu --grid quick --out gpu.json --plot gpu.png
     python benchmarks/speed.py --device cpu --cells lstm:16:256:128 --peers torch --reps 30
     python benchmarks/speed.py --device cpu --tune          # measure the unroll table
+    python benchmarks/speed.py --device cpu --host-devices 2 --peers torch,jaxrnn1
 
 Method: every library gets the same random inputs and weights of the same sizes (input size =
 hidden size), in its own default layout (jaxrnn and Flax batch-major, PyTorch time-major). JAX
@@ -18,6 +19,12 @@ alike; the table reports the median per runner and the ratio ``peer_time / jaxrn
 ``sum(outputs)`` and its gradient with respect to the weights and the inputs. Peak memory is
 the compiled program's temporary buffers (JAX, from XLA's memory analysis) and
 ``torch.cuda.max_memory_allocated`` (PyTorch on GPU); it is not measured for PyTorch on CPU.
+
+``--host-devices N`` (CPU): JAX sees ``N`` CPU devices and jaxrnn runs with the batch sharded
+over them (an explicit mesh, ``jax.set_mesh``): XLA runs each device's loop on its own
+thread, where one device runs a step's small matmul on one core. PyTorch gets ``N`` threads;
+the peer ``jaxrnn1`` is jaxrnn on one device in the same run; Flax runs on one device (its
+``nn.RNN`` scan rejects a batch-sharded carry under an explicit mesh).
 """
 
 from __future__ import annotations
@@ -60,9 +67,10 @@ FULL_EXTRA = [
     for t in (100, 1000)
 ]
 UNROLL_FACTORS = (1, 2, 4, 8)
-PEERS = ("torch", "flax", "cudnn", "scan")
+PEERS = ("torch", "flax", "cudnn", "scan", "jaxrnn1")
 PEER_LABELS = {
     "jaxrnn": "jaxrnn",
+    "jaxrnn1": "jaxrnn, one device",
     "torch": "PyTorch",
     "flax": "Flax nn.RNN",
     "cudnn": "jax.experimental.rnn (cuDNN)",
@@ -82,13 +90,27 @@ def parse_cell(spec: str):
 # compile seconds and peak bytes where known.
 
 
-def _jax_runner(fwd: Callable, loss: Callable, args: tuple):
-    """Jits ``fwd(*args)`` and ``grad(loss)(*args)``; measures compile time and temp memory."""
+def _jax_runner(fwd: Callable, loss: Callable, args: tuple, mesh=None):
+    """Jits ``fwd(*args)`` and ``grad(loss)(*args)``; measures compile time and temp memory.
+
+    With ``mesh`` (one axis, ``"batch"``), ``args[-1]`` (the inputs, batch first) is sharded
+    over it and the rest replicated; tracing runs under ``jax.set_mesh(mesh)``.
+    """
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        *rest, xs = args
+        rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
+        args = (*rest, jax.device_put(xs, NamedSharding(mesh, PartitionSpec("batch"))))
     out = {}
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
     for name, fn in (("fwd", fwd), ("fwdbwd", grad)):
         start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        if mesh is None:
+            compiled = jax.jit(fn).lower(*args).compile()
+        else:
+            with jax.set_mesh(mesh):
+                compiled = jax.jit(fn).lower(*args).compile()
         compile_s = time.perf_counter() - start
         try:
             peak = int(compiled.memory_analysis().temp_size_in_bytes)
@@ -98,7 +120,7 @@ def _jax_runner(fwd: Callable, loss: Callable, args: tuple):
     return out
 
 
-def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None):
+def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None, mesh=None):
     hidden = xs_bm.shape[-1]
     cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
     params = cell.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
@@ -117,7 +139,16 @@ def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None):
         def run(params, xs):
             return jaxrnn.unroll(cell, params, xs, matmul_dtype=matmul_dtype)[0]
 
-    return _jax_runner(run, lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), (params, xs_bm))
+    loss = lambda p, x: jnp.sum(run(p, x).astype(jnp.float32))  # noqa: E731
+    return _jax_runner(run, loss, (params, xs_bm), mesh)
+
+
+def host_mesh(n: int, batch: int):
+    """A one-axis ``"batch"`` mesh over ``n`` CPU devices, or ``None`` (one device, or a batch
+    that ``n`` does not divide)."""
+    if n <= 1 or batch % n:
+        return None
+    return jax.make_mesh((n,), ("batch",), devices=jax.devices()[:n])
 
 
 def flax_runner(kind, xs_bm, dtype):
@@ -242,7 +273,10 @@ def bench_cell(spec, args, rng):
     kind, batch, time_, hidden = parse_cell(spec)
     dtype = jnp.dtype(args.dtype)
     xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time_, hidden), jnp.float32).astype(dtype)
-    builders = {"jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype)}
+    mesh = host_mesh(args.host_devices, batch)
+    builders = {
+        "jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype, mesh=mesh)
+    }
     for peer in args.peers:
         if peer == "torch":
             builders[peer] = lambda: torch_runner(kind, xs, dtype, args.device)
@@ -252,6 +286,8 @@ def bench_cell(spec, args, rng):
             builders[peer] = lambda: cudnn_runner(kind, xs, dtype)
         elif peer == "scan":
             builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, reference=True)
+        elif peer == "jaxrnn1":
+            builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype)
     built = {}
     for name, build in builders.items():
         try:
@@ -262,6 +298,7 @@ def bench_cell(spec, args, rng):
         if runner is not None:
             built[name] = runner
     result = {"cell": spec, "kind": kind, "batch": batch, "time": time_, "hidden": hidden}
+    result["jaxrnn_devices"] = 1 if mesh is None else mesh.size
     for pass_ in args.passes:
         runners = {name: r[pass_][0] for name, r in built.items()}
         times = time_interleaved(runners, args.reps, rng)
@@ -317,7 +354,10 @@ def markdown(results, passes, peers) -> str:
         for pass_ in passes:
             row = r[pass_]
             ours = row["jaxrnn"]["median_ms"]
-            cells = [f"{r['kind']} {r['batch']} {r['time']} {r['hidden']}", pass_, f"{ours:.2f}"]
+            label = f"{r['kind']} {r['batch']} {r['time']} {r['hidden']}"
+            if r.get("jaxrnn_devices", 1) > 1:
+                label += f" [{r['jaxrnn_devices']} devices]"
+            cells = [label, pass_, f"{ours:.2f}"]
             for p in peers:
                 cells.append(f"{row[p]['median_ms']:.2f}" if p in row else "–")
             for p in peers:
@@ -373,7 +413,18 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of the ratios here")
     parser.add_argument("--tune", action="store_true", help="time the fast path per unroll")
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=1,
+        help="CPU: run jaxrnn with the batch sharded over this many CPU devices (must come "
+        "before any JAX computation in the process)",
+    )
     args = parser.parse_args(argv)
+    if args.host_devices > 1:
+        if args.device != "cpu":
+            raise SystemExit("--host-devices: CPU only (--device cpu)")
+        jax.config.update("jax_num_cpu_devices", args.host_devices)
 
     backend = jax.default_backend()
     if (args.device == "gpu") != (backend == "gpu"):
@@ -412,6 +463,7 @@ def main(argv=None):
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")
         + (" (TF32 on GPU for both JAX and PyTorch)" if args.device == "gpu" else ""),
         "reps": args.reps,
+        "host_devices": args.host_devices,
         "torch": torch_info(args.device) if "torch" in args.peers else None,
         "unroll_table": {k: list(v) for k, v in fastpath.UNROLL_TABLE.items()},
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -440,7 +492,8 @@ def main(argv=None):
     print()
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
     md = f", jaxrnn matmuls in {args.matmul_dtype}" if args.matmul_dtype else ""
-    print(f"{args.device}, {args.dtype}{md}, jax {jax.__version__}")
+    hd = f", jaxrnn batch over {args.host_devices} CPU devices" if args.host_devices > 1 else ""
+    print(f"{args.device}, {args.dtype}{md}{hd}, jax {jax.__version__}")
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,60 @@
+"""``benchmarks/speed.py`` does not rot: tiny runs in a fresh process.
+
+Not a timing test: the cells are too small to mean anything, and only the structure of the
+report is checked (which runners ran, on how many devices).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+SPEED = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def _run(tmp_path, *argv):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, str(SPEED), "--device", "cpu", "--reps", "1", "--out", str(out), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_run_reports_every_runner_and_ratio(tmp_path):
+    report, stdout = _run(tmp_path, "--cells", "elman:2:5:8,gru:2:5:8", "--peers", "flax,scan")
+    assert [r["cell"] for r in report["results"]] == ["elman:2:5:8", "gru:2:5:8"]
+    for r in report["results"]:
+        assert r["jaxrnn_devices"] == 1
+        for pass_ in ("fwd", "fwdbwd"):
+            assert set(r[pass_]) == {"jaxrnn", "flax", "scan"}
+            assert all(v["median_ms"] > 0 for v in r[pass_].values())
+    assert "| gru 2 5 8 | fwdbwd |" in stdout and "ratio flax" in stdout
+
+
+def test_host_devices_shard_the_batch(tmp_path):
+    """``--host-devices 2``: jaxrnn runs batch-sharded over two CPU devices where the batch
+    divides, on one device where it does not; ``jaxrnn1`` is the one-device run."""
+    report, stdout = _run(
+        tmp_path, "--host-devices", "2", "--cells", "lstm:4:5:8,lstm:3:5:8", "--peers", "jaxrnn1"
+    )
+    assert report["meta"]["jax_devices"] == ["cpu:0", "cpu:1"]
+    assert [r["jaxrnn_devices"] for r in report["results"]] == [2, 1]
+    assert set(report["results"][0]["fwdbwd"]) == {"jaxrnn", "jaxrnn1"}
+    assert "| lstm 4 5 8 [2 devices] | fwd |" in stdout
+    assert "jaxrnn batch over 2 CPU devices" in stdout
+
+
+def test_host_devices_is_cpu_only(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SPEED), "--device", "gpu", "--host-devices", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "--host-devices: CPU only" in proc.stderr
