@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import re
 import runpy
+import subprocess
+import sys
 
 import pytest
 
@@ -23,7 +25,18 @@ def test_readme_python_blocks_run():
     for block in blocks:  # in order, sharing names, as a reader would paste them
         if "jax.distributed.initialize()" in block:
             continue  # needs a multi-host cluster; shown for the recipe only
+        if "jax_num_cpu_devices" in block:
+            continue  # sets up JAX's devices: runs in a fresh process below
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_host_devices_block_runs_in_a_fresh_process():
+    (block,) = [b for b in _readme_blocks() if "jax_num_cpu_devices" in b]
+    proc = subprocess.run(
+        [sys.executable, "-c", block], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "('batch', None, None)" in proc.stdout  # P(...) or PartitionSpec(...)
 
 
 @pytest.mark.parametrize("script", ["i_am_a_boy.py"])
