@@ -81,23 +81,27 @@ def test_several_programs_and_default_carry(name):
     assert_trees_close(got, jaxrnn.unroll(cell, params, xs, time_major=True))
 
 
-def test_gradients_equal_the_scan(name):
-    cell, params, xs, carry = _inputs(name)
-    w_ys = jax.random.normal(fresh_key(), (TIME, BATCH, HIDDEN))
-    w_carry = random_carry(cell, (BATCH,))
+def _assert_same_gradients(cell, run, scan, params, xs, carry):
+    """``jax.grad`` of a random weighting of outputs and final carry: ``run`` against ``scan``."""
+    w_ys = jax.random.normal(fresh_key(), (*xs.shape[:2], HIDDEN))
+    w_carry = random_carry(cell, xs.shape[1:2])
 
-    def grad_of(run):
+    def grad_of(f):
         def loss(p, xs, c):
-            ys, final = run(p, xs, c)
+            ys, final = f(p, xs, c)
             terms = jax.tree_util.tree_map(lambda a, w: jnp.sum(a * w), final, w_carry)
             return jnp.sum(ys * w_ys) + sum(jax.tree_util.tree_leaves(terms))
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
-    got = grad_of(_kernel(cell))(params, xs, carry)
-    scan = lambda p, xs, c: jaxrnn.unroll(cell, p, xs, c, time_major=True)
-    want = grad_of(scan)(params, xs, carry)
+    got, want = grad_of(run)(params, xs, carry), grad_of(scan)(params, xs, carry)
     assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_equal_the_scan(name):
+    cell, params, xs, carry = _inputs(name)
+    scan = lambda p, xs, c: jaxrnn.unroll(cell, p, xs, c, time_major=True)
+    _assert_same_gradients(cell, _kernel(cell), scan, params, xs, carry)
 
 
 # The runner's modes with one batch axis, given to the kernels time-major.
@@ -132,20 +136,8 @@ def test_lengths_masks_resets_and_reverse_equal_the_loop(name, mode):
     assert_trees_close(got, want)
     if carry is None:
         carry = cell.initial_carry((xs.shape[1],))
-    w_ys = jax.random.normal(fresh_key(), got[0].shape)
-    w_carry = random_carry(cell, (xs.shape[1],))
-
-    def grad_of(f):
-        def loss(p, xs, c):
-            ys, final = f(p, xs, c)
-            terms = jax.tree_util.tree_map(lambda a, w: jnp.sum(a * w), final, w_carry)
-            return jnp.sum(ys * w_ys) + sum(jax.tree_util.tree_leaves(terms))
-
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
     scan = lambda p, xs, c: jaxrnn.unroll(cell, p, xs, c, time_major=True, **kwargs)
-    assert_trees_close(grad_of(run)(params, xs, carry), grad_of(scan)(params, xs, carry),
-                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    _assert_same_gradients(cell, run, scan, params, xs, carry)
 
 
 @pytest.mark.parametrize("mode", ["everything", "everything_time_major_reverse"])
