@@ -488,6 +488,9 @@ def main(argv=None):
         r = results[-1]
         brief = {p: {n: round(v["median_ms"], 2) for n, v in r[p].items()} for p in args.passes}
         print(f"{spec} ({time.perf_counter() - start:.0f}s): {brief}", flush=True)
+        if args.out:  # partial results survive a time limit
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": results, "complete": False}, f, indent=1)
     table = markdown(results, args.passes, args.peers)
     print()
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
@@ -497,7 +500,9 @@ def main(argv=None):
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results, "table": table}, f, indent=1)
+            json.dump(
+                {"meta": meta, "results": results, "table": table, "complete": True}, f, indent=1
+            )
     if args.plot:
         try:
             plot(results, args.passes, args.plot)

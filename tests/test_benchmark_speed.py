@@ -28,7 +28,10 @@ def _run(tmp_path, *argv):
 
 def test_quick_run_reports_every_runner_and_ratio(tmp_path):
     report, stdout = _run(tmp_path, "--cells", "elman:2:5:8,gru:2:5:8", "--peers", "flax,scan")
-    assert [r["cell"] for r in report["results"]] == ["elman:2:5:8", "gru:2:5:8"]
+    assert report["complete"] and [r["cell"] for r in report["results"]] == [
+        "elman:2:5:8",
+        "gru:2:5:8",
+    ]
     for r in report["results"]:
         assert r["jaxrnn_devices"] == 1
         for pass_ in ("fwd", "fwdbwd"):
