@@ -4,7 +4,10 @@
    (the fast path), dense and with random lengths and resets in reverse, as relative errors
    (both sides run their float32 matmuls at the default precision, TF32 on an H100).
 2. Speed: forward and forward+backward against ``jaxrnn.unroll`` and PyTorch's ``nn.RNN``,
-   ``nn.LSTM``, ``nn.GRU`` (cuDNN), interleaved rounds, medians; for each ``num_warps``.
+   ``nn.LSTM``, ``nn.GRU`` (cuDNN), interleaved rounds, medians; for each ``num_warps``; and
+   ``unroll_pallas``, `jaxrnn.unroll` on the fast path's ``"pallas"`` placement (the forward
+   kernel computes the primal and its residuals; the backward stays XLA's transposed linear
+   scan): where it beats plain ``jaxrnn``, per pass, goes into ``fastpath.PALLAS_TABLE``.
 
     python benchmarks/pallas_gpu.py --out pallas.json            # on the GPU machine
     python benchmarks/pallas_gpu.py --interpret --cells lstm:4:6:16 --reps 1   # a CPU smoke run
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (the timing helpers and the PyTorch peer)
 
 import jaxrnn  # noqa: E402
-from jaxrnn._src import pallas_rnn  # noqa: E402
+from jaxrnn._src import fastpath, pallas_rnn  # noqa: E402
 
 # The issue's small-batch H100 cells (cuDNN fp32: LSTM 2.42 / 4.50, GRU 0.95 / 2.13, Elman
 # 0.72 / 1.54 ms) and a wider batch.
@@ -63,6 +66,17 @@ def _runs(cell, warps, interpret, **flags):
     kernel_flags = dict(flags)
     if "resets" in flags:
         kernel_flags["resets"] = flags["resets"].T
+
+    def on_the_kernels(p, xs):
+        """``jaxrnn.unroll`` with the kernels as its primal in every pass (`PALLAS_TABLE`)."""
+        original = fastpath.placements
+        fastpath.placements = lambda *a, **k: ("pallas", "pallas")
+        try:  # the placement is read while tracing
+            return jaxrnn.unroll(cell, p, xs, **flags)[0]
+        finally:
+            fastpath.placements = original
+
+    runs["unroll_pallas"] = on_the_kernels
     for w in warps:
 
         def kernel(p, xs, w=w):

@@ -23,14 +23,18 @@ from conftest import (
     fresh_key,
     mode_inputs,
     random_carry,
+    random_like,
     reference_unroll,
 )
 from jax.test_util import check_grads
+from test_fastpath import FAST_CELLS, jit_fresh, reference_path
+from test_fastpath import _loss as fast_loss
 
 import jaxrnn
-from jaxrnn._src import pallas_rnn
+from jaxrnn._src import fastpath, pallas_rnn
 
 TIME, BATCH, FEATURES, HIDDEN = 7, 5, 3, 16  # a batch that is padded to the block of 16
+PALLAS_HIDDEN = 16  # `jaxrnn.unroll` on the kernels: the smallest hidden size they take
 CELLS = {
     "elman_tanh": lambda h: jaxrnn.elman(h),
     "elman_relu": lambda h: jaxrnn.elman(h, activation="relu"),
@@ -224,10 +228,96 @@ def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
     for kind in ("lstm", "gru"):
         for dtype, bound in (("float32", 1e-5), ("bfloat16", 5e-2)):
             for flags in ("", "/lengths_resets_reverse"):
-                errors = report["check"][f"{kind}/{dtype}{flags}"]["pallas_w4"]
-                assert errors["out_rel_err"] < bound and errors["grad_rel_err"] < bound, errors
+                for run in ("pallas_w4", "unroll_pallas"):
+                    errors = report["check"][f"{kind}/{dtype}{flags}"][run]
+                    assert errors["out_rel_err"] < bound, errors
+                    assert errors["grad_rel_err"] < bound, errors
     assert len(report["rows"]) == 4
     assert set(report["rows"][0]["ms"]) == {
-        "jaxrnn/fwd", "jaxrnn/fwdbwd", "pallas_w4/fwd", "pallas_w4/fwdbwd"
+        "jaxrnn/fwd", "jaxrnn/fwdbwd", "pallas_w4/fwd", "pallas_w4/fwdbwd",
+        "unroll_pallas/fwd", "unroll_pallas/fwdbwd",
     }  # fmt: skip
     assert out.exists() and out.with_suffix(".md").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# `jaxrnn.unroll` with the kernels as the fast path's primal (the "pallas" placement).
+
+PALLAS_MODES = (
+    "no_batch",
+    "two_batch_dims",
+    "seq_lengths_two_batch_dims",
+    "mask_reverse",
+    "resets_reverse",
+    "everything",
+    "everything_time_major_reverse",
+)
+PALLAS_CASES = [(c, m) for c in ("elman_tanh", "lstm", "gru") for m in PALLAS_MODES]
+PALLAS_CASES += [(c, "everything") for c in ("elman_relu", "elman_nobias", "lstm_nobias")]
+PALLAS_CASES += [("gru_nobias", "everything")]
+
+
+@pytest.fixture
+def on_the_kernels(monkeypatch):
+    """Every pass of `jaxrnn.unroll` on the kernels (in the interpreter, off the GPU)."""
+    monkeypatch.setattr(fastpath, "placements", lambda *a, **k: ("pallas", "pallas"))
+
+
+@pytest.mark.parametrize("cell_name, mode", PALLAS_CASES)
+def test_unroll_on_the_kernels_equals_the_reference(cell_name, mode, on_the_kernels):
+    cell = FAST_CELLS[cell_name](PALLAS_HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    kwargs.pop("unroll", None)
+
+    def outputs_and_grads(p, x, c):
+        grads = jax.grad(fast_loss, argnums=(1, 2, 3))(cell, p, x, c, kwargs)
+        return jaxrnn.unroll(cell, p, x, c, **kwargs), grads
+
+    jaxpr = str(jax.make_jaxpr(outputs_and_grads)(params, xs, carry))
+    assert "pallas_call" in jaxpr
+    got = jax.jit(outputs_and_grads)(params, xs, carry)
+    with reference_path():
+        want = jit_fresh(outputs_and_grads)(params, xs, carry)
+    assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru"])
+def test_unroll_on_the_kernels_keeps_forward_mode(cell_name, on_the_kernels):
+    """``jax.jvp``, and ``check_grads`` of order 2 in both modes (float64): the kernel is the
+    primal under the fast path's linear JVP rule."""
+    cell = FAST_CELLS[cell_name](PALLAS_HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, "everything_time_major_reverse")
+    kwargs.pop("unroll", None)
+    tangents = (random_like(params), random_like(xs))
+    f = lambda p, x: jaxrnn.unroll(cell, p, x, carry, **kwargs)  # noqa: E731
+    got = jax.jvp(f, (params, xs), tangents)
+    with reference_path():
+        want = jax.jvp(f, (params, xs), tangents)
+    assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
+    with jax.enable_x64(True):
+        params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
+        xs, carry, kwargs = mode_inputs(cell, "everything", dtype=jnp.float64)
+        kwargs.pop("unroll", None)
+        g = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
+        check_grads(g, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-4)
+
+
+def test_placements_follow_the_measured_table(monkeypatch):
+    """Empty table: never the kernels. With a bound, GPU only, up to it, float32 or bfloat16
+    without ``matmul_dtype``, a hidden size the kernels take, an unsharded batch."""
+    assert fastpath.PALLAS_TABLE == {}
+    hoisted = ("hoisted", "hoisted")
+    assert fastpath.placements("lstm", 8, 128, jnp.float32, backend="gpu") == hoisted
+    monkeypatch.setitem(fastpath.PALLAS_TABLE, "lstm", (64, 16))
+    place = functools.partial(fastpath.placements, "lstm", hidden=128, dtype=jnp.float32)
+    assert place(8, backend="gpu") == ("pallas", "pallas")
+    assert place(32, backend="gpu") == ("pallas", "hoisted")
+    assert place(128, backend="gpu") == hoisted
+    assert place(8, backend="cpu") == fastpath.projection_modes("lstm", "cpu")
+    assert place(8, backend="gpu", matmul_dtype=jnp.bfloat16) == hoisted
+    assert place(8, backend="gpu", sharded=True) == hoisted
+    assert fastpath.placements("lstm", 8, 48, jnp.float32, backend="gpu") == hoisted
+    assert fastpath.placements("lstm", 8, 128, jnp.float64, backend="gpu") == hoisted
+    assert fastpath.placements("gru", 8, 128, jnp.float32, backend="gpu") == hoisted

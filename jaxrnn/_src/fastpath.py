@@ -288,8 +288,11 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
     kind, reverse, unroll, proj, md = static
     primal = _RECURRENCES[kind][0]
     n_gates = _N_GATES[kind]
+    placement = proj[1] if save else proj[0]
 
-    if (proj[1] if save else proj[0]) == "hoisted":
+    if placement == "pallas":  # the persistent kernel (`pallas_rnn`), same outputs and residuals
+        return _pallas_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
+    if placement == "hoisted":
         # One large matmul before the loop, cut into one array per gate; the loop reads them.
         xs = _gates(_project(xs, w_x, b_x, md), n_gates)
 
@@ -318,6 +321,27 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
         return c_new, y, (c_in[0], res) if save else None
 
     return _scan(update, recur, carry, xs, mask, resets, reverse, unroll)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _pallas_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
+    """`_primal_scan` on the persistent Pallas kernel (`pallas_rnn.primal_scan`)."""
+    from jaxrnn._src import pallas_rnn
+
+    kind, reverse = static[:2]
+    interpret = jax.default_backend() != "gpu"  # Pallas's interpreter: tests off the GPU
+    return pallas_rnn.primal_scan(
+        kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save, interpret
+    )
+
+
+@_pallas_primal.defjvp
+def _pallas_primal_jvp(static, save, primals, tangents):
+    """The kernel's derivatives are those of the same scan in XLA. Only derivatives of order
+    two and more reach here (the first order is `_recurrence`'s linear rule), which keeps the
+    kernel's outputs and residuals differentiable to any order."""
+    xla = (*static[:3], projection_modes(static[0]), static[4])
+    return jax.jvp(lambda *a: _primal_scan(xla, *a, save=save), primals, tangents)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -393,6 +417,30 @@ def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
     return ("hoisted", "hoisted") if kind.startswith("elman") else ("hoisted", "fused")
 
 
+# Where the persistent Pallas kernels (`pallas_rnn`) run the primal of the fast path on GPU:
+# ``{kind: (largest batch, forward-only pass; largest batch, gradient pass)}``, from
+# ``benchmarks/pallas_gpu.sh`` (which times ``jaxrnn.unroll`` with them against without).
+# Empty until a GPU has measured it: `unroll` never dispatches to them before.
+PALLAS_TABLE: dict[str, tuple[int, int]] = {}
+
+
+def placements(kind, batch, hidden, dtype, matmul_dtype=None, backend=None, sharded=False):
+    """`projection_modes`, with ``"pallas"`` for a pass that `PALLAS_TABLE` gives to the
+    persistent kernels (GPU, float32/bfloat16 without ``matmul_dtype``, an unsharded batch
+    up to the table's bound). The kernel computes the primal and its residuals; the linear
+    JVP rule on top is the same, so forward and reverse mode keep working."""
+    backend = backend or jax.default_backend()
+    modes = projection_modes(kind, backend)
+    limits = PALLAS_TABLE.get(kind) if backend in ("gpu", "cuda") else None
+    if limits is None or matmul_dtype is not None or sharded:
+        return modes
+    from jaxrnn._src import pallas_rnn
+
+    if not pallas_rnn.supports(kind, hidden, dtype):
+        return modes
+    return tuple("pallas" if batch <= bound else m for m, bound in zip(modes, limits))
+
+
 def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):
     """The fast path of ``unroll.run_time_major`` for a built-in cell (`supports` is true).
 
@@ -412,13 +460,15 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
     if mask is not None:
         # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
         xs = jnp.where(mask[..., None], xs, jnp.zeros((), dtype))
+    batch = 1
+    for d in xs.shape[1:-1]:
+        batch *= d
     if unroll is None:
-        batch = 1
-        for d in xs.shape[1:-1]:
-            batch *= d
         unroll = default_unroll(batch, w_h.shape[0])
     md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
-    static = (kind, reverse, unroll, projection_modes(kind), md)
+    sharded = sharding.time_major_batch(xs) is not None
+    modes = placements(kind, batch, w_h.shape[0], dtype, md, sharded=sharded)
+    static = (kind, reverse, unroll, modes, md)
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)
     return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))

@@ -28,13 +28,20 @@ hoisted, one XLA matmul each over all steps:
     \bar W_h = \sum_t h_{t-1}^\top \delta_t, \quad \bar W_x = \sum_t x_t^\top \delta_t, \quad
     \bar b = \sum_t \delta_t, \quad \bar x_t = \delta_t W_x^\top.
 
-It is a ``jax.custom_vjp``: reverse mode only.
+`sequence` is a ``jax.custom_vjp``: reverse mode only.
+
+`primal_scan` runs the forward kernel as the primal of `jaxrnn.unroll`'s fast path (its
+``"pallas"`` placement): it returns the fast path's outputs and per-step residuals, and the
+fast path's linear JVP rule does the rest, so forward mode, reverse mode (XLA's transposed
+scan) and higher orders keep working.
 
 Status: tested on CPU in Pallas's interpreter (outputs and gradients against the loop over
-``cell.step`` and against `jaxrnn.unroll`; ``check_grads`` in float64), and the CUDA lowering
-is checked down to the Triton calls. It has not run on a GPU yet, so `jaxrnn.unroll` does not
-dispatch to it; ``benchmarks/pallas_gpu.sh`` runs the evaluation (correctness on the GPU, then
-timings against `jaxrnn.unroll` and cuDNN).
+``cell.step`` and against `jaxrnn.unroll`; ``check_grads`` in float64; `jaxrnn.unroll` on the
+``"pallas"`` placement against the reference scan, ``jax.jvp`` and ``check_grads`` of order 2),
+and the CUDA lowering is checked down to the Triton calls. It has not run on a GPU yet, so
+`jaxrnn.unroll` does not dispatch to it (``fastpath.PALLAS_TABLE`` is empty);
+``benchmarks/pallas_gpu.sh`` runs the evaluation (correctness on the GPU, then timings against
+`jaxrnn.unroll` and cuDNN) that fills the table.
 
 Backend: Pallas's Triton backend, which JAX 0.11 deprecates in favour of Mosaic GPU (Hopper
 and newer). It still runs on JAX 0.11 and on GPUs older than Hopper; if the evaluation shows
@@ -543,20 +550,6 @@ def sequence(
     if mask is not None:
         # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
         xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
-    flip = (lambda a: a[::-1]) if reverse else (lambda a: a)
-    keep = jnp.ones((steps, batch), bool) if mask is None else flip(mask)
-    fresh = jnp.zeros((steps, batch), bool)
-    if resets is not None:
-        # Backwards, a reset at t zeroes the carry after step t: before the next flipped step.
-        fresh = jnp.concatenate([fresh[:1], flip(resets)[:-1]]) if reverse else resets
-    acc = jnp.promote_types(xs.dtype, jnp.float32)
-    flags = tuple(a[..., None].astype(acc) for a in (keep, fresh))
-    xs = flip(xs)
-    pad = -batch % block_batch
-    if pad:
-        xs = jnp.pad(xs, ((0, 0), (0, pad), (0, 0)))
-        leaves = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in leaves)
-        flags = tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in flags)
     weight_dtype = jnp.dtype(xs.dtype if weight_dtype is None else weight_dtype)
     if hidden * hidden * weight_dtype.itemsize > HELD_WEIGHT_BYTES:
         raise ValueError(
@@ -566,10 +559,129 @@ def sequence(
     if stream_weights is None:
         stream_weights = params.w_h.size * weight_dtype.itemsize > HELD_WEIGHT_BYTES
     config = _Config(kind, block_batch, num_warps, weight_dtype, interpret, bool(stream_weights))
-    hs, final = _sequence(params, xs, tuple(a.astype(xs.dtype) for a in leaves), flags, config)
-    ys, final = flip(hs[:, :batch]), tuple(a[:batch] for a in final)
-    if mask is not None:  # the kernels store the carry's h, held at skipped steps
-        ys = jnp.where(mask[..., None], ys, jnp.zeros((), ys.dtype))
-    if reverse and resets is not None:
-        final = tuple(jnp.where(resets[0][:, None], jnp.zeros((), a.dtype), a) for a in final)
+    run = _Run(xs, leaves, mask, resets, reverse, block_batch)
+    hs, final = _sequence(params, run.xs, run.leaves, run.flags, config)
+    ys, final = run.finish(hs, final)
     return ys, (LSTMCarry(*final) if kind == "lstm" else final[0])
+
+
+class _Run:
+    """One call's time-major ``(T, B, ·)`` arrays as the kernels take them: flipped in time for
+    ``reverse``, the batch padded to a multiple of ``block_batch``, the mask and resets turned
+    into the kernels' ``(keep, fresh)`` flags; `finish` undoes it on the outputs."""
+
+    def __init__(self, xs, leaves, mask, resets, reverse, block_batch):
+        steps, self.batch = xs.shape[:2]
+        self.mask, self.resets, self.reverse = mask, resets, reverse
+        keep = jnp.ones((steps, self.batch), bool) if mask is None else self.flip(mask)
+        fresh = jnp.zeros((steps, self.batch), bool)
+        if resets is not None:
+            # Backwards, a reset at t zeroes the carry after step t: before the next flipped
+            # step (and, for t = 0, the final carry: `finish`).
+            fresh = jnp.concatenate([fresh[:1], self.flip(resets)[:-1]]) if reverse else resets
+        acc = jnp.promote_types(xs.dtype, jnp.float32)
+        self.flags = tuple(a[..., None].astype(acc) for a in (keep, fresh))
+        self.xs = self.flip(xs)
+        self.leaves = tuple(a.astype(xs.dtype) for a in leaves)
+        pad = -self.batch % block_batch
+        if pad:
+            self.xs = jnp.pad(self.xs, ((0, 0), (0, pad), (0, 0)))
+            self.leaves = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in self.leaves)
+            self.flags = tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in self.flags)
+
+    def flip(self, a):
+        return a[::-1] if self.reverse else a
+
+    def seq(self, a):
+        """A kernel's ``(T, B_padded, ·)`` array in the caller's time order and batch."""
+        return self.flip(a[:, : self.batch])
+
+    def finish(self, hs, final):
+        ys, final = self.seq(hs), tuple(a[: self.batch] for a in final)
+        if self.mask is not None:  # the kernels store the carry's h, held at skipped steps
+            ys = jnp.where(self.mask[..., None], ys, jnp.zeros((), ys.dtype))
+        if self.reverse and self.resets is not None:
+            zero = self.resets[0][:, None]
+            final = tuple(jnp.where(zero, jnp.zeros((), a.dtype), a) for a in final)
+        return ys, final
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path's primal on the kernels (`fastpath._primal_scan` with the "pallas" placement).
+
+
+class _Weights(NamedTuple):
+    """The fast path's weights in the fields `_sequence_fwd` reads (``b_h``: the GRU's
+    recurrent bias; the other cells fold theirs into ``b_x``)."""
+
+    w_x: jax.Array
+    b_x: jax.Array | None
+    w_h: jax.Array
+    b_h: jax.Array | None
+
+
+def supports(kind: str, hidden: int, dtype) -> bool:
+    """Whether the kernels take this cell kind, hidden size and dtype on a GPU (float32 or
+    bfloat16; one ``H × H`` block of ``W_h`` within `HELD_WEIGHT_BYTES`)."""
+    dtype = jnp.dtype(dtype)
+    return (
+        kind in KINDS
+        and hidden in HIDDEN_SIZES
+        and dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+        and hidden * hidden * dtype.itemsize <= HELD_WEIGHT_BYTES
+    )
+
+
+def primal_scan(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save, interpret):
+    """`fastpath._primal_scan` on the persistent forward kernel, in its formats.
+
+    ``xs: (T, *batch, F)`` (inputs of skipped steps already zero), ``carry``: a tuple of
+    ``(*batch, H)`` leaves, ``mask``/``resets``: ``(T, *batch)`` bool or ``None``. Returns
+    ``(carry_out, (ys, extra))``, ``extra`` being ``None`` or, with ``save``, the fast path's
+    ``(h_in, residuals)`` per step (the state entering each step, and the cell's residuals
+    made from the kernel's saved gates), so the fast path's linear JVP rule, and with it
+    forward and reverse mode, runs on top of the kernel.
+    """
+    batch_shape, hidden = xs.shape[1:-1], w_h.shape[0]
+    n = 1
+    for d in batch_shape:
+        n *= d
+    flat = lambda a: a.reshape(a.shape[0], n, *a.shape[1 + len(batch_shape) :])  # noqa: E731
+    leaves = tuple(a.reshape(n, hidden) for a in carry)
+    run = _Run(
+        flat(xs), leaves, None if mask is None else flat(mask),
+        None if resets is None else flat(resets), reverse, 16,
+    )  # fmt: skip
+    stream = w_h.size * w_h.dtype.itemsize > HELD_WEIGHT_BYTES
+    config = _Config(kind, 16, 8, jnp.dtype(xs.dtype), interpret, stream)
+    params = _Weights(w_x, b_x, w_h, b_in)
+    (hs, final), residuals = _sequence_fwd(params, run.xs, run.leaves, run.flags, config)
+    saved = residuals[-1]
+    ys, final = run.finish(hs, final)
+    unflat = lambda a: a.reshape(a.shape[0], *batch_shape, a.shape[-1])  # noqa: E731
+    carry_out = tuple(a.reshape(*batch_shape, hidden) for a in final)
+    if not save:
+        return carry_out, (unflat(ys), None)
+    fresh = run.flags[1] > 0.5
+
+    def entering(states, first):
+        """The state entering each (flipped) step: zero after a reset."""
+        prev = jnp.concatenate([first[None], states[:-1]])
+        return jnp.where(fresh, jnp.zeros((), prev.dtype), prev)
+
+    h_in = entering(hs, run.leaves[0])
+    if kind == "lstm":
+        cs, acts = saved
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        c_in = entering(cs, run.leaves[1])
+        tc = jnp.tanh(cs)
+        slopes = jnp.concatenate(
+            [g * i * (1 - i), c_in * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
+        )
+        res = (slopes, f, o * (1 - tc * tc))
+    elif kind == "gru":
+        res = tuple(jnp.split(saved[0], 4, axis=-1))
+    else:
+        res = (hs,)
+    stacked = (unflat(run.seq(h_in)), tuple(unflat(run.seq(a)) for a in res))
+    return carry_out, (unflat(ys), stacked)
