@@ -142,10 +142,16 @@ def _lstm_primal(xw, hw, carry):
     c_new = f * c + i * g
     tc = jnp.tanh(c_new)
     h = o * tc
+    return (h, c_new), h, lstm_residuals(i, f, g, o, c, tc)
+
+
+def lstm_residuals(i, f, g, o, c_in, tc):
+    """The LSTM tangent's coefficients from the activated gates, ``c_in`` and ``tanh(c)``:
+    ``(slopes of i, f, g, o concatenated; f; o·tanh′(c))``."""
     slopes = jnp.concatenate(
-        [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
+        [g * i * (1 - i), c_in * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
     )
-    return (h, c_new), h, (slopes, f, o * (1 - tc * tc))
+    return slopes, f, o * (1 - tc * tc)
 
 
 def _lstm_coefficients(res, h_in):

@@ -61,6 +61,7 @@ must fit on chip: an LSTM at H = 128 holds 256 KiB of float32 weights, a GRU 192
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -69,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from jaxrnn._src import checks
+from jaxrnn._src import checks, fastpath
 from jaxrnn._src import unroll as unroll_lib
 from jaxrnn._src.lstm import LSTMCarry
 
@@ -347,6 +348,18 @@ def _project(kind, params, xs):
     return xw
 
 
+def _entering(states, first, fresh):
+    """The state entering each step of a ``(T, B, H)`` sequence of carries: ``first``, then
+    the previous step's, zero where ``fresh`` (the kernels' reset flag, ``(T, B, 1)``) is set."""
+    prev = jnp.concatenate([first[None], states[:-1]], axis=0)
+    return jnp.where(fresh > 0.5, jnp.zeros((), prev.dtype), prev)
+
+
+def _streamed(w_h, weight_dtype) -> bool:
+    """The default of ``stream_weights``: ``W_h`` in ``weight_dtype`` over `HELD_WEIGHT_BYTES`."""
+    return w_h.size * jnp.dtype(weight_dtype).itemsize > HELD_WEIGHT_BYTES
+
+
 def _struct(like, dtype):
     return jax.ShapeDtypeStruct(like.shape, dtype)
 
@@ -442,9 +455,7 @@ def _sequence_bwd(config, residuals, cotangents):
         d_carry = (dh0,)
     if config.kind != "gru":
         dz_h = dz
-    # The state entering each step: zeros after a reset (dz is zero at skipped steps).
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    h_prev = jnp.where(flags[1] > 0.5, jnp.zeros((), dt), h_prev)
+    h_prev = _entering(hs, h0, flags[1])  # dz is zero at skipped steps
     grads = params._replace(
         w_x=jnp.einsum("tbf,tbg->fg", xs, dz).astype(params.w_x.dtype),
         w_h=jnp.einsum("tbh,tbg->hg", h_prev, dz_h).astype(params.w_h.dtype),
@@ -557,7 +568,7 @@ def sequence(
             f"{HELD_WEIGHT_BYTES // 1024} KiB of shared memory; pass weight_dtype=jnp.bfloat16."
         )
     if stream_weights is None:
-        stream_weights = params.w_h.size * weight_dtype.itemsize > HELD_WEIGHT_BYTES
+        stream_weights = _streamed(params.w_h, weight_dtype)
     config = _Config(kind, block_batch, num_warps, weight_dtype, interpret, bool(stream_weights))
     run = _Run(xs, leaves, mask, resets, reverse, block_batch)
     hs, final = _sequence(params, run.xs, run.leaves, run.flags, config)
@@ -643,17 +654,14 @@ def primal_scan(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, sav
     forward and reverse mode, runs on top of the kernel.
     """
     batch_shape, hidden = xs.shape[1:-1], w_h.shape[0]
-    n = 1
-    for d in batch_shape:
-        n *= d
+    n = math.prod(batch_shape)
     flat = lambda a: a.reshape(a.shape[0], n, *a.shape[1 + len(batch_shape) :])  # noqa: E731
     leaves = tuple(a.reshape(n, hidden) for a in carry)
     run = _Run(
         flat(xs), leaves, None if mask is None else flat(mask),
         None if resets is None else flat(resets), reverse, 16,
     )  # fmt: skip
-    stream = w_h.size * w_h.dtype.itemsize > HELD_WEIGHT_BYTES
-    config = _Config(kind, 16, 8, jnp.dtype(xs.dtype), interpret, stream)
+    config = _Config(kind, 16, 8, jnp.dtype(xs.dtype), interpret, _streamed(w_h, xs.dtype))
     params = _Weights(w_x, b_x, w_h, b_in)
     (hs, final), residuals = _sequence_fwd(params, run.xs, run.leaves, run.flags, config)
     saved = residuals[-1]
@@ -662,23 +670,13 @@ def primal_scan(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, sav
     carry_out = tuple(a.reshape(*batch_shape, hidden) for a in final)
     if not save:
         return carry_out, (unflat(ys), None)
-    fresh = run.flags[1] > 0.5
-
-    def entering(states, first):
-        """The state entering each (flipped) step: zero after a reset."""
-        prev = jnp.concatenate([first[None], states[:-1]])
-        return jnp.where(fresh, jnp.zeros((), prev.dtype), prev)
-
-    h_in = entering(hs, run.leaves[0])
+    fresh = run.flags[1]
+    h_in = _entering(hs, run.leaves[0], fresh)
     if kind == "lstm":
         cs, acts = saved
         i, f, g, o = jnp.split(acts, 4, axis=-1)
-        c_in = entering(cs, run.leaves[1])
-        tc = jnp.tanh(cs)
-        slopes = jnp.concatenate(
-            [g * i * (1 - i), c_in * f * (1 - f), i * (1 - g * g), o * (1 - o) * tc], axis=-1
-        )
-        res = (slopes, f, o * (1 - tc * tc))
+        c_in = _entering(cs, run.leaves[1], fresh)
+        res = fastpath.lstm_residuals(i, f, g, o, c_in, jnp.tanh(cs))
     elif kind == "gru":
         res = tuple(jnp.split(saved[0], 4, axis=-1))
     else:
