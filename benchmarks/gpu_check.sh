@@ -44,4 +44,6 @@ echo "== float32 data, jaxrnn's matmuls in bfloat16 with f32 accumulation (30 s 
 timeout 30 "$PY" benchmarks/speed.py --device gpu --matmul-dtype bfloat16 --peers torch \
   --cells lstm:8:1000:128,lstm:128:500:1024,gru:128:500:1024 --reps 20 \
   --out "$OUT/gpu_bf16_matmul.json" 2>&1 | tee -a "$log"
+echo "== proposed fastpath.UNROLL_TABLE['gpu'] (paste, then run the tests)" | tee -a "$log"
+"$PY" benchmarks/gpu_tables.py --tune "$OUT/gpu_tune.json" 2>&1 | tee -a "$log"
 date -u | tee -a "$log"

@@ -24,4 +24,6 @@ log="$OUT/pallas_gpu.log"
 echo "== on-device check and timings (270 s cap)" | tee -a "$log"
 timeout 270 "$PY" benchmarks/pallas_gpu.py --reps 20 --out "$OUT/pallas_gpu.json" 2>&1 \
   | tee -a "$log"
+echo "== proposed fastpath.PALLAS_TABLE (paste, then run the tests)" | tee -a "$log"
+"$PY" benchmarks/gpu_tables.py --pallas "$OUT/pallas_gpu.json" 2>&1 | tee -a "$log"
 date -u | tee -a "$log"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,17 @@ import pytest
 import jaxrnn
 
 _SEEDS = itertools.count(1000)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """A script of the repository (``benchmarks/…``, ``examples/…``) imported as a module."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # Flax modules (dataclasses) look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
 def fresh_key():

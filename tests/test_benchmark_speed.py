@@ -53,6 +53,26 @@ def test_host_devices_shard_the_batch(tmp_path):
     assert "jaxrnn batch over 2 CPU devices" in stdout
 
 
+def test_tune_rows_feed_the_gpu_table_proposal(tmp_path):
+    """``--tune`` (as ``gpu_check.sh`` runs it on a GPU) writes what ``gpu_tables.py`` reads."""
+    report, stdout = _run(tmp_path, "--tune", "--passes", "fwdbwd", "--cells", "gru:2:5:8")
+    assert [r["cell"] for r in report["tune"]] == ["gru:2:5:8"] and "-> best" in stdout
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SPEED.parent / "gpu_tables.py"),
+            "--tune",
+            str(tmp_path / "speed.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "UNROLL_TABLE['gpu'] = ((1 << 62, " in proc.stdout
+    assert "gru:2:5:8 (batch*hidden 16): ms by unroll {1: " in proc.stdout
+
+
 def test_host_devices_is_cpu_only(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SPEED), "--device", "gpu", "--host-devices", "2"],

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import pathlib
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_script
 from flax import nnx
 
 import jaxrnn
@@ -328,15 +326,9 @@ def test_wrong_input_size_names_the_argument():
 
 # --- The examples run (tests/test_docs.py runs the README's code) ------------------------
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Flax modules (dataclasses) look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def test_flax_train_example_loss_falls_tenfold():

@@ -8,8 +8,7 @@ without a GPU: down to the Triton custom calls.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
+import json
 import re
 
 import jax
@@ -21,6 +20,7 @@ from conftest import (
     MODES,
     assert_trees_close,
     fresh_key,
+    load_script,
     mode_inputs,
     random_carry,
     random_like,
@@ -218,10 +218,7 @@ def test_bad_arguments_are_named():
 
 def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
     """``benchmarks/pallas_gpu.py`` (run on a lent GPU) does not rot: a tiny interpreted run."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pallas_gpu.py"
-    spec = importlib.util.spec_from_file_location("pallas_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/pallas_gpu.py")
     out = tmp_path / "pallas.json"
     argv = ["--interpret", "--cells", "lstm:4:6:16,gru:4:6:16", "--reps", "1", "--no-torch"]
     report = module.main([*argv, "--warps", "4", "--out", str(out)])
@@ -238,6 +235,12 @@ def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
         "unroll_pallas/fwd", "unroll_pallas/fwdbwd",
     }  # fmt: skip
     assert out.exists() and out.with_suffix(".md").exists()
+    # benchmarks/gpu_tables.py reads this report (interpreted timings: the bounds mean nothing)
+    gpu_tables = load_script("benchmarks/gpu_tables.py")
+    table, reasons = gpu_tables.pallas_table(json.loads(out.read_text()))
+    assert set(table) <= {"lstm", "gru"}
+    assert sum(r.startswith("check ") and r.endswith("-> ok") for r in reasons) == 8
+    assert sum("unroll_pallas" in r and " ms, jaxrnn " in r for r in reasons) >= 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""Proposes the fast path's GPU tables from what a GPU session measured.
+
+Three constants wait for GPU numbers: ``fastpath.UNROLL_TABLE["gpu"]`` (the scan's unroll
+factor by ``batch * hidden``), ``fastpath.PALLAS_TABLE`` (per cell, the largest batch whose
+forward-only pass and gradient pass run their primal on the persistent Pallas kernels) and
+``parallel.AUTO_MIN_TIME`` (from how many steps ``method="auto"`` goes parallel on a GPU).
+This script reads the JSON that the GPU scripts write and prints the Python for each, with the
+measurements behind every entry. It edits nothing: paste, then run the tests.
+
+    python benchmarks/gpu_tables.py --tune gpu_results/gpu_tune.json \\
+        --pallas gpu_results/pallas_gpu.json --long gpu_results/long_sequence_gpu.json
+
+Rules (each proposal follows only from its own file):
+
+- unroll: per measured cell, the factor with the least total time over the measured passes;
+  cells sorted by ``batch * hidden``, neighbours with the same factor merged, the last row
+  unbounded.
+- Pallas: a kind enters only if ``unroll_pallas`` (``jaxrnn.unroll`` on the kernels) passed
+  the on-device check in every dtype and flag mode measured (relative error of outputs and
+  gradients under ``--tolerance``). Per pass, the bound is the largest measured batch such
+  that at every measured batch up to it, and in every dtype, ``unroll_pallas`` took at most
+  ``--margin`` of plain ``jaxrnn``'s time; no such batch: 0 (never).
+- auto: the smallest measured ``T`` from which quasi-DEER (converged) beat the sequential scan
+  forward+backward at every measured ``(T, H, B)`` with at least as many steps; none: keep
+  the scan (``1 << 62``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NEVER = 1 << 62  # the last row of an unroll table: every size
+# pallas_gpu.py's cell names -> fastpath's kinds (its Elman cells are the default tanh).
+PALLAS_KINDS = {"elman": "elman_tanh", "lstm": "lstm", "gru": "gru"}
+
+
+def _cell(spec: str) -> tuple[str, int, int, int]:
+    kind, batch, time_, hidden = spec.split(":")
+    return kind, int(batch), int(time_), int(hidden)
+
+
+def unroll_table(tune_rows: list[dict]) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+    """``speed.py --tune`` rows -> ``(UNROLL_TABLE["gpu"], reasons)``."""
+    totals: dict[str, dict[int, float]] = {}
+    for row in tune_rows:
+        line = totals.setdefault(row["cell"], {})
+        for factor, ms in row["ms_by_unroll"].items():
+            line[int(factor)] = line.get(int(factor), 0.0) + float(ms)
+    if not totals:
+        raise ValueError("unroll_table: tune_rows has no measured cell")
+    picks, reasons = [], []
+    for spec, line in totals.items():
+        _, batch, _, hidden = _cell(spec)
+        best = min(line, key=line.get)
+        picks.append((batch * hidden, best))
+        shown = ", ".join(f"{f}: {ms:.2f}" for f, ms in sorted(line.items()))
+        reasons.append(
+            f"{spec} (batch*hidden {batch * hidden}): ms by unroll {{{shown}}} -> {best}"
+        )
+    picks.sort()
+    rows: list[tuple[int, int]] = []
+    for size, factor in picks:
+        if rows and rows[-1][1] == factor:
+            rows[-1] = (size, factor)
+        else:
+            rows.append((size, factor))
+    rows[-1] = (NEVER, rows[-1][1])
+    return tuple(rows), reasons
+
+
+def _check_passes(check: dict, kind: str, tolerance: float) -> tuple[bool, list[str]]:
+    entries = {k: v for k, v in check.items() if k.split("/")[0] == kind}
+    ok, notes = bool(entries), []
+    for key, runs in sorted(entries.items()):
+        errors = runs.get("unroll_pallas", {"error": "not run"})
+        good = "error" not in errors and max(
+            errors["out_rel_err"], errors["grad_rel_err"]
+        ) <= tolerance * (10 if "bfloat16" in key else 1)
+        ok &= good
+        notes.append(f"check {key}: {errors} -> {'ok' if good else 'FAILED'}")
+    return ok, notes
+
+
+def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
+    """``pallas_gpu.py``'s report -> ``(PALLAS_TABLE, reasons)``; bfloat16 checks get ten
+    times ``tolerance``."""
+    table, reasons = {}, []
+    by_kind: dict[str, dict[int, list[dict]]] = {}
+    for row in report.get("rows", []):
+        kind, batch, _, _ = _cell(row["cell"])
+        by_kind.setdefault(kind, {}).setdefault(batch, []).append(row)
+    for kind, batches in sorted(by_kind.items()):
+        ok, notes = _check_passes(report.get("check", {}), kind, tolerance)
+        reasons += notes
+        if not ok:
+            reasons.append(f"{kind}: left out (the on-device check did not pass)")
+            continue
+        bounds = []
+        for pass_ in ("fwd", "fwdbwd"):
+            bound = 0
+            for batch in sorted(batches):
+                ratios = []
+                for row in batches[batch]:
+                    ms = row["ms"]
+                    mine, base = ms.get(f"unroll_pallas/{pass_}"), ms.get(f"jaxrnn/{pass_}")
+                    ratios.append(None if mine is None or base is None else mine / base)
+                    reasons.append(
+                        f"{row['cell']} {row['dtype']} {pass_}: unroll_pallas {mine} ms, "
+                        f"jaxrnn {base} ms"
+                    )
+                if any(r is None or r > margin for r in ratios):
+                    break
+                bound = batch
+            bounds.append(bound)
+        if any(bounds):
+            table[PALLAS_KINDS[kind]] = tuple(bounds)
+    return table, reasons
+
+
+def auto_min_time(rows: list[dict]) -> tuple[int, list[str]]:
+    """``long_sequence.py`` rows -> ``(AUTO_MIN_TIME, reasons)``."""
+    seq = {(r["T"], r["H"], r["B"]): r for r in rows if r.get("method") == "sequential"}
+    wins: dict[int, bool] = {}
+    reasons = []
+    for r in rows:
+        key = (r["T"], r["H"], r["B"])
+        base = seq.get(key)
+        if r.get("method") != "quasi_deer" or base is None:
+            continue
+        mine, ref = r.get("fwd_bwd_s"), base.get("fwd_bwd_s")
+        won = bool(r.get("converged")) and mine is not None and ref is not None and mine < ref
+        wins[r["T"]] = wins.get(r["T"], True) and won
+        reasons.append(f"T={key[0]} H={key[1]} B={key[2]}: quasi_deer {mine} s, scan {ref} s")
+    threshold = NEVER
+    for t in sorted(wins, reverse=True):
+        if not wins[t]:
+            break
+        threshold = t
+    if threshold == NEVER:
+        reasons.append("quasi_deer won at no measured length: keep the scan")
+    return threshold, reasons
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tune", help="speed.py --tune JSON (gpu_check.sh: gpu_tune.json)")
+    ap.add_argument("--pallas", help="pallas_gpu.py JSON (pallas_gpu.sh: pallas_gpu.json)")
+    ap.add_argument("--long", help="long_sequence.py JSON (long_sequence_gpu.json)")
+    ap.add_argument("--margin", type=float, default=0.95)
+    ap.add_argument("--tolerance", type=float, default=1e-2)
+    args = ap.parse_args(argv)
+    out = {}
+
+    def load(path):
+        with open(path) as f:
+            return json.load(f)
+
+    if args.tune:
+        out["UNROLL_TABLE['gpu']"] = unroll_table(load(args.tune)["tune"])
+    if args.pallas:
+        out["PALLAS_TABLE"] = pallas_table(load(args.pallas), args.margin, args.tolerance)
+    if args.long:
+        out["AUTO_MIN_TIME"] = auto_min_time(load(args.long)["rows"])
+    if not out:
+        ap.error("give at least one of --tune, --pallas, --long")
+    for name, (value, reasons) in out.items():
+        print(f"# {name}, from:")
+        for line in reasons:
+            print(f"#   {line}")
+        print(f"{name} = {value!r}\n".replace(str(NEVER), "1 << 62"))
+    return {name: value for name, (value, _) in out.items()}
+
+
+if __name__ == "__main__":
+    main()
