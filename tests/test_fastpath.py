@@ -294,8 +294,13 @@ def test_bf16_matmuls_equal_an_emulated_loop(cell_name):
 
     grads = jax.grad(loss, argnums=(0, 1))(params, xs, jnp.bfloat16)
     emulated = jax.grad(lambda p, x: jnp.sum(jnp.sin(3 * _emulated_bf16_loop(cell, p, x))), (0, 1))
-    # The backward matmuls also run in bf16: equal to bf16 precision, not to f32's.
+    # The backward matmuls also take bf16 weights and activations: equal to bf16 precision,
+    # not to f32's.
     _close(grads, emulated(params, xs), 3e-2)
+    # ... but they accumulate and stay in f32: the weight and input gradients are not rounded
+    # to bf16 (casting the cotangent operand would round them: JAX transposes a cast into one).
+    for g in (grads[0].w_x, grads[0].w_h, grads[1]):
+        assert float(jnp.mean(g == _bf16(g))) < 0.5
 
 
 @pytest.mark.parametrize("cell_name", MAIN_CELLS)

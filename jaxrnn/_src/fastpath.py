@@ -235,22 +235,26 @@ def _scan(update, recur, carry, xs, mask, resets, reverse, unroll):
     return lax.scan(body, carry, (xs, mask, resets), reverse=reverse, unroll=unroll)
 
 
-def _dot(a, w, matmul_dtype, transpose_w=False):
+def _dot(a, w, matmul_dtype, transpose_w=False, tangent=None):
     """``a @ w`` (``a @ wᵀ`` with ``transpose_w``) over ``a``'s last axis.
 
-    With ``matmul_dtype``, both operands are cast to it and the products accumulate in
-    ``a``'s dtype (``preferred_element_type``): bf16 matmuls with f32 accumulation.
+    With ``matmul_dtype``, the operands are cast to it and the products accumulate in ``a``'s
+    dtype (``preferred_element_type``): bf16 matmuls with f32 accumulation. In the tangent
+    rule, ``tangent`` (``"a"`` or ``"w"``) names the tangent operand, which keeps its dtype:
+    JAX transposes a cast operand into a cast result, so casting it would round the
+    gradients (``dW``, ``dxs``, each backward step's ``dZ_t W_hᵀ``) to bf16; kept, they
+    accumulate and stay in f32.
     """
     dims = (((a.ndim - 1,), (1 if transpose_w else 0,)), ((), ()))
     if matmul_dtype is None:
         return lax.dot_general(a, w, dims)
     out_dtype = a.dtype
-    return lax.dot_general(
-        a.astype(matmul_dtype), w.astype(matmul_dtype), dims, preferred_element_type=out_dtype
-    )
+    a = a if tangent == "a" else a.astype(matmul_dtype)
+    w = w if tangent == "w" else w.astype(matmul_dtype)
+    return lax.dot_general(a, w, dims, preferred_element_type=out_dtype)
 
 
-def _matmul(a, w, matmul_dtype=None):
+def _matmul(a, w, matmul_dtype=None, tangent=None):
     """``a @ w`` over all leading dims as one 2-D matmul.
 
     The reshape to 2-D is measured faster on CPU (fwd+bwd LSTM B16 T256 H128: 47 ms against
@@ -259,8 +263,8 @@ def _matmul(a, w, matmul_dtype=None):
     matmul stays 3-D.
     """
     if sharding.time_major_batch(a) is not None:
-        return _dot(a, w, matmul_dtype)
-    flat = _dot(a.reshape(-1, a.shape[-1]), w, matmul_dtype)
+        return _dot(a, w, matmul_dtype, tangent=tangent)
+    flat = _dot(a.reshape(-1, a.shape[-1]), w, matmul_dtype, tangent=tangent)
     return flat.reshape(*a.shape[:-1], w.shape[-1])
 
 
@@ -373,10 +377,10 @@ def _recurrence_jvp(static, primals, tangents):
     _, coefficients, tangent = _RECURRENCES[kind]
     coef = coefficients(res, h_in)
     # Every weight and input term for all steps at once, outside the loop: one matmul each.
-    dxw = _matmul(dxs, w_x, md) + _matmul(xs, dw_x, md)
+    dxw = _matmul(dxs, w_x, md, tangent="a") + _matmul(xs, dw_x, md, tangent="w")
     if b_x is not None:
         dxw = dxw + db_x
-    dhw = _matmul(h_in, dw_h, md)
+    dhw = _matmul(h_in, dw_h, md, tangent="w")
     if b_in is not None:
         dhw = dhw + db_in
     if kind == "gru":
@@ -397,7 +401,7 @@ def _recurrence_jvp(static, primals, tangents):
     w_ht = w_h.T
 
     def recur(dh):
-        return _dot(dh, w_ht, md, transpose_w=True)
+        return _dot(dh, w_ht, md, transpose_w=True, tangent="a")
 
     dcarry_out, (dys, _) = _scan(update, recur, dcarry, inputs, mask, resets, reverse, unroll)
     return (ys, carry_out), (dys, dcarry_out)

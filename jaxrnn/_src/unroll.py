@@ -233,7 +233,9 @@ def unroll(
       matmul_dtype: ``None`` (default: matmuls in ``xs.dtype``) or a floating dtype no wider
         than ``xs.dtype``, e.g. ``jnp.bfloat16``: the input projection and the recurrent
         product cast both operands to it and accumulate in ``xs.dtype``; gate nonlinearities,
-        carries and outputs stay in ``xs.dtype``. Gradients use the same matmuls. Built-in
+        carries and outputs stay in ``xs.dtype``. The derivatives' matmuls cast the same
+        weights and activations; the incoming tangent or cotangent keeps ``xs.dtype``, so
+        gradients accumulate and stay in ``xs.dtype`` (not rounded to bf16). Built-in
         Elman/LSTM/GRU cells (no ``proj_size``) with the sequential method and no ``remat``.
       return_info: also return an `UnrollInfo` (iterations, residual, converged).
 
