@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import fresh_key
 
@@ -146,3 +147,18 @@ def test_bad_unroll_factor(lstm_setup):
     cell, params, xs = lstm_setup
     with pytest.raises(ValueError, match=r"unroll must be an int >= 1 or a bool, got 0"):
         jaxrnn.unroll(cell, params, xs, unroll=0)
+
+
+@pytest.mark.parametrize("name", ["reverse", "time_major"])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("no", r"'no' of type str"), (jnp.array(True), r"Array\(True.* of type ArrayImpl")],
+)
+def test_structural_flags_must_be_python_bools(lstm_setup, name, value, shown):
+    """A string would silently count as true; an array would fail deep inside the trace."""
+    cell, params, xs = lstm_setup
+    with pytest.raises(TypeError, match=rf"unroll: {name} must be a Python bool .*got {shown}"):
+        _traced(lambda x: jaxrnn.unroll(cell, params, x, **{name: value}), xs)
+    # numpy's bool is accepted, and means the same as Python's
+    ys, _ = jaxrnn.unroll(cell, params, xs, **{name: np.bool_(False)})
+    assert ys.shape == (3, 7, 8)

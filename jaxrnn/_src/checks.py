@@ -144,6 +144,18 @@ def check_time_unsharded(fn: str, xs: jax.Array, time_axis: int, layout: str) ->
         )
 
 
+def check_static_flag(fn: str, name: str, value) -> bool:
+    """``value`` as a Python bool: a flag that decides the program's structure while tracing
+    (``reverse``, ``time_major``) must be one; a string or an array would be taken as true or
+    fail deep inside the trace."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"{fn}: {name} must be a Python bool (it is read while tracing), got {value!r} of type "
+        f"{type(value).__name__}."
+    )
+
+
 def check_unroll_factor(fn: str, unroll) -> None:
     if isinstance(unroll, bool):
         return

@@ -262,6 +262,8 @@ def unroll(
     fn = "unroll"
     checks.check_cell(fn, cell)
     xs = checks.check_xs(fn, xs)
+    time_major = checks.check_static_flag(fn, "time_major", time_major)
+    reverse = checks.check_static_flag(fn, "reverse", reverse)
     if unroll is not None:
         checks.check_unroll_factor(fn, unroll)
     parallel.check_options(fn, method, tol, max_iters, damping, on_nonconvergence, remat)
