@@ -19,7 +19,8 @@ Rules (each proposal follows only from its own file):
   the on-device check in every dtype and flag mode measured (relative error of outputs and
   gradients under ``--tolerance``). Per pass, the bound is the largest measured batch such
   that at every measured batch up to it, and in every dtype, ``unroll_pallas`` took at most
-  ``--margin`` of plain ``jaxrnn``'s time; no such batch: 0 (never).
+  ``--margin`` of plain ``jaxrnn``'s time; no such batch: 0 (never). The third entry is the
+  largest hidden size measured: `fastpath.placements` takes the kernels no further.
 - auto: the smallest measured ``T`` from which quasi-DEER (converged) beat the sequential scan
   forward+backward at every measured ``(T, H, B)`` with at least as many steps; none: keep
   the scan (``1 << 62``).
@@ -87,9 +88,11 @@ def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
     times ``tolerance``."""
     table, reasons = {}, []
     by_kind: dict[str, dict[int, list[dict]]] = {}
+    hiddens: dict[str, int] = {}
     for row in report.get("rows", []):
-        kind, batch, _, _ = _cell(row["cell"])
+        kind, batch, _, hidden = _cell(row["cell"])
         by_kind.setdefault(kind, {}).setdefault(batch, []).append(row)
+        hiddens[kind] = max(hiddens.get(kind, 0), hidden)
     for kind, batches in sorted(by_kind.items()):
         ok, notes = _check_passes(report.get("check", {}), kind, tolerance)
         reasons += notes
@@ -114,7 +117,7 @@ def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
                 bound = batch
             bounds.append(bound)
         if any(bounds):
-            table[PALLAS_KINDS[kind]] = tuple(bounds)
+            table[PALLAS_KINDS[kind]] = (*bounds, hiddens[kind])
     return table, reasons
 
 

@@ -81,7 +81,7 @@ def test_pallas_table_takes_the_largest_batch_won_in_every_dtype_up_to_it():
         ],
     }
     table, reasons = gpu_tables.pallas_table(report, margin=0.95)
-    assert table == {"lstm": (64, 8), "gru": (0, 64)}
+    assert table == {"lstm": (64, 8, 128), "gru": (0, 64, 128)}
     assert "lstm:64:1000:128 bfloat16 fwdbwd: unroll_pallas 1.0 ms, jaxrnn 2.0 ms" in reasons
 
 
@@ -95,7 +95,7 @@ def test_pallas_table_leaves_out_a_kind_whose_check_failed_or_errored():
     assert any("gru/bfloat16" in r and r.endswith("FAILED") for r in reasons)
     # bfloat16 gets ten times the tolerance: 1e-2 passes at 1e-2 * 10 ...
     ok = {"check": {**_check("lstm", bf16=(0.09, 0.05))}, "rows": rows[:1]}
-    assert gpu_tables.pallas_table(ok, tolerance=1e-2)[0] == {"lstm": (8, 8)}
+    assert gpu_tables.pallas_table(ok, tolerance=1e-2)[0] == {"lstm": (8, 8, 128)}
     # ... float32 does not
     bad = {"check": {**_check("lstm", out=0.011)}, "rows": rows[:1]}
     assert gpu_tables.pallas_table(bad, tolerance=1e-2)[0] == {}

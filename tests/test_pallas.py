@@ -309,11 +309,12 @@ def test_unroll_on_the_kernels_keeps_forward_mode(cell_name, on_the_kernels):
 
 def test_placements_follow_the_measured_table(monkeypatch):
     """Empty table: never the kernels. With a bound, GPU only, up to it, float32 or bfloat16
-    without ``matmul_dtype``, a hidden size the kernels take, an unsharded batch."""
+    without ``matmul_dtype``, a hidden size the kernels take and no larger than measured, an
+    unsharded batch."""
     assert fastpath.PALLAS_TABLE == {}
     hoisted = ("hoisted", "hoisted")
     assert fastpath.placements("lstm", 8, 128, jnp.float32, backend="gpu") == hoisted
-    monkeypatch.setitem(fastpath.PALLAS_TABLE, "lstm", (64, 16))
+    monkeypatch.setitem(fastpath.PALLAS_TABLE, "lstm", (64, 16, 128))
     place = functools.partial(fastpath.placements, "lstm", hidden=128, dtype=jnp.float32)
     assert place(8, backend="gpu") == ("pallas", "pallas")
     assert place(32, backend="gpu") == ("pallas", "hoisted")
@@ -322,5 +323,8 @@ def test_placements_follow_the_measured_table(monkeypatch):
     assert place(8, backend="gpu", matmul_dtype=jnp.bfloat16) == hoisted
     assert place(8, backend="gpu", sharded=True) == hoisted
     assert fastpath.placements("lstm", 8, 48, jnp.float32, backend="gpu") == hoisted
+    assert fastpath.placements("lstm", 8, 64, jnp.float32, backend="gpu") == ("pallas",) * 2
+    # the kernels take bfloat16 at H=256, but the table was measured up to H=128
+    assert fastpath.placements("lstm", 8, 256, jnp.bfloat16, backend="gpu") == hoisted
     assert fastpath.placements("lstm", 8, 128, jnp.float64, backend="gpu") == hoisted
     assert fastpath.placements("gru", 8, 128, jnp.float32, backend="gpu") == hoisted

@@ -428,17 +428,19 @@ def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
 
 
 # Where the persistent Pallas kernels (`pallas_rnn`) run the primal of the fast path on GPU:
-# ``{kind: (largest batch, forward-only pass; largest batch, gradient pass)}``, from
-# ``benchmarks/pallas_gpu.sh`` (which times ``jaxrnn.unroll`` with them against without).
+# ``{kind: (largest batch, forward-only pass; largest batch, gradient pass; largest hidden
+# size measured)}``, from ``benchmarks/pallas_gpu.sh`` (which times ``jaxrnn.unroll`` with them
+# against without; ``benchmarks/gpu_tables.py`` turns its report into this table).
 # Empty until a GPU has measured it: `unroll` never dispatches to them before.
-PALLAS_TABLE: dict[str, tuple[int, int]] = {}
+PALLAS_TABLE: dict[str, tuple[int, int, int]] = {}
 
 
 def placements(kind, batch, hidden, dtype, matmul_dtype=None, backend=None, sharded=False):
     """`projection_modes`, with ``"pallas"`` for a pass that `PALLAS_TABLE` gives to the
     persistent kernels (GPU, float32/bfloat16 without ``matmul_dtype``, an unsharded batch
-    up to the table's bound). The kernel computes the primal and its residuals; the linear
-    JVP rule on top is the same, so forward and reverse mode keep working."""
+    up to the table's bound, a hidden size the kernels take and no larger than measured). The
+    kernel computes the primal and its residuals; the linear JVP rule on top is the same, so
+    forward and reverse mode keep working."""
     backend = backend or jax.default_backend()
     modes = projection_modes(kind, backend)
     limits = PALLAS_TABLE.get(kind) if backend in ("gpu", "cuda") else None
@@ -446,9 +448,10 @@ def placements(kind, batch, hidden, dtype, matmul_dtype=None, backend=None, shar
         return modes
     from jaxrnn._src import pallas_rnn
 
-    if not pallas_rnn.supports(kind, hidden, dtype):
+    *bounds, measured_hidden = limits
+    if hidden > measured_hidden or not pallas_rnn.supports(kind, hidden, dtype):
         return modes
-    return tuple("pallas" if batch <= bound else m for m, bound in zip(modes, limits))
+    return tuple("pallas" if batch <= bound else m for m, bound in zip(modes, bounds))
 
 
 def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):
