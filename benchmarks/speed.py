@@ -482,15 +482,19 @@ def main(argv=None):
                 json.dump({"meta": meta, "tune": rows}, f, indent=1)
         return
     results = []
+
+    def write(**extra):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": results, **extra}, f, indent=1)
+
     for spec in args.cells:
         start = time.perf_counter()
         results.append(bench_cell(spec, args, rng))
         r = results[-1]
         brief = {p: {n: round(v["median_ms"], 2) for n, v in r[p].items()} for p in args.passes}
         print(f"{spec} ({time.perf_counter() - start:.0f}s): {brief}", flush=True)
-        if args.out:  # partial results survive a time limit
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "results": results, "complete": False}, f, indent=1)
+        write(complete=False)  # partial results survive a time limit
     table = markdown(results, args.passes, args.peers)
     print()
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
@@ -498,11 +502,7 @@ def main(argv=None):
     hd = f", jaxrnn batch over {args.host_devices} CPU devices" if args.host_devices > 1 else ""
     print(f"{args.device}, {args.dtype}{md}{hd}, jax {jax.__version__}")
     print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {"meta": meta, "results": results, "table": table, "complete": True}, f, indent=1
-            )
+    write(table=table, complete=True)
     if args.plot:
         try:
             plot(results, args.passes, args.plot)

@@ -37,6 +37,7 @@ it when running in reverse).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -473,9 +474,7 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
     if mask is not None:
         # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
         xs = jnp.where(mask[..., None], xs, jnp.zeros((), dtype))
-    batch = 1
-    for d in xs.shape[1:-1]:
-        batch *= d
+    batch = math.prod(xs.shape[1:-1])
     if unroll is None:
         unroll = default_unroll(batch, w_h.shape[0])
     md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)

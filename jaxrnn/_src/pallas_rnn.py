@@ -84,6 +84,9 @@ HIDDEN_SIZES = (16, 32, 64, 128, 256)
 # H100's 227 KiB per block) and takes 72 KiB streamed. One H x H block must fit: Elman H256
 # needs bfloat16 weights.
 HELD_WEIGHT_BYTES = 200 * 1024
+# The defaults of `sequence` and the settings of `primal_scan`: batch rows per program, warps.
+BLOCK_BATCH = 16
+NUM_WARPS = 8
 _CARRY_LEAVES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 2, "gru": 1}
 
 
@@ -480,8 +483,8 @@ def sequence(
     seq_lengths: jax.Array | None = None,
     mask: jax.Array | None = None,
     resets: jax.Array | None = None,
-    block_batch: int = 16,
-    num_warps: int = 8,
+    block_batch: int = BLOCK_BATCH,
+    num_warps: int = NUM_WARPS,
     weight_dtype=None,
     stream_weights: bool | None = None,
     interpret: bool = False,
@@ -659,9 +662,11 @@ def primal_scan(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, sav
     leaves = tuple(a.reshape(n, hidden) for a in carry)
     run = _Run(
         flat(xs), leaves, None if mask is None else flat(mask),
-        None if resets is None else flat(resets), reverse, 16,
+        None if resets is None else flat(resets), reverse, BLOCK_BATCH,
     )  # fmt: skip
-    config = _Config(kind, 16, 8, jnp.dtype(xs.dtype), interpret, _streamed(w_h, xs.dtype))
+    config = _Config(
+        kind, BLOCK_BATCH, NUM_WARPS, jnp.dtype(xs.dtype), interpret, _streamed(w_h, xs.dtype)
+    )
     params = _Weights(w_x, b_x, w_h, b_in)
     (hs, final), residuals = _sequence_fwd(params, run.xs, run.leaves, run.flags, config)
     saved = residuals[-1]
