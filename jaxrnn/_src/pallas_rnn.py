@@ -358,6 +358,11 @@ def _entering(states, first, fresh):
     return jnp.where(fresh > 0.5, jnp.zeros((), prev.dtype), prev)
 
 
+def _block_fits(hidden: int, weight_dtype) -> bool:
+    """Whether one ``H × H`` block of ``W_h`` in ``weight_dtype`` fits `HELD_WEIGHT_BYTES`."""
+    return hidden * hidden * jnp.dtype(weight_dtype).itemsize <= HELD_WEIGHT_BYTES
+
+
 def _streamed(w_h, weight_dtype) -> bool:
     """The default of ``stream_weights``: ``W_h`` in ``weight_dtype`` over `HELD_WEIGHT_BYTES`."""
     return w_h.size * jnp.dtype(weight_dtype).itemsize > HELD_WEIGHT_BYTES
@@ -565,7 +570,7 @@ def sequence(
         # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
         xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
     weight_dtype = jnp.dtype(xs.dtype if weight_dtype is None else weight_dtype)
-    if hidden * hidden * weight_dtype.itemsize > HELD_WEIGHT_BYTES:
+    if not _block_fits(hidden, weight_dtype):
         raise ValueError(
             f"{fn}: one {hidden}x{hidden} block of W_h in {weight_dtype.name} takes more than "
             f"{HELD_WEIGHT_BYTES // 1024} KiB of shared memory; pass weight_dtype=jnp.bfloat16."
@@ -642,7 +647,7 @@ def supports(kind: str, hidden: int, dtype) -> bool:
         kind in KINDS
         and hidden in HIDDEN_SIZES
         and dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-        and hidden * hidden * dtype.itemsize <= HELD_WEIGHT_BYTES
+        and _block_fits(hidden, dtype)
     )
 
 
