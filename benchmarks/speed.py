@@ -13,7 +13,10 @@ hidden size), in its own default layout (jaxrnn and Flax batch-major, PyTorch ti
 functions are jitted; compile time is measured separately (``lower().compile()``) and one
 warm-up call follows, neither counted. Then the runners of a cell are timed *interleaved*,
 one call each per round, for ``--reps`` rounds, so that background load hits every library
-alike; the table reports the median per runner and the ratio ``peer_time / jaxrnn_time``
+alike, each timed call right after untimed calls of the same runner (for ``--warm-ms``, 10
+on CPU), as in a loop calling it, so that it does not share the cores with the previous
+library's spinning worker threads (PyTorch's OpenMP pool spins for milliseconds after each
+call); the table reports the median per runner and the ratio ``peer_time / jaxrnn_time``
 (> 1: jaxrnn is faster). Every call ends in ``block_until_ready`` (JAX) or
 ``torch.cuda.synchronize`` (PyTorch on GPU). ``fwd`` computes the outputs; ``fwdbwd`` computes
 ``sum(outputs)`` and its gradient with respect to the weights and the inputs. Peak memory is
@@ -67,7 +70,7 @@ FULL_EXTRA = [
     for t in (100, 1000)
 ]
 UNROLL_FACTORS = (1, 2, 4, 8)
-PEERS = ("torch", "flax", "cudnn", "scan", "jaxrnn1")
+PEERS = ("torch", "flax", "cudnn", "scan", "jaxrnn1", "xla")
 PEER_LABELS = {
     "jaxrnn": "jaxrnn",
     "jaxrnn1": "jaxrnn, one device",
@@ -75,6 +78,7 @@ PEER_LABELS = {
     "flax": "Flax nn.RNN",
     "cudnn": "jax.experimental.rnn (cuDNN)",
     "scan": "plain scan, unroll 8",
+    "xla": "jaxrnn, XLA's loop",
 }
 
 
@@ -141,6 +145,19 @@ def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None, mes
 
     loss = lambda p, x: jnp.sum(run(p, x).astype(jnp.float32))  # noqa: E731
     return _jax_runner(run, loss, (params, xs_bm), mesh)
+
+
+def without_native(build, *args, **kwargs):
+    """``build(*args, **kwargs)`` with jaxrnn's native CPU kernel off while it traces."""
+    before = os.environ.get("JAXRNN_NATIVE")
+    os.environ["JAXRNN_NATIVE"] = "0"
+    try:
+        return build(*args, **kwargs)
+    finally:
+        if before is None:
+            del os.environ["JAXRNN_NATIVE"]
+        else:
+            os.environ["JAXRNN_NATIVE"] = before
 
 
 def host_mesh(n: int, batch: int):
@@ -249,11 +266,15 @@ def torch_info(device):
 # ----------------------------------------------------------------------------------------------
 
 
-def time_interleaved(runners: dict, reps: int, rng: random.Random) -> dict:
-    """Calls every runner once per round, in a shuffled order.
+def time_interleaved(runners: dict, reps: int, rng: random.Random, warm_s: float = 0.0) -> dict:
+    """Calls every runner once per round, in a shuffled order, each timed call right after
+    untimed calls of the same runner for ``warm_s`` seconds (at least one if ``warm_s``).
 
     Returns ``{name: (wall_seconds, cpu_seconds)}``, lists of per-call wall-clock times and
     process CPU times (all threads; a steadier measure when other jobs share the machine).
+    The untimed calls put each library in the state of a loop calling it: its own worker
+    threads awake, the previous library's gone idle (PyTorch's OpenMP threads spin for
+    milliseconds after each call, taking a core from whatever runs next).
     """
     for fn in runners.values():
         fn()  # warm-up, not counted
@@ -262,6 +283,11 @@ def time_interleaved(runners: dict, reps: int, rng: random.Random) -> dict:
     for _ in range(reps):
         rng.shuffle(names)
         for name in names:
+            if warm_s:
+                until = time.perf_counter() + warm_s
+                runners[name]()
+                while time.perf_counter() < until:
+                    runners[name]()
             wall, cpu = time.perf_counter(), time.process_time()
             runners[name]()
             times[name][0].append(time.perf_counter() - wall)
@@ -288,6 +314,10 @@ def bench_cell(spec, args, rng):
             builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, reference=True)
         elif peer == "jaxrnn1":
             builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype)
+        elif peer == "xla":  # jaxrnn with the native CPU kernel off
+            builders[peer] = lambda: without_native(
+                jaxrnn_runner, kind, xs, dtype, matmul_dtype=args.matmul_dtype, mesh=mesh
+            )
     built = {}
     for name, build in builders.items():
         try:
@@ -301,7 +331,7 @@ def bench_cell(spec, args, rng):
     result["jaxrnn_devices"] = 1 if mesh is None else mesh.size
     for pass_ in args.passes:
         runners = {name: r[pass_][0] for name, r in built.items()}
-        times = time_interleaved(runners, args.reps, rng)
+        times = time_interleaved(runners, args.reps, rng, args.warm_ms / 1e3)
         result[pass_] = {
             name: {
                 "median_ms": 1e3 * statistics.median(ts),
@@ -333,7 +363,7 @@ def tune(args, rng):
                 fn = loss if pass_ == "fwd" else jax.grad(loss, argnums=(0, 1))
                 c = jax.jit(fn).lower(params, xs).compile()
                 runners[(pass_, factor)] = lambda c=c, a=(params, xs): jax.block_until_ready(c(*a))
-        times = time_interleaved(runners, args.reps, rng)
+        times = time_interleaved(runners, args.reps, rng, args.warm_ms / 1e3)
         # On a shared CPU the process CPU time is the steadier measure; on GPU, wall time.
         which = 1 if args.device == "cpu" else 0
         med = {k: 1e3 * statistics.median(v[which]) for k, v in times.items()}
@@ -410,6 +440,14 @@ def main(argv=None):
         "matmul_dtype); peers unchanged",
     )
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per cell and pass")
+    parser.add_argument(
+        "--warm-ms",
+        type=float,
+        default=None,
+        help="untimed calls of the same runner for this long right before each timed one, so "
+        "that the previous library's spinning worker threads (PyTorch's OpenMP pool) have gone "
+        "idle (default: 10 on CPU, 0 on GPU)",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of the ratios here")
     parser.add_argument("--tune", action="store_true", help="time the fast path per unroll")
@@ -443,6 +481,8 @@ def main(argv=None):
             args.cells += [c for c in FULL_EXTRA if c not in args.cells]
     if args.reps is None:
         args.reps = 20 if args.device == "gpu" else 7
+    if args.warm_ms is None:
+        args.warm_ms = 0.0 if args.device == "gpu" else 10.0
     if args.device == "cpu":
         try:
             import torch
@@ -463,6 +503,7 @@ def main(argv=None):
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")
         + (" (TF32 on GPU for both JAX and PyTorch)" if args.device == "gpu" else ""),
         "reps": args.reps,
+        "warm_ms": args.warm_ms,
         "host_devices": args.host_devices,
         "torch": torch_info(args.device) if "torch" in args.peers else None,
         "unroll_table": {k: list(v) for k, v in fastpath.UNROLL_TABLE.items()},

@@ -74,8 +74,11 @@ def placement(request, monkeypatch):
 
 
 def _use_projection(monkeypatch, placement):
+    """XLA's scan with the projection ``placement`` in both passes (the native CPU kernel,
+    which would otherwise run the forward-only pass, off: `test_native.py` tests it)."""
     modes = (placement, placement)
     monkeypatch.setattr(fastpath, "projection_modes", lambda kind, backend=None: modes)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
 
 
 def _loss(cell, params, xs, carry, kwargs):

@@ -319,7 +319,7 @@ def test_placements_follow_the_measured_table(monkeypatch):
     assert place(8, backend="gpu") == ("pallas", "pallas")
     assert place(32, backend="gpu") == ("pallas", "hoisted")
     assert place(128, backend="gpu") == hoisted
-    assert place(8, backend="cpu") == fastpath.projection_modes("lstm", "cpu")
+    assert "pallas" not in place(8, backend="cpu")
     assert place(8, backend="gpu", matmul_dtype=jnp.bfloat16) == hoisted
     assert place(8, backend="gpu", sharded=True) == hoisted
     assert fastpath.placements("lstm", 8, 48, jnp.float32, backend="gpu") == hoisted

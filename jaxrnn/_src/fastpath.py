@@ -303,6 +303,8 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
 
     if placement == "pallas":  # the persistent kernel (`pallas_rnn`), same outputs and residuals
         return _pallas_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
+    if placement == "native":  # the fused CPU kernel (`native`): forward-only passes
+        return _native_primal(kind, reverse, xs, w_x, b_x, w_h, b_in, carry, mask, resets, md)
     if placement == "hoisted":
         # One large matmul before the loop, cut into one array per gate; the loop reads them.
         xs = _gates(_project(xs, w_x, b_x, md), n_gates)
@@ -332,6 +334,22 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
         return c_new, y, (c_in[0], res) if save else None
 
     return _scan(update, recur, carry, xs, mask, resets, reverse, unroll)
+
+
+def _native_primal(kind, reverse, xs, w_x, b_x, w_h, b_in, carry, mask, resets, md):
+    """`_primal_scan` without residuals on the native CPU kernel (`native`), the batch dims
+    flattened into one."""
+    from jaxrnn._src import native
+
+    del md  # never set here (`placements`)
+    time, *batch, features = xs.shape
+    hidden = w_h.shape[0]
+    flat = tuple(a.reshape(-1, hidden) for a in carry)
+    flags = [None if f is None else f.reshape(time, -1) for f in (mask, resets)]
+    xs = xs.reshape(time, -1, features)
+    ys, flat = native.forward(kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse)
+    carry = tuple(a.reshape(*batch, hidden) for a in flat)
+    return carry, (ys.reshape(time, *batch, hidden), None)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -436,14 +454,27 @@ def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
 PALLAS_TABLE: dict[str, tuple[int, int, int]] = {}
 
 
-def placements(kind, batch, hidden, dtype, matmul_dtype=None, backend=None, sharded=False):
-    """`projection_modes`, with ``"pallas"`` for a pass that `PALLAS_TABLE` gives to the
-    persistent kernels (GPU, float32/bfloat16 without ``matmul_dtype``, an unsharded batch
-    up to the table's bound, a hidden size the kernels take and no larger than measured). The
-    kernel computes the primal and its residuals; the linear JVP rule on top is the same, so
-    forward and reverse mode keep working."""
+def placements(
+    kind, batch, hidden, dtype, matmul_dtype=None, backend=None, sharded=False, empty=False
+):
+    """`projection_modes`, with a kernel where one runs a pass:
+
+    - ``"native"`` (CPU): the forward-only pass on the native CPU kernel (`native`): float32,
+      no ``matmul_dtype``, an unsharded batch, non-``empty`` inputs, the kernel built. The
+      gradient pass keeps XLA's scan.
+    - ``"pallas"`` (GPU): a pass that `PALLAS_TABLE` gives to the persistent kernels
+      (float32/bfloat16 without ``matmul_dtype``, an unsharded batch up to the table's bound,
+      a hidden size the kernels take and no larger than measured). The kernel computes the
+      primal and its residuals.
+
+    The linear JVP rule on top is the same either way, so forward and reverse mode keep
+    working."""
     backend = backend or jax.default_backend()
     modes = projection_modes(kind, backend)
+    if backend == "cpu":
+        if empty or matmul_dtype is not None or sharded:
+            return modes
+        return _native_placements(modes, kind, batch, hidden, dtype)
     limits = PALLAS_TABLE.get(kind) if backend in ("gpu", "cuda") else None
     if limits is None or matmul_dtype is not None or sharded:
         return modes
@@ -453,6 +484,16 @@ def placements(kind, batch, hidden, dtype, matmul_dtype=None, backend=None, shar
     if hidden > measured_hidden or not pallas_rnn.supports(kind, hidden, dtype):
         return modes
     return tuple("pallas" if batch <= bound else m for m, bound in zip(modes, bounds))
+
+
+def _native_placements(modes, kind, batch, hidden, dtype):
+    """``"native"`` for the forward-only pass where the native CPU kernel (`native`) takes it
+    and is built: float32, no ``matmul_dtype``, an unsharded, non-empty batch."""
+    from jaxrnn._src import native
+
+    if native.supports(kind, batch, hidden, dtype) and native.available():
+        return ("native", modes[1])
+    return modes
 
 
 def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):
@@ -479,7 +520,7 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
         unroll = default_unroll(batch, w_h.shape[0])
     md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
     sharded = sharding.time_major_batch(xs) is not None
-    modes = placements(kind, batch, w_h.shape[0], dtype, md, sharded=sharded)
+    modes = placements(kind, batch, w_h.shape[0], dtype, md, sharded=sharded, empty=xs.size == 0)
     static = (kind, reverse, unroll, modes, md)
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)

@@ -1,0 +1,537 @@
+// jaxrnn's native CPU kernel: the forward recurrence of the built-in cells (Elman tanh/relu,
+// LSTM, GRU) as one XLA FFI call, every step's matmul and gates fused and spread over threads.
+//
+// Compiled on first use by jaxrnn/_src/native.py (the system C++ compiler, -O3 -march=native)
+// and registered as the FFI target "jaxrnn_rnn_forward_cpu". Semantics are those of
+// jaxrnn/_src/fastpath.py's scan, step for step:
+//
+//   z_t   = h_{t-1} W_h + b_in          (one matmul per step, gate-major columns)
+//   elman: h_t = act(xw_t + z_t)
+//   lstm:  i, f, g, o = σ(xw_i + z_i), σ(xw_f + z_f), tanh(xw_g + z_g), σ(xw_o + z_o)
+//          c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+//   gru:   r = σ(xw_r + z_r);  u = σ(xw_z + z_z);  n = tanh(xw_n + r z_n)
+//          h_t = (1 - u) n + u h_{t-1}
+//
+// with ``xw`` the input projection (computed by XLA before the call). A masked step holds
+// the carry and outputs zeros; a reset zeroes the carry before the step (after it when
+// running in reverse).
+//
+// Threads: each owns a contiguous range of hidden units and the W_h columns of all gates of
+// those units (packed once per call), so it computes its units' gates and carry without
+// exchanging anything but h, which a spin barrier publishes once per step.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+enum Kind : int32_t { kElmanTanh = 0, kElmanRelu = 1, kLstm = 2, kGru = 3 };
+
+// ---- elementwise math, the same code for one float and for 16 lanes ------------------------
+
+template <class V>
+inline V splat(float a);
+template <>
+inline float splat<float>(float a) { return a; }
+template <>
+inline v16 splat<v16>(float a) { return v16{} + a; }
+
+inline int32_t to_int(float a) { return static_cast<int32_t>(a); }
+inline vi16 to_int(v16 a) { return __builtin_convertvector(a, vi16); }
+inline float bits_to_float(int32_t a) { float f; std::memcpy(&f, &a, 4); return f; }
+inline v16 bits_to_float(vi16 a) { v16 f; std::memcpy(&f, &a, 64); return f; }
+
+template <class V>
+inline V load(const float* p);
+template <>
+inline float load<float>(const float* p) { return *p; }
+template <>
+inline v16 load<v16>(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
+inline void store(float* p, float v) { *p = v; }
+inline void store(float* p, v16 v) { std::memcpy(p, &v, 64); }
+
+// exp(x) = 2^n · p(r), x = n ln2 + r, |r| ≤ ln2/2; degree-6 polynomial (relative error ~2e-7).
+// NaN propagates; the argument is clamped to the float32 range of the result.
+template <class V>
+inline V exp_(V x) {
+  x = x < -87.3f ? splat<V>(-87.3f) : x;
+  x = x > 88.3f ? splat<V>(88.3f) : x;
+  V n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest integer
+  V r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  V p = splat<V>(1.3981999507e-3f);
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((to_int(n) + 127) << 23);
+}
+
+template <class V>
+inline V sigmoid_(V x) { return 1.0f / (1.0f + exp_(-x)); }
+
+// tanh(x) = sign(x) (1 - e)/(1 + e), e = exp(-2|x|); a Taylor polynomial near 0, where
+// 1 - e would cancel.
+template <class V>
+inline V tanh_(V x) {
+  V ax = x < 0.0f ? -x : x;
+  V e = exp_(-2.0f * ax);
+  V t = (1.0f - e) / (1.0f + e);
+  t = x < 0.0f ? -t : t;
+  V x2 = x * x;
+  V small = x * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f - x2 * 0.0539682540f)));
+  return ax < 0.0625f ? small : t;
+}
+
+template <class V>
+inline V relu_(V x) { return (x > 0.0f) | (x != x) ? x : splat<V>(0.0f); }
+
+// ---- z[B][N] += h[B][K] · W[K][N] ----------------------------------------------------------
+//
+// W is packed in column panels: panels of 32 columns, then one of 16, then the remaining
+// columns, each panel a contiguous row-major (K, width) block. Unpacked, the rows of a wide W
+// would sit one page apart and alias in the L1 cache (measured: half speed at H = 512).
+
+inline int panel_width(int N, int j) { return N - j >= 32 ? 32 : (N - j >= 16 ? 16 : N - j); }
+
+// One tile: R rows × NV·16 columns of z kept in registers over K rows of a panel.
+template <int R, int NV>
+inline void tile(const float* h, int ldh, const float* W, int K, float* z, int ldz) {
+  constexpr int ldw = 16 * NV;
+  v16 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = load<v16>(z + r * ldz + 16 * v);
+  for (int k = 0; k < K; ++k) {
+    v16 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = load<v16>(W + k * ldw + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float x = h[r * ldh + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * w[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(z + r * ldz + 16 * v, acc[r][v]);
+}
+
+template <int NV>
+inline void panel(const float* h, int ldh, const float* W, int K, float* z, int ldz, int B) {
+  int b = 0;
+  for (; b + 8 <= B; b += 8) tile<8, NV>(h + b * ldh, ldh, W, K, z + b * ldz, ldz);
+  for (; b < B; ++b) tile<1, NV>(h + b * ldh, ldh, W, K, z + b * ldz, ldz);
+}
+
+// In blocks of 256 rows of a panel (32 KiB), which stay in L1 while the row tiles pass over.
+void gemm_acc(const float* h, int ldh, const float* W, int N, int K, float* z, int B) {
+  constexpr int kBlock = 256;
+  for (int j = 0; j < N;) {
+    const int width = panel_width(N, j);
+    for (int k0 = 0; k0 < K; k0 += kBlock) {
+      const int kn = std::min(kBlock, K - k0);
+      const float* Wk = W + static_cast<size_t>(k0) * width;
+      if (width == 32) {
+        panel<2>(h + k0, ldh, Wk, kn, z + j, N, B);
+      } else if (width == 16) {
+        panel<1>(h + k0, ldh, Wk, kn, z + j, N, B);
+      } else {
+        for (int b = 0; b < B; ++b)
+          for (int c = 0; c < width; ++c) {
+            float acc = z[b * N + j + c];
+            for (int k = 0; k < kn; ++k) acc += h[b * ldh + k0 + k] * Wk[k * width + c];
+            z[b * N + j + c] = acc;
+          }
+      }
+    }
+    W += static_cast<size_t>(K) * width;
+    j += width;
+  }
+}
+
+// ---- the gates of one row of units ---------------------------------------------------------
+
+struct Row {
+  const float* zx;  // x_t W_x + b_x for this chunk's units, gate g of unit u at zx[g*U + u]
+  const float* z;   // h_{t-1} W_h + b_in, the same layout
+  const float *h_in, *c_in;  // c: the LSTM cell state
+  float *h_out, *c_out, *y;
+  int U;
+  bool take, zero_after;
+};
+
+template <int kind, class V>
+inline void units(const Row& w, int u) {
+  const int U = w.U;
+  V h_in = load<V>(w.h_in + u);
+  V h, c_new{};
+  if (kind == kElmanTanh || kind == kElmanRelu) {
+    V a = load<V>(w.zx + u) + load<V>(w.z + u);
+    h = kind == kElmanTanh ? tanh_(a) : relu_(a);
+  } else if (kind == kLstm) {
+    V i = sigmoid_(load<V>(w.zx + u) + load<V>(w.z + u));
+    V f = sigmoid_(load<V>(w.zx + U + u) + load<V>(w.z + U + u));
+    V g = tanh_(load<V>(w.zx + 2 * U + u) + load<V>(w.z + 2 * U + u));
+    V o = sigmoid_(load<V>(w.zx + 3 * U + u) + load<V>(w.z + 3 * U + u));
+    V c_in = load<V>(w.c_in + u);
+    c_new = f * c_in + i * g;
+    h = o * tanh_(c_new);
+    if (!w.take) c_new = c_in;
+    store(w.c_out + u, w.zero_after ? splat<V>(0.0f) : c_new);
+  } else {
+    V r = sigmoid_(load<V>(w.zx + u) + load<V>(w.z + u));
+    V up = sigmoid_(load<V>(w.zx + U + u) + load<V>(w.z + U + u));
+    V n = tanh_(load<V>(w.zx + 2 * U + u) + r * load<V>(w.z + 2 * U + u));
+    h = (1.0f - up) * n + up * h_in;
+  }
+  store(w.y + u, w.take ? h : splat<V>(0.0f));
+  V carry = w.take ? h : h_in;
+  store(w.h_out + u, w.zero_after ? splat<V>(0.0f) : carry);
+}
+
+template <int kind>
+void row_units(const Row& w) {
+  int u = 0;
+  for (; u + 16 <= w.U; u += 16) units<kind, v16>(w, u);
+  for (; u < w.U; ++u) units<kind, float>(w, u);
+}
+
+using RowFn = void (*)(const Row&);
+
+RowFn row_fn(int kind) {
+  switch (kind) {
+    case kElmanTanh: return row_units<kElmanTanh>;
+    case kElmanRelu: return row_units<kElmanRelu>;
+    case kLstm: return row_units<kLstm>;
+    default: return row_units<kGru>;
+  }
+}
+
+// ---- threads -------------------------------------------------------------------------------
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+int cpu_count() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Threads for a problem: the calling one plus what XLA's intra-op pool adds, at most one per
+// available core; one when a step's matmul is too small to pay for the per-step hand-off
+// (under 2^16 multiply-adds).
+int thread_count(int requested, int pool_threads, int B, int G, int H) {
+  int n = requested > 0 ? requested : std::min(cpu_count(), pool_threads + 1);
+  if (requested <= 0 && static_cast<int64_t>(B) * G * H * H < (1 << 16)) n = 1;
+  return std::max(1, std::min(n, std::max(1, H / 16)));
+}
+
+struct Problem {
+  int kind, T, B, I, H, G;
+  bool reverse;
+  const float *xs, *w_x, *b_x, *w_h, *b_in;
+  const bool *mask, *resets;  // (T, B) or null
+  float* ys;
+};
+
+// The state the participating threads share.
+//
+// Chunk c covers units [start[c], start[c+1]) and has its own packed weights. Each step, a
+// thread computes its own chunks, then any chunk nobody has claimed; step s + 1 starts once
+// every chunk of step s is published. A thread computes a chunk into its own buffers, then
+// publishes it: the first to win the chunk's state for the step copies h, c and y out.
+// Whoever finds a chunk claimed but still unpublished after a while computes it too: its
+// owner may have been preempted by the OS in the middle of it, and the results are the same.
+// So no thread ever waits for another to start or to resume (a pool task that starts late,
+// or never, cannot stall the call: the others do its share), only for a publisher's copy.
+// A duplicate that loses reads inputs a later step may be overwriting; it is discarded.
+struct Shared {
+  Problem p;
+  int chunks;
+  std::vector<int> start;
+  std::vector<size_t> wx_offset, w_offset;
+  std::vector<float> wx, bias_x, w, bias;
+  std::vector<float> h_ring, c_ring;               // (2, B, H): step s reads slot s % 2
+  std::atomic<int64_t> done{0};                    // chunks published, over all steps
+  std::unique_ptr<std::atomic<int>[]> claimed;     // per chunk: the last step claimed
+  std::unique_ptr<std::atomic<int>[]> state;       // per chunk: 2s ready for step s, 2s+1 publishing
+  std::atomic<int> active{0};                      // threads inside `participate`
+  bool duplicate = false;  // tests: compute every unpublished chunk at once, without waiting
+};
+
+// One thread's buffers: the chunk's matmul results and its new h, c and outputs.
+struct Local {
+  std::vector<float> zx, z, h, c, y;
+  Local(int B, int G, int U) : zx(B * G * U), z(B * G * U), h(B * U), c(B * U), y(B * U) {}
+};
+
+void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
+  const Problem& p = sh.p;
+  const int T = p.T, B = p.B, I = p.I, H = p.H, G = p.G;
+  const int u0 = sh.start[chunk], U = sh.start[chunk + 1] - u0, N = G * U;
+  const int t = p.reverse ? T - 1 - s : s;
+  const size_t BH = static_cast<size_t>(B) * H;
+  const float* h_in = sh.h_ring.data() + (s & 1) * BH;
+  const float* c_in = sh.c_ring.data() + (s & 1) * BH;
+  const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
+  const float* bias = sh.bias.data() + static_cast<size_t>(G) * u0;
+  float* zx = out.zx.data();
+  float* z = out.z.data();
+  for (int b = 0; b < B; ++b) {
+    std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
+    std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
+  }
+  gemm_acc(p.xs + static_cast<size_t>(t) * B * I, I, sh.wx.data() + sh.wx_offset[chunk], N, I,
+           zx, B);
+  gemm_acc(h_in, H, sh.w.data() + sh.w_offset[chunk], N, H, z, B);
+  const RowFn fn = row_fn(p.kind);
+  for (int b = 0; b < B; ++b) {
+    const size_t at = static_cast<size_t>(b) * H + u0, local = static_cast<size_t>(b) * U;
+    Row row;
+    row.zx = zx + static_cast<size_t>(b) * N;
+    row.z = z + static_cast<size_t>(b) * N;
+    row.h_in = h_in + at;
+    row.c_in = c_in + at;
+    row.h_out = out.h.data() + local;
+    row.c_out = out.c.data() + local;
+    row.y = out.y.data() + local;
+    row.U = U;
+    row.take = p.mask == nullptr || p.mask[static_cast<size_t>(t) * B + b];
+    // Resets zero the carry before a step: the next one's in forward order, this one's
+    // (after it) in reverse.
+    const int reset_t = p.reverse ? t : t + 1;
+    row.zero_after =
+        p.resets != nullptr && reset_t < T && p.resets[static_cast<size_t>(reset_t) * B + b];
+    fn(row);
+  }
+}
+
+// Publishes a computed chunk unless another thread already has (or is doing so).
+void publish(Shared& sh, int chunk, int s, const Local& out) {
+  int expected = 2 * s;
+  if (!sh.state[chunk].compare_exchange_strong(expected, 2 * s + 1, std::memory_order_acq_rel))
+    return;
+  const Problem& p = sh.p;
+  const int B = p.B, H = p.H, u0 = sh.start[chunk], U = sh.start[chunk + 1] - u0;
+  const int t = p.reverse ? p.T - 1 - s : s;
+  const size_t BH = static_cast<size_t>(B) * H, slot = ((s + 1) & 1) * BH;
+  const bool lstm = p.kind == kLstm;
+  for (int b = 0; b < B; ++b) {
+    const size_t at = static_cast<size_t>(b) * H + u0, local = static_cast<size_t>(b) * U;
+    std::memcpy(sh.h_ring.data() + slot + at, out.h.data() + local, U * sizeof(float));
+    if (lstm) std::memcpy(sh.c_ring.data() + slot + at, out.c.data() + local, U * sizeof(float));
+    std::memcpy(p.ys + (static_cast<size_t>(t) * B + b) * H + u0, out.y.data() + local,
+                U * sizeof(float));
+  }
+  sh.state[chunk].store(2 * s + 2, std::memory_order_release);
+  sh.done.fetch_add(1, std::memory_order_release);
+}
+
+void pack(const Shared& sh, const float* w, int rows, const float* bias, std::vector<float>* out,
+          std::vector<size_t>* offsets, std::vector<float>* bias_out) {
+  const int G = sh.p.G, H = sh.p.H;
+  out->resize(static_cast<size_t>(rows) * G * H);
+  bias_out->resize(static_cast<size_t>(G) * H);
+  offsets->resize(sh.chunks);
+  for (int c = 0, columns = 0; c < sh.chunks; ++c) {
+    const int u0 = sh.start[c], U = sh.start[c + 1] - u0, N = G * U;
+    (*offsets)[c] = static_cast<size_t>(columns) * rows;
+    float* block = out->data() + (*offsets)[c];
+    for (int j = 0; j < N;) {  // the panels of `gemm_acc`
+      const int width = panel_width(N, j);
+      for (int k = 0; k < rows; ++k)
+        for (int i = 0; i < width;) {  // runs of columns within one gate
+          const int g = (j + i) / U, u = (j + i) % U, run = std::min(width - i, U - u);
+          std::memcpy(block + static_cast<size_t>(k) * width + i,
+                      w + static_cast<size_t>(k) * G * H + g * H + u0 + u, run * sizeof(float));
+          i += run;
+        }
+      block += static_cast<size_t>(rows) * width;
+      j += width;
+    }
+    for (int g = 0; g < G; ++g)
+      std::memcpy(bias_out->data() + static_cast<size_t>(G) * u0 + g * U, bias + g * H + u0,
+                  U * sizeof(float));
+    columns += N;
+  }
+}
+
+// A thread computes a chunk claimed by another one too once it has waited for it twice as long
+// as its own last chunk took (and at least this long): long enough not to duplicate work that
+// is merely a little late, short against an OS time slice.
+constexpr auto kMinHelpWait = std::chrono::microseconds(50);
+
+// Thread k of n works on its own chunks first (k, k + n, ...), then on the others.
+void participate(Shared& sh, int k, int n) {
+  sh.active.fetch_add(1, std::memory_order_acq_rel);
+  const int C = sh.chunks, T = sh.p.T;
+  if (sh.done.load(std::memory_order_acquire) >= static_cast<int64_t>(T) * C) {
+    sh.active.fetch_sub(1, std::memory_order_acq_rel);  // started after the call's end
+    return;
+  }
+  std::vector<int> order;
+  for (int c = k; c < C; c += n) order.push_back(c);
+  for (int c = 0; c < C; ++c)
+    if (c % n != k) order.push_back(c);
+  int widest = 0;
+  for (int c = 0; c < C; ++c) widest = std::max(widest, sh.start[c + 1] - sh.start[c]);
+  Local out(sh.p.B, sh.p.G, widest);
+  using Clock = std::chrono::steady_clock;
+  Clock::duration chunk_time{};
+  for (;;) {
+    const int s = static_cast<int>(sh.done.load(std::memory_order_acquire) / C);
+    if (s >= T) break;
+    for (const int c : order) {
+      int expected = s - 1;
+      if (sh.claimed[c].load(std::memory_order_relaxed) == expected &&
+          sh.claimed[c].compare_exchange_strong(expected, s, std::memory_order_acq_rel)) {
+        const auto begin = Clock::now();
+        step_chunk(sh, c, s, out);
+        chunk_time = Clock::now() - begin;
+        publish(sh, c, s, out);
+      }
+    }
+    const auto waiting_since = Clock::now();
+    bool helped = false;
+    for (int spins = 1; sh.done.load(std::memory_order_acquire) / C == s; ++spins) {
+      if (!helped && (sh.duplicate || (spins % 64 == 0 && Clock::now() - waiting_since >
+                                         std::max<Clock::duration>(2 * chunk_time, kMinHelpWait)))) {
+        helped = true;
+        for (const int c : order)
+          if (sh.state[c].load(std::memory_order_acquire) == 2 * s) {
+            step_chunk(sh, c, s, out);
+            publish(sh, c, s, out);
+          }
+      }
+      if (spins < 4096) cpu_relax(); else std::this_thread::yield();
+    }
+  }
+  sh.active.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
+                   ffi::Buffer<ffi::F32> b_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_in,
+                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                   ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets,
+                   ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
+                   ffi::ResultBuffer<ffi::F32> c_last, int32_t kind, bool reverse,
+                   int32_t threads, bool duplicate) {
+  auto xd = xs.dimensions();
+  auto vd = w_x.dimensions();
+  auto wd = w_h.dimensions();
+  if (xd.size() != 3 || vd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "jaxrnn native kernel: xs must be (T, B, I), w_x (I, G*H), w_h (H, G*H)");
+  const int T = static_cast<int>(xd[0]), B = static_cast<int>(xd[1]), I = static_cast<int>(xd[2]);
+  const int H = static_cast<int>(wd[0]);
+  const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
+  const size_t BH = static_cast<size_t>(B) * H, GH = static_cast<size_t>(G) * H;
+  if (kind < kElmanTanh || kind > kGru || wd[1] != G * H || vd[0] != I || vd[1] != G * H ||
+      b_x.element_count() != GH || b_in.element_count() != GH || h0.element_count() != BH ||
+      c0.element_count() != BH)
+    return ffi::Error::InvalidArgument("jaxrnn native kernel: inconsistent shapes");
+  const size_t flags = static_cast<size_t>(T) * B;
+  if ((mask.element_count() != 0 && mask.element_count() != flags) ||
+      (resets.element_count() != 0 && resets.element_count() != flags))
+    return ffi::Error::InvalidArgument("jaxrnn native kernel: mask/resets must be (T, B) or empty");
+
+  auto sh = std::make_shared<Shared>();
+  sh->p = Problem{kind, T, B, I, H, G, reverse, xs.typed_data(), w_x.typed_data(),
+                  b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
+                  mask.element_count() ? mask.typed_data() : nullptr,
+                  resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data()};
+  const Problem& p = sh->p;
+  sh->duplicate = duplicate;
+  sh->h_ring.resize(2 * BH);
+  sh->c_ring.resize(2 * BH);
+  std::memcpy(sh->h_ring.data(), h0.typed_data(), BH * sizeof(float));
+  std::memcpy(sh->c_ring.data(), c0.typed_data(), BH * sizeof(float));
+  if (p.resets != nullptr && !reverse && T > 0)  // the first step's reset, before it
+    for (int b = 0; b < B; ++b)
+      if (p.resets[b]) {
+        std::fill_n(sh->h_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
+        std::fill_n(sh->c_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
+      }
+
+  // Chunks of whole vectors (multiples of 16 units), the remainder to the last one.
+  const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
+  int C = n;
+  const int width = C > 1 ? (H / C) / 16 * 16 : H;
+  while (C > 1 && (C - 1) * width >= H) --C;
+  sh->chunks = C;
+  sh->start.resize(C + 1);
+  for (int c = 0; c < C; ++c) sh->start[c] = c * width;
+  sh->start[C] = H;
+  // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
+  // (H, G·U), its biases as (G·U,).
+  pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
+  pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias);
+  sh->claimed.reset(new std::atomic<int>[C]);
+  sh->state.reset(new std::atomic<int>[C]);
+  for (int c = 0; c < C; ++c) {
+    sh->claimed[c].store(-1, std::memory_order_relaxed);
+    sh->state[c].store(0, std::memory_order_relaxed);
+  }
+
+  for (int k = 1; k < n; ++k) pool.Schedule([sh, k, n] { participate(*sh, k, n); });
+  participate(*sh, 0, n);
+  // A thread still inside may be finishing a duplicate; it may read the inputs, which XLA
+  // owns again once this returns.
+  for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
+    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+  if (sh->done.load() != static_cast<int64_t>(T) * C)  // each chunk published once per step
+    return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
+  const size_t last = (T & 1) * BH;
+  std::memcpy(h_last->typed_data(), sh->h_ring.data() + last, BH * sizeof(float));
+  std::memcpy(c_last->typed_data(), sh->c_ring.data() + (kind == kLstm ? last : 0),
+              BH * sizeof(float));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // xs (T, B, I)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x (I, G*H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_x (G*H,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, G*H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_in (G*H,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0 (B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0 (B, H)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (T, B) or empty
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets (T, B) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys (T, B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_T (B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // c_T (B, H)
+                                  .Attr<int32_t>("kind")
+                                  .Attr<bool>("reverse")
+                                  .Attr<int32_t>("threads")
+                                  .Attr<bool>("duplicate"));

@@ -1,0 +1,206 @@
+r"""The native CPU kernel: the forward recurrence of the built-in cells as one XLA FFI call.
+
+XLA:CPU runs a recurrence as a loop of separate operations: each step's matmul on one core,
+then a few elementwise kernels. The kernel in ``csrc/rnn_cpu.cc`` runs the whole time loop in
+one call; each of its threads owns a range of hidden units (the ``W_h`` columns of all their
+gates, packed once per call), computes those units' gates and carry right after its part of
+the step's matmul, and a spin barrier publishes ``h`` once per step:
+
+.. math::
+
+    z_t = h_{t-1} W_h + b_{in}, \qquad h_t, c_t = \text{gates}(x_t W_x + b_x,\ z_t,\ c_{t-1})
+
+The input projection ``x_t W_x + b_x`` for all steps is one XLA matmul before the call. The
+fast path (`fastpath`) places it on the forward-only pass on CPU (float32, no
+``matmul_dtype``, an unsharded batch); the gradient pass keeps XLA's scan, whose linear JVP
+rule gives forward and reverse mode, so the kernel itself is never differentiated.
+
+It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
+or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under
+``$JAXRNN_CACHE_DIR`` (default ``~/.cache/jaxrnn``) by a hash of the source, the flags, the
+jaxlib version and the CPU. Where no compiler works, jaxrnn warns once and keeps XLA's loop
+(the same function). ``JAXRNN_NATIVE=0`` turns the kernel off; ``JAXRNN_NATIVE_THREADS=n``
+caps its threads (default: the cores this process may run on).
+
+Its ``exp`` is a degree-6 polynomial (relative error about 2e-7): results agree with XLA's
+loop to float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "jaxrnn_rnn_forward_cpu"
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "rnn_cpu.cc"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread")
+_LIBRARIES: dict = {}  # the loaded kernel, kept alive for the process
+KIND_CODES = {"elman_tanh": 0, "elman_relu": 1, "lstm": 2, "gru": 3}
+
+
+def enabled() -> bool:
+    """False when ``JAXRNN_NATIVE`` is ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("JAXRNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _threads() -> int:
+    value = os.environ.get("JAXRNN_NATIVE_THREADS", "0").strip() or "0"
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(
+            f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got {value!r}"
+        ) from None
+    if threads < 0:
+        raise ValueError(f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got {value!r}")
+    return threads
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiled for: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("JAXRNN_CACHE_DIR")
+    if root:
+        return pathlib.Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "jaxrnn"
+
+
+def _build(compiler: str) -> pathlib.Path:
+    """Compiles the kernel into the cache (once per source, flags, jaxlib and CPU)."""
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256()
+    parts = (SOURCE.read_text(), " ".join(FLAGS), compiler, jax.__version__, include)
+    for part in (*parts, _cpu_signature()):
+        key.update(part.encode())
+        key.update(b"\0")
+    name = f"rnn_cpu-{key.hexdigest()[:16]}.so"
+    for directory in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / "jaxrnn"):
+        path = directory / name
+        if path.exists():
+            return path
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        except OSError:
+            continue
+        os.close(fd)
+        cmd = [compiler, *FLAGS, "-I", include, str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)  # atomic: concurrent builders leave one complete file
+        return path
+    raise RuntimeError(f"no writable cache directory for the kernel (tried {_cache_dir()})")
+
+
+def available() -> bool:
+    """Whether the kernel is on, compiled and registered (compiles it on the first call).
+
+    False, with one warning saying why, where it cannot be built; False without a warning
+    when ``JAXRNN_NATIVE=0`` (read at every trace, so it also turns the kernel off for
+    functions traced later in the same process).
+    """
+    return enabled() and _load()
+
+
+@functools.cache
+def _load() -> bool:
+    try:
+        if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
+            raise RuntimeError(f"jax {jax.__version__} has no jax.ffi")
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
+        path = _build(compiler)
+        if TARGET not in _LIBRARIES:  # registered once per process
+            lib = ctypes.CDLL(str(path))
+            capsule = jax.ffi.pycapsule(lib.JaxrnnRnnForward)
+            jax.ffi.register_ffi_target(TARGET, capsule, platform="cpu")
+            _LIBRARIES[TARGET] = lib
+    except Exception as err:  # any failure means: keep XLA's loop
+        warnings.warn(
+            f"jaxrnn: the native CPU kernel is unavailable ({err}); the forward pass runs "
+            "XLA's loop (same results, slower). Set JAXRNN_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def supports(kind: str, batch: int, hidden: int, dtype) -> bool:
+    """Whether the kernel takes this problem: a built-in kind, float32, non-empty sizes.
+
+    Does not compile anything; `available` says whether the kernel can run.
+    """
+    return kind in KIND_CODES and jnp.dtype(dtype) == jnp.float32 and batch > 0 and hidden > 0
+
+
+def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse):
+    """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
+
+    ``w_x: (features, gates·H)``, ``w_h: (H, gates·H)``; ``b_x`` the input-side bias (for the
+    LSTM and Elman cells both biases summed), ``b_in`` the GRU's recurrent bias ``(3H,)``;
+    either may be ``None``. ``carry``: ``(h,)`` or ``(h, c)`` of ``(batch, H)``;
+    ``mask``/``resets``: ``(time, batch)`` bool or ``None``. Returns ``(ys, carry)``.
+    """
+    time, batch, _ = xs.shape
+    hidden, width = w_h.shape
+    f32 = jnp.float32
+    zeros = jnp.zeros((width,), f32)
+    no_flags = jnp.zeros((0,), bool)
+    h0 = carry[0]
+    c0 = carry[1] if len(carry) > 1 else h0
+    out = (
+        jax.ShapeDtypeStruct((time, batch, hidden), f32),
+        jax.ShapeDtypeStruct((batch, hidden), f32),
+        jax.ShapeDtypeStruct((batch, hidden), f32),
+    )
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    ys, h, c = call(
+        xs,
+        w_x,
+        zeros if b_x is None else b_x,
+        w_h,
+        zeros if b_in is None else b_in,
+        h0,
+        c0,
+        no_flags if mask is None else mask,
+        no_flags if resets is None else resets,
+        kind=np.int32(KIND_CODES[kind]),
+        reverse=bool(reverse),
+        threads=np.int32(_threads()),
+        # Tests only: every thread also computes every chunk not yet published, so that the
+        # publication race (one copy wins) runs at every step.
+        duplicate=os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
+    )
+    return ys, ((h, c) if len(carry) > 1 else (h,))

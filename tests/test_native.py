@@ -1,0 +1,201 @@
+"""The native CPU kernel (`jaxrnn._src.native`): the forward-only pass of the built-in cells.
+
+Its outputs against the specification (a Python loop over ``cell.step``) in every runner
+mode, over hidden sizes and thread counts that reach its vector and scalar code and its
+chunking; its placement; and its fallback to XLA's loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (
+    INPUT_SIZE,
+    MODES,
+    TIME,
+    assert_trees_close,
+    fresh_key,
+    mode_inputs,
+    random_carry,
+    reference_unroll,
+)
+
+import jaxrnn
+from jaxrnn._src import fastpath, native
+
+if jax.default_backend() != "cpu" or native._compiler() is None:
+    pytest.skip(
+        "the native kernel needs the CPU backend and a C++ compiler", allow_module_level=True
+    )
+
+CELLS = {
+    "elman_tanh": lambda h: jaxrnn.elman(h),
+    "elman_relu": lambda h: jaxrnn.elman(h, activation="relu"),
+    "elman_nobias": lambda h: jaxrnn.elman(h, use_bias=False),
+    "lstm": lambda h: jaxrnn.lstm(h),
+    "lstm_nobias": lambda h: jaxrnn.lstm(h, use_bias=False),
+    "gru": lambda h: jaxrnn.gru(h),
+    "gru_nobias": lambda h: jaxrnn.gru(h, use_bias=False),
+}
+MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
+
+
+def forward(cell, params, xs, carry=None, **kwargs):
+    """The forward-only pass, jitted afresh (so it is traced under the current settings)."""
+    return jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))(params, xs, carry)
+
+
+def test_the_kernel_builds_here():
+    assert native.available()
+    path = native._build(native._compiler())
+    assert path.exists() and native._build(native._compiler()) == path  # cached
+
+
+def test_forward_runs_the_kernel_and_the_gradient_pass_does_not():
+    cell = jaxrnn.lstm(8)
+    params = cell.init(fresh_key(), 3)
+    xs = jax.random.normal(fresh_key(), (2, 5, 3))
+    fwd = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x)).lower(params, xs).as_text()
+    assert native.TARGET in fwd
+    grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x)[0]))
+    assert native.TARGET not in jax.jit(grad).lower(params, xs).as_text()
+    assert fastpath.placements("lstm", 2, 8, jnp.float32, backend="cpu") == ("native", "fused")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dtype": jnp.float64},
+        {"dtype": jnp.bfloat16},
+        {"dtype": jnp.float32, "matmul_dtype": jnp.bfloat16},
+        {"dtype": jnp.float32, "sharded": True},
+        {"dtype": jnp.float32, "empty": True},
+        {"dtype": jnp.float32, "backend": "gpu"},
+    ],
+)
+def test_placement_keeps_xla_where_the_kernel_does_not_apply(kwargs):
+    assert "native" not in fastpath.placements("gru", 4, 8, **kwargs)
+
+
+# Every runner mode for the main cells, at a hidden size of 40 on two threads: two chunks of
+# units (16 and 24), so whole vectors and the scalar tail, and the step's hand-off.
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    cell = CELLS[cell_name](40)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    actual = forward(cell, params, xs, carry, **kwargs)
+    kwargs.pop("unroll", None)
+    assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
+
+
+# Sizes and thread counts: one thread with scalar code only (5), exactly one vector (16),
+# uneven chunks (40 on 2, 50 on 3), more threads than cores (48 on 3, 64 on 4), and the
+# defaults (auto threads) at sizes that take one (5) and two (130) threads; no bias.
+@pytest.mark.parametrize(
+    "hidden, threads",
+    [(5, 0), (16, 1), (40, 2), (50, 3), (48, 3), (64, 4), (130, 0)],
+)
+@pytest.mark.parametrize("cell_name", sorted(CELLS))
+def test_kernel_over_sizes_and_threads(cell_name, hidden, threads, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    cell = CELLS[cell_name](hidden)
+    params = cell.init(fresh_key(), 7)
+    xs = jax.random.normal(fresh_key(), (9, TIME, 7))
+    carry = random_carry(cell, (9,))
+    lengths = jnp.array([TIME, 0, 3, 1, 5, TIME, 2, 4, 6])
+    resets = jax.random.bernoulli(fresh_key(), 0.3, (9, TIME))
+    kwargs = {"seq_lengths": lengths, "resets": resets}
+    actual = forward(cell, params, xs, carry, **kwargs)
+    assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
+
+
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_duplicated_chunks_publish_once(cell_name, monkeypatch):
+    """Every thread computes every chunk not yet published (a thread the OS preempted gets
+    its chunk computed by the others this way): one copy wins, results unchanged."""
+    monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "3")
+    cell = CELLS[cell_name](48)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, "everything")
+    actual = forward(cell, params, xs, carry, **kwargs)
+    kwargs.pop("unroll", None)
+    assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
+
+
+def test_thread_counts_agree_at_a_benchmark_size(monkeypatch):
+    """B16 T64 H128 LSTM: one thread against two and three (the kernel's own partitions)."""
+    cell = jaxrnn.lstm(128)
+    params = cell.init(fresh_key(), 32)
+    xs = jax.random.normal(fresh_key(), (16, 64, 32))
+    outs = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("JAXRNN_NATIVE_THREADS", threads)
+        outs[threads] = forward(cell, params, xs)
+    assert_trees_close(outs["2"], outs["1"], rtol=1e-6, atol=1e-6)
+    assert_trees_close(outs["3"], outs["1"], rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert_trees_close(forward(cell, params, xs), outs["1"])  # XLA's loop
+
+
+def test_saturated_gates_and_nan_match_xla(monkeypatch):
+    """Inputs 50× larger drive every sigmoid and tanh to its limits (the kernel's exp clamps
+    its argument); a NaN in one row stays in that row, as in XLA."""
+    cell = jaxrnn.lstm(32)
+    params = cell.init(fresh_key(), 4)
+    xs = 50.0 * jax.random.normal(fresh_key(), (3, TIME, 4))
+    xs = xs.at[1, 2, 0].set(jnp.nan)
+    actual = forward(cell, params, xs)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    expected = forward(cell, params, xs)
+    ys = np.asarray(actual[0])
+    np.testing.assert_array_equal(np.isnan(ys), np.isnan(np.asarray(expected[0])))
+    assert np.isnan(ys[1, 2:]).all() and not np.isnan(ys[[0, 2]]).any()
+    assert_trees_close(actual, expected)
+
+
+def test_vmap_over_sequences():
+    cell = jaxrnn.gru(24)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (5, TIME, INPUT_SIZE))
+    fn = jax.jit(jax.vmap(lambda x: jaxrnn.unroll(cell, params, x)[0]))
+    np.testing.assert_allclose(fn(xs), reference_unroll(cell, params, xs)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("JAXRNN_CACHE_DIR", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native CPU kernel is unavailable.*no C"):
+            assert not native.available()
+        assert not native.available()  # the warning came once
+        assert "native" not in fastpath.placements("lstm", 2, 8, jnp.float32, backend="cpu")
+        cell = jaxrnn.lstm(8)
+        params = cell.init(fresh_key(), 3)
+        xs = jax.random.normal(fresh_key(), (2, 5, 3))
+        assert_trees_close(forward(cell, params, xs), reference_unroll(cell, params, xs))
+    finally:
+        native._load.cache_clear()
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert not native.enabled() and not native.available()
+    assert fastpath.placements("lstm", 2, 8, jnp.float32, backend="cpu") == ("hoisted", "fused")
+
+
+@pytest.mark.parametrize("value", ["two", "-1"])
+def test_a_bad_thread_count_is_named(value, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", value)
+    cell = jaxrnn.elman(4)
+    params = cell.init(fresh_key(), 3)
+    xs = jax.random.normal(fresh_key(), (2, 5, 3))
+    msg = f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got '{value}'"
+    with pytest.raises(ValueError, match=msg):
+        forward(cell, params, xs)
