@@ -301,10 +301,8 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
     n_gates = _N_GATES[kind]
     placement = proj[1] if save else proj[0]
 
-    if placement == "pallas":  # the persistent kernel (`pallas_rnn`), same outputs and residuals
-        return _pallas_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
-    if placement == "native":  # the fused CPU kernel (`native`): forward-only passes
-        return _native_primal(kind, reverse, xs, w_x, b_x, w_h, b_in, carry, mask, resets, md)
+    if placement in ("pallas", "native"):  # a kernel: the same outputs and residuals
+        return _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
     if placement == "hoisted":
         # One large matmul before the loop, cut into one array per gate; the loop reads them.
         xs = _gates(_project(xs, w_x, b_x, md), n_gates)
@@ -336,37 +334,41 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
     return _scan(update, recur, carry, xs, mask, resets, reverse, unroll)
 
 
-def _native_primal(kind, reverse, xs, w_x, b_x, w_h, b_in, carry, mask, resets, md):
-    """`_primal_scan` without residuals on the native CPU kernel (`native`), the batch dims
-    flattened into one."""
+def _native_primal(kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
+    """`_primal_scan` on the native CPU kernel (`native.forward`), the batch dims flattened
+    into one."""
     from jaxrnn._src import native
 
-    del md  # never set here (`placements`)
     time, *batch, features = xs.shape
     hidden = w_h.shape[0]
     flat = tuple(a.reshape(-1, hidden) for a in carry)
     flags = [None if f is None else f.reshape(time, -1) for f in (mask, resets)]
     xs = xs.reshape(time, -1, features)
-    ys, flat = native.forward(kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse)
+    ys, flat, *saved = native.forward(kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save)
     carry = tuple(a.reshape(*batch, hidden) for a in flat)
-    return carry, (ys.reshape(time, *batch, hidden), None)
+    unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
+    extra = jax.tree_util.tree_map(unflat, saved[0]) if save else None
+    return carry, (unflat(ys), extra)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _pallas_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
-    """`_primal_scan` on the persistent Pallas kernel (`pallas_rnn.primal_scan`)."""
+def _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
+    """`_primal_scan` on a kernel: the native CPU kernel (`native`) or the persistent Pallas
+    kernel (`pallas_rnn.primal_scan`, GPU), as `placements` chose for the pass."""
+    kind, reverse, _, proj, _ = static
+    if (proj[1] if save else proj[0]) == "native":
+        return _native_primal(kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
     from jaxrnn._src import pallas_rnn
 
-    kind, reverse = static[:2]
     interpret = jax.default_backend() != "gpu"  # Pallas's interpreter: tests off the GPU
     return pallas_rnn.primal_scan(
         kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save, interpret
     )
 
 
-@_pallas_primal.defjvp
-def _pallas_primal_jvp(static, save, primals, tangents):
-    """The kernel's derivatives are those of the same scan in XLA. Only derivatives of order
+@_kernel_primal.defjvp
+def _kernel_primal_jvp(static, save, primals, tangents):
+    """A kernel's derivatives are those of the same scan in XLA. Only derivatives of order
     two and more reach here (the first order is `_recurrence`'s linear rule), which keeps the
     kernel's outputs and residuals differentiable to any order."""
     xla = (*static[:3], projection_modes(static[0]), static[4])
@@ -492,7 +494,7 @@ def _native_placements(modes, kind, batch, hidden, dtype):
     from jaxrnn._src import native
 
     if native.supports(kind, batch, hidden, dtype) and native.available():
-        return ("native", modes[1])
+        return ("native", "native")
     return modes
 
 

@@ -165,13 +165,21 @@ def supports(kind: str, batch: int, hidden: int, dtype) -> bool:
     return kind in KIND_CODES and jnp.dtype(dtype) == jnp.float32 and batch > 0 and hidden > 0
 
 
-def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse):
+# Per kind, the widths (in gates of H) of the residual arrays the gradient pass needs, as
+# `fastpath`'s primal step returns them: Elman (h,); LSTM (slopes of i, f, g, o; f;
+# o·tanh'(c)); GRU (r, z, n, hn).
+RESIDUAL_WIDTHS = {"elman_tanh": (1,), "elman_relu": (1,), "lstm": (4, 1, 1), "gru": (1, 1, 1, 1)}
+
+
+def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False):
     """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
 
     ``w_x: (features, gates·H)``, ``w_h: (H, gates·H)``; ``b_x`` the input-side bias (for the
     LSTM and Elman cells both biases summed), ``b_in`` the GRU's recurrent bias ``(3H,)``;
     either may be ``None``. ``carry``: ``(h,)`` or ``(h, c)`` of ``(batch, H)``;
-    ``mask``/``resets``: ``(time, batch)`` bool or ``None``. Returns ``(ys, carry)``.
+    ``mask``/``resets``: ``(time, batch)`` bool or ``None``. Returns ``(ys, carry)``, and with
+    ``save`` ``(ys, carry, (h_in, residuals))``: the carry's ``h`` entering each step and the
+    kind's residuals (`RESIDUAL_WIDTHS`), each ``(time, batch, ·)``.
     """
     time, batch, _ = xs.shape
     hidden, width = w_h.shape
@@ -180,13 +188,18 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse):
     no_flags = jnp.zeros((0,), bool)
     h0 = carry[0]
     c0 = carry[1] if len(carry) > 1 else h0
-    out = (
+    widths = RESIDUAL_WIDTHS[kind] if save else ()
+    out = [
         jax.ShapeDtypeStruct((time, batch, hidden), f32),
         jax.ShapeDtypeStruct((batch, hidden), f32),
         jax.ShapeDtypeStruct((batch, hidden), f32),
-    )
+        jax.ShapeDtypeStruct((time, batch, hidden) if save else (0,), f32),
+    ]
+    for k in range(4):
+        shape = (time, batch, widths[k] * hidden) if k < len(widths) else (0,)
+        out.append(jax.ShapeDtypeStruct(shape, f32))
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
-    ys, h, c = call(
+    ys, h, c, h_in, *res = call(
         xs,
         w_x,
         zeros if b_x is None else b_x,
@@ -203,4 +216,7 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse):
         # publication race (one copy wins) runs at every step.
         duplicate=os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
     )
-    return ys, ((h, c) if len(carry) > 1 else (h,))
+    carry = (h, c) if len(carry) > 1 else (h,)
+    if not save:
+        return ys, carry
+    return ys, carry, (h_in, tuple(res[: len(widths)]))

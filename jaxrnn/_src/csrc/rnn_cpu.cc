@@ -174,6 +174,7 @@ struct Row {
   const float* z;   // h_{t-1} W_h + b_in, the same layout
   const float *h_in, *c_in;  // c: the LSTM cell state
   float *h_out, *c_out, *y;
+  float* res;  // null, or the residuals of the gradient pass: residual j of unit u at res[j*U + u]
   int U;
   bool take, zero_after;
 };
@@ -186,6 +187,7 @@ inline void units(const Row& w, int u) {
   if (kind == kElmanTanh || kind == kElmanRelu) {
     V a = load<V>(w.zx + u) + load<V>(w.z + u);
     h = kind == kElmanTanh ? tanh_(a) : relu_(a);
+    if (w.res) store(w.res + u, h);
   } else if (kind == kLstm) {
     V i = sigmoid_(load<V>(w.zx + u) + load<V>(w.z + u));
     V f = sigmoid_(load<V>(w.zx + U + u) + load<V>(w.z + U + u));
@@ -193,14 +195,30 @@ inline void units(const Row& w, int u) {
     V o = sigmoid_(load<V>(w.zx + 3 * U + u) + load<V>(w.z + 3 * U + u));
     V c_in = load<V>(w.c_in + u);
     c_new = f * c_in + i * g;
-    h = o * tanh_(c_new);
+    const V tc = tanh_(c_new);
+    h = o * tc;
+    if (w.res) {  // fastpath.lstm_residuals: the gates' slopes, f, o·tanh'(c)
+      store(w.res + u, g * i * (1.0f - i));
+      store(w.res + U + u, c_in * f * (1.0f - f));
+      store(w.res + 2 * U + u, i * (1.0f - g * g));
+      store(w.res + 3 * U + u, o * (1.0f - o) * tc);
+      store(w.res + 4 * U + u, f);
+      store(w.res + 5 * U + u, o * (1.0f - tc * tc));
+    }
     if (!w.take) c_new = c_in;
     store(w.c_out + u, w.zero_after ? splat<V>(0.0f) : c_new);
   } else {
     V r = sigmoid_(load<V>(w.zx + u) + load<V>(w.z + u));
     V up = sigmoid_(load<V>(w.zx + U + u) + load<V>(w.z + U + u));
-    V n = tanh_(load<V>(w.zx + 2 * U + u) + r * load<V>(w.z + 2 * U + u));
+    const V hn = load<V>(w.z + 2 * U + u);
+    V n = tanh_(load<V>(w.zx + 2 * U + u) + r * hn);
     h = (1.0f - up) * n + up * h_in;
+    if (w.res) {  // fastpath._gru_primal's (r, z, n, hn)
+      store(w.res + u, r);
+      store(w.res + U + u, up);
+      store(w.res + 2 * U + u, n);
+      store(w.res + 3 * U + u, hn);
+    }
   }
   store(w.y + u, w.take ? h : splat<V>(0.0f));
   V carry = w.take ? h : h_in;
@@ -258,7 +276,28 @@ struct Problem {
   const float *xs, *w_x, *b_x, *w_h, *b_in;
   const bool *mask, *resets;  // (T, B) or null
   float* ys;
+  // The gradient pass's residuals, or null: h_in (T, B, H), the carry each step starts from,
+  // and up to four per-kind arrays (`kResiduals`).
+  float* h_in;
+  float* res[4];
 };
+
+// Residual j of a kind goes to output array out[j] at gate column gate[j] (of width H).
+struct ResidualLayout {
+  int count;
+  int out[6], gate[6], width[4];  // width: each output's gate columns
+};
+
+ResidualLayout residual_layout(int kind) {
+  switch (kind) {
+    case kLstm:  // (slopes of i, f, g, o as one (T, B, 4H) array; f; o·tanh'(c))
+      return {6, {0, 0, 0, 0, 1, 2}, {0, 1, 2, 3, 0, 0}, {4, 1, 1, 0}};
+    case kGru:  // (r, z, n, hn)
+      return {4, {0, 1, 2, 3}, {0, 0, 0, 0}, {1, 1, 1, 1}};
+    default:  // (h,)
+      return {1, {0}, {0}, {1, 0, 0, 0}};
+  }
+}
 
 // The state the participating threads share.
 //
@@ -283,12 +322,14 @@ struct Shared {
   std::unique_ptr<std::atomic<int>[]> state;       // per chunk: 2s ready for step s, 2s+1 publishing
   std::atomic<int> active{0};                      // threads inside `participate`
   bool duplicate = false;  // tests: compute every unpublished chunk at once, without waiting
+  ResidualLayout layout;
 };
 
 // One thread's buffers: the chunk's matmul results and its new h, c and outputs.
 struct Local {
-  std::vector<float> zx, z, h, c, y;
-  Local(int B, int G, int U) : zx(B * G * U), z(B * G * U), h(B * U), c(B * U), y(B * U) {}
+  std::vector<float> zx, z, h, c, y, res;
+  Local(int B, int G, int U, int R)
+      : zx(B * G * U), z(B * G * U), h(B * U), c(B * U), y(B * U), res(B * R * U) {}
 };
 
 void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
@@ -321,6 +362,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     row.h_out = out.h.data() + local;
     row.c_out = out.c.data() + local;
     row.y = out.y.data() + local;
+    row.res = p.h_in ? out.res.data() + static_cast<size_t>(b) * sh.layout.count * U : nullptr;
     row.U = U;
     row.take = p.mask == nullptr || p.mask[static_cast<size_t>(t) * B + b];
     // Resets zero the carry before a step: the next one's in forward order, this one's
@@ -342,12 +384,21 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   const int t = p.reverse ? p.T - 1 - s : s;
   const size_t BH = static_cast<size_t>(B) * H, slot = ((s + 1) & 1) * BH;
   const bool lstm = p.kind == kLstm;
+  const ResidualLayout& layout = sh.layout;
   for (int b = 0; b < B; ++b) {
     const size_t at = static_cast<size_t>(b) * H + u0, local = static_cast<size_t>(b) * U;
+    const size_t row = static_cast<size_t>(t) * B + b;
     std::memcpy(sh.h_ring.data() + slot + at, out.h.data() + local, U * sizeof(float));
     if (lstm) std::memcpy(sh.c_ring.data() + slot + at, out.c.data() + local, U * sizeof(float));
-    std::memcpy(p.ys + (static_cast<size_t>(t) * B + b) * H + u0, out.y.data() + local,
-                U * sizeof(float));
+    std::memcpy(p.ys + row * H + u0, out.y.data() + local, U * sizeof(float));
+    if (p.h_in == nullptr) continue;
+    // The step's input carry: slot s % 2, which no one overwrites before this step is complete.
+    std::memcpy(p.h_in + row * H + u0, sh.h_ring.data() + (s & 1) * BH + at, U * sizeof(float));
+    const float* res = out.res.data() + static_cast<size_t>(b) * layout.count * U;
+    for (int j = 0; j < layout.count; ++j) {
+      const int k = layout.out[j], width = layout.width[k] * H;
+      std::memcpy(p.res[k] + row * width + layout.gate[j] * H + u0, res + j * U, U * sizeof(float));
+    }
   }
   sh.state[chunk].store(2 * s + 2, std::memory_order_release);
   sh.done.fetch_add(1, std::memory_order_release);
@@ -401,7 +452,7 @@ void participate(Shared& sh, int k, int n) {
     if (c % n != k) order.push_back(c);
   int widest = 0;
   for (int c = 0; c < C; ++c) widest = std::max(widest, sh.start[c + 1] - sh.start[c]);
-  Local out(sh.p.B, sh.p.G, widest);
+  Local out(sh.p.B, sh.p.G, widest, sh.p.h_in ? sh.layout.count : 0);
   using Clock = std::chrono::steady_clock;
   Clock::duration chunk_time{};
   for (;;) {
@@ -440,8 +491,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets,
                    ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
-                   ffi::ResultBuffer<ffi::F32> c_last, int32_t kind, bool reverse,
-                   int32_t threads, bool duplicate) {
+                   ffi::ResultBuffer<ffi::F32> c_last, ffi::ResultBuffer<ffi::F32> h_in,
+                   ffi::ResultBuffer<ffi::F32> res0, ffi::ResultBuffer<ffi::F32> res1,
+                   ffi::ResultBuffer<ffi::F32> res2, ffi::ResultBuffer<ffi::F32> res3,
+                   int32_t kind, bool reverse, int32_t threads, bool duplicate) {
   auto xd = xs.dimensions();
   auto vd = w_x.dimensions();
   auto wd = w_h.dimensions();
@@ -465,7 +518,21 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   sh->p = Problem{kind, T, B, I, H, G, reverse, xs.typed_data(), w_x.typed_data(),
                   b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
                   mask.element_count() ? mask.typed_data() : nullptr,
-                  resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data()};
+                  resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
+                  nullptr, {nullptr, nullptr, nullptr, nullptr}};
+  sh->layout = residual_layout(kind);
+  if (h_in->element_count() != 0) {  // the gradient pass: residuals too
+    const ResidualLayout& layout = sh->layout;
+    ffi::Result<ffi::Buffer<ffi::F32>>* outs[4] = {&res0, &res1, &res2, &res3};
+    if (h_in->element_count() != flags * H)
+      return ffi::Error::InvalidArgument("jaxrnn native kernel: h_in must be (T, B, H)");
+    for (int k = 0; k < 4; ++k) {
+      if ((*outs[k])->element_count() != flags * H * layout.width[k])
+        return ffi::Error::InvalidArgument("jaxrnn native kernel: residual shapes");
+      sh->p.res[k] = layout.width[k] ? (*outs[k])->typed_data() : nullptr;
+    }
+    sh->p.h_in = h_in->typed_data();
+  }
   const Problem& p = sh->p;
   sh->duplicate = duplicate;
   sh->h_ring.resize(2 * BH);
@@ -531,6 +598,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ys (T, B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_T (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c_T (B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_in (T, B, H) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // residuals, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("kind")
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
