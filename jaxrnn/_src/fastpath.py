@@ -521,6 +521,7 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
     if unroll is None:
         unroll = default_unroll(batch, w_h.shape[0])
     md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
+    md = None if md == dtype else md  # the input dtype: the default computation
     sharded = sharding.time_major_batch(xs) is not None
     modes = placements(kind, batch, w_h.shape[0], dtype, md, sharded=sharded, empty=xs.size == 0)
     static = (kind, reverse, unroll, modes, md)
