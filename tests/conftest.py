@@ -94,6 +94,25 @@ def random_like(template, scale=1.0):
     )
 
 
+# The built-in cells of the fast path (`fastpath.KINDS`), with and without biases.
+FAST_CELLS = {
+    "elman_tanh": lambda h: jaxrnn.elman(h),
+    "elman_relu": lambda h: jaxrnn.elman(h, activation="relu"),
+    "elman_nobias": lambda h: jaxrnn.elman(h, use_bias=False),
+    "lstm": lambda h: jaxrnn.lstm(h),
+    "lstm_nobias": lambda h: jaxrnn.lstm(h, use_bias=False),
+    "gru": lambda h: jaxrnn.gru(h),
+    "gru_nobias": lambda h: jaxrnn.gru(h, use_bias=False),
+}
+
+
+def fast_loss(cell, params, xs, carry, kwargs):
+    """A scalar of ``unroll``'s outputs and final carry that weighs every element differently."""
+    ys, final = jaxrnn.unroll(cell, params, xs, carry, **kwargs)
+    leaves = jax.tree_util.tree_leaves(final)
+    return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf) * leaf) for leaf in leaves)
+
+
 def random_carry(cell, batch_shape, dtype=jnp.float32):
     return random_like(cell.initial_carry(batch_shape, dtype))
 

@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import (
+    FAST_CELLS,
     INPUT_SIZE,
     MODES,
     TIME,
     assert_trees_close,
+    fast_loss,
     fresh_key,
     mode_inputs,
     random_carry,
@@ -24,16 +26,6 @@ from jaxrnn._src import fastpath
 
 HIDDEN = 5
 FAST_MARK = "name=_recurrence"  # how the fast path's custom_jvp shows in a jaxpr
-
-FAST_CELLS = {
-    "elman_tanh": lambda h: jaxrnn.elman(h),
-    "elman_relu": lambda h: jaxrnn.elman(h, activation="relu"),
-    "elman_nobias": lambda h: jaxrnn.elman(h, use_bias=False),
-    "lstm": lambda h: jaxrnn.lstm(h),
-    "lstm_nobias": lambda h: jaxrnn.lstm(h, use_bias=False),
-    "gru": lambda h: jaxrnn.gru(h),
-    "gru_nobias": lambda h: jaxrnn.gru(h, use_bias=False),
-}
 
 
 @contextlib.contextmanager
@@ -75,16 +67,10 @@ def placement(request, monkeypatch):
 
 def _use_projection(monkeypatch, placement):
     """XLA's scan with the projection ``placement`` in both passes (the native CPU kernel,
-    which would otherwise run the forward-only pass, off: `test_native.py` tests it)."""
+    which would otherwise run them, off: `test_native.py` tests it)."""
     modes = (placement, placement)
     monkeypatch.setattr(fastpath, "projection_modes", lambda kind, backend=None: modes)
     monkeypatch.setenv("JAXRNN_NATIVE", "0")
-
-
-def _loss(cell, params, xs, carry, kwargs):
-    ys, final = jaxrnn.unroll(cell, params, xs, carry, **kwargs)
-    leaves = jax.tree_util.tree_leaves(final)
-    return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf) * leaf) for leaf in leaves)
 
 
 def _close(actual, expected, tol):
@@ -116,7 +102,7 @@ def test_fast_path_equals_reference_scan(cell_name, mode, placement, monkeypatch
     xs, carry, kwargs = mode_inputs(cell, mode)
 
     def outputs_and_grads(p, x, c):
-        grads = jax.grad(_loss, argnums=(1, 2, 3))(cell, p, x, c, kwargs)
+        grads = jax.grad(fast_loss, argnums=(1, 2, 3))(cell, p, x, c, kwargs)
         return jaxrnn.unroll(cell, p, x, c, **kwargs), grads
 
     fast = jax.jit(outputs_and_grads)(params, xs, carry)
@@ -159,7 +145,7 @@ def test_second_order_equals_reference(cell, mode):
         params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
         xs, carry, kwargs = mode_inputs(cell, mode, dtype=jnp.float64)
         tangents = (random_like(params), random_like(xs))
-        grad = jax.grad(lambda p, x: _loss(cell, p, x, carry, kwargs), argnums=(0, 1))
+        grad = jax.grad(lambda p, x: fast_loss(cell, p, x, carry, kwargs), argnums=(0, 1))
 
         def hvp(p, x):
             return jax.jvp(grad, (p, x), tangents)

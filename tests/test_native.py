@@ -1,8 +1,9 @@
-"""The native CPU kernel (`jaxrnn._src.native`): the forward-only pass of the built-in cells.
+"""The native CPU kernel (`jaxrnn._src.native`): the recurrence of the built-in cells on CPU.
 
 Its outputs against the specification (a Python loop over ``cell.step``) in every runner
 mode, over hidden sizes and thread counts that reach its vector and scalar code and its
-chunking; its placement; and its fallback to XLA's loop.
+chunking; derivatives through it (it runs the gradient pass's primal) against XLA's scan; its
+placement; and its fallback to XLA's loop.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    FAST_CELLS,
     INPUT_SIZE,
     MODES,
     TIME,
     assert_trees_close,
+    fast_loss,
     fresh_key,
     mode_inputs,
     random_carry,
@@ -30,15 +33,7 @@ if jax.default_backend() != "cpu" or native._compiler() is None:
         "the native kernel needs the CPU backend and a C++ compiler", allow_module_level=True
     )
 
-CELLS = {
-    "elman_tanh": lambda h: jaxrnn.elman(h),
-    "elman_relu": lambda h: jaxrnn.elman(h, activation="relu"),
-    "elman_nobias": lambda h: jaxrnn.elman(h, use_bias=False),
-    "lstm": lambda h: jaxrnn.lstm(h),
-    "lstm_nobias": lambda h: jaxrnn.lstm(h, use_bias=False),
-    "gru": lambda h: jaxrnn.gru(h),
-    "gru_nobias": lambda h: jaxrnn.gru(h, use_bias=False),
-}
+
 MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
 
 
@@ -85,7 +80,7 @@ def test_placement_keeps_xla_where_the_kernel_does_not_apply(kwargs):
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, monkeypatch):
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
-    cell = CELLS[cell_name](40)
+    cell = FAST_CELLS[cell_name](40)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
     actual = forward(cell, params, xs, carry, **kwargs)
@@ -94,12 +89,7 @@ def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, monkeyp
 
 
 def _loss(cell, kwargs):
-    def loss(params, xs, carry):
-        ys, final = jaxrnn.unroll(cell, params, xs, carry, **kwargs)
-        leaves = jax.tree_util.tree_leaves(final)
-        return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf) * leaf) for leaf in leaves)
-
-    return loss
+    return lambda params, xs, carry: fast_loss(cell, params, xs, carry, kwargs)
 
 
 def _derivatives(cell, params, xs, carry, kwargs):
@@ -125,7 +115,7 @@ def test_derivatives_through_the_kernel_equal_xla(cell_name, mode, monkeypatch):
     tested against the reference in float64, `test_fastpath.py`) gives the same derivatives of
     first and second order."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
-    cell = CELLS[cell_name](40)
+    cell = FAST_CELLS[cell_name](40)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
     carry = random_carry(cell, xs.shape[:-2] if not kwargs.get("time_major") else xs.shape[1:-1])
@@ -145,10 +135,10 @@ def test_derivatives_through_the_kernel_equal_xla(cell_name, mode, monkeypatch):
     "hidden, threads",
     [(5, 0), (16, 1), (40, 2), (50, 3), (48, 3), (64, 4), (130, 0)],
 )
-@pytest.mark.parametrize("cell_name", sorted(CELLS))
+@pytest.mark.parametrize("cell_name", sorted(FAST_CELLS))
 def test_kernel_over_sizes_and_threads(cell_name, hidden, threads, monkeypatch):
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
-    cell = CELLS[cell_name](hidden)
+    cell = FAST_CELLS[cell_name](hidden)
     params = cell.init(fresh_key(), 7)
     xs = jax.random.normal(fresh_key(), (9, TIME, 7))
     carry = random_carry(cell, (9,))
@@ -165,7 +155,7 @@ def test_duplicated_chunks_publish_once(cell_name, monkeypatch):
     its chunk computed by the others this way): one copy wins, results unchanged."""
     monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "3")
-    cell = CELLS[cell_name](48)
+    cell = FAST_CELLS[cell_name](48)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, "everything")
     actual = forward(cell, params, xs, carry, **kwargs)

@@ -29,6 +29,10 @@ an elementwise fusion runs its sigmoid/tanh several times slower (LSTM B16 H128,
 us against 15 us per step for the gate nonlinearities). The tangent rule hoists the
 projection's tangent either way.
 
+On CPU (float32, no ``matmul_dtype``, an unsharded batch) the primal loop of both passes runs
+instead in the native kernel (`native`: the time loop as one FFI call on all cores), which
+also writes the residuals; the tangent rule and its transpose stay in XLA (`placements`).
+
 Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
 steps hold the carry and output zero, resets put the carry back to zeros before a step (after
 it when running in reverse).
@@ -459,15 +463,14 @@ PALLAS_TABLE: dict[str, tuple[int, int, int]] = {}
 def placements(
     kind, batch, hidden, dtype, matmul_dtype=None, backend=None, sharded=False, empty=False
 ):
-    """`projection_modes`, with a kernel where one runs a pass:
+    """`projection_modes`, with a kernel where one runs a pass (it computes the primal, and in
+    the gradient pass its residuals):
 
-    - ``"native"`` (CPU): the forward-only pass on the native CPU kernel (`native`): float32,
-      no ``matmul_dtype``, an unsharded batch, non-``empty`` inputs, the kernel built. The
-      gradient pass keeps XLA's scan.
+    - ``"native"`` (CPU, both passes): the native CPU kernel (`native`): float32, no
+      ``matmul_dtype``, an unsharded batch, non-``empty`` inputs, the kernel built.
     - ``"pallas"`` (GPU): a pass that `PALLAS_TABLE` gives to the persistent kernels
       (float32/bfloat16 without ``matmul_dtype``, an unsharded batch up to the table's bound,
-      a hidden size the kernels take and no larger than measured). The kernel computes the
-      primal and its residuals.
+      a hidden size the kernels take and no larger than measured).
 
     The linear JVP rule on top is the same either way, so forward and reverse mode keep
     working."""
@@ -476,7 +479,11 @@ def placements(
     if backend == "cpu":
         if empty or matmul_dtype is not None or sharded:
             return modes
-        return _native_placements(modes, kind, batch, hidden, dtype)
+        from jaxrnn._src import native
+
+        if native.supports(kind, batch, hidden, dtype) and native.available():
+            return ("native", "native")
+        return modes
     limits = PALLAS_TABLE.get(kind) if backend in ("gpu", "cuda") else None
     if limits is None or matmul_dtype is not None or sharded:
         return modes
@@ -486,16 +493,6 @@ def placements(
     if hidden > measured_hidden or not pallas_rnn.supports(kind, hidden, dtype):
         return modes
     return tuple("pallas" if batch <= bound else m for m, bound in zip(modes, bounds))
-
-
-def _native_placements(modes, kind, batch, hidden, dtype):
-    """``"native"`` for the forward-only pass where the native CPU kernel (`native`) takes it
-    and is built: float32, no ``matmul_dtype``, an unsharded, non-empty batch."""
-    from jaxrnn._src import native
-
-    if native.supports(kind, batch, hidden, dtype) and native.available():
-        return ("native", "native")
-    return modes
 
 
 def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):

@@ -1,19 +1,27 @@
-r"""The native CPU kernel: the forward recurrence of the built-in cells as one XLA FFI call.
+r"""The native CPU kernel: the recurrence of the built-in cells as one XLA FFI call.
 
 XLA:CPU runs a recurrence as a loop of separate operations: each step's matmul on one core,
 then a few elementwise kernels. The kernel in ``csrc/rnn_cpu.cc`` runs the whole time loop in
-one call; each of its threads owns a range of hidden units (the ``W_h`` columns of all their
-gates, packed once per call), computes those units' gates and carry right after its part of
-the step's matmul, and a spin barrier publishes ``h`` once per step:
+one call. The hidden units are cut into one chunk per thread (the calling thread and XLA's
+intra-op pool); a chunk's ``W_x`` and ``W_h`` columns (all gates of its units) are packed once
+per call, and computing the chunk for step ``t`` needs nothing from other chunks but
+``h_{t-1}``:
 
 .. math::
 
-    z_t = h_{t-1} W_h + b_{in}, \qquad h_t, c_t = \text{gates}(x_t W_x + b_x,\ z_t,\ c_{t-1})
+    z^x_t = x_t W_x + b_x, \quad z_t = h_{t-1} W_h + b_{in}, \quad
+    h_t, c_t = \text{gates}(z^x_t,\ z_t,\ c_{t-1})
 
-The input projection ``x_t W_x + b_x`` for all steps is one XLA matmul before the call. The
-fast path (`fastpath`) places it on the forward-only pass on CPU (float32, no
-``matmul_dtype``, an unsharded batch); the gradient pass keeps XLA's scan, whose linear JVP
-rule gives forward and reverse mode, so the kernel itself is never differentiated.
+A thread publishes each chunk it computes, and a step starts once all chunks of the previous
+one are published. A chunk still unpublished after twice the time a chunk takes is computed by
+the other threads too (its thread may be late, or preempted); the first copy wins. So no
+thread waits for another to start or to resume.
+
+The fast path (`fastpath.placements`) runs it on CPU in float32 without ``matmul_dtype``, on
+an unsharded batch, in both passes: the forward-only pass takes the outputs and final carry;
+the gradient pass also the residuals of the linear JVP rule (``h`` entering each step and the
+per-kind arrays of `RESIDUAL_WIDTHS`). Reverse mode and forward mode are that rule's, in XLA;
+derivatives of the kernel's own outputs (order two and more) are those of XLA's scan.
 
 It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
 or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under

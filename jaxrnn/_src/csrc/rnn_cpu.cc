@@ -1,24 +1,24 @@
-// jaxrnn's native CPU kernel: the forward recurrence of the built-in cells (Elman tanh/relu,
-// LSTM, GRU) as one XLA FFI call, every step's matmul and gates fused and spread over threads.
+// jaxrnn's native CPU kernel: the recurrence of the built-in cells (Elman tanh/relu, LSTM,
+// GRU) as one XLA FFI call, each step's matmuls and gates fused and spread over threads.
 //
 // Compiled on first use by jaxrnn/_src/native.py (the system C++ compiler, -O3 -march=native)
 // and registered as the FFI target "jaxrnn_rnn_forward_cpu". Semantics are those of
 // jaxrnn/_src/fastpath.py's scan, step for step:
 //
-//   z_t   = h_{t-1} W_h + b_in          (one matmul per step, gate-major columns)
-//   elman: h_t = act(xw_t + z_t)
-//   lstm:  i, f, g, o = σ(xw_i + z_i), σ(xw_f + z_f), tanh(xw_g + z_g), σ(xw_o + z_o)
+//   zx_t = x_t W_x + b_x,  z_t = h_{t-1} W_h + b_in   (gate-major columns)
+//   elman: h_t = act(zx_t + z_t)
+//   lstm:  i, f, g, o = σ(zx_i + z_i), σ(zx_f + z_f), tanh(zx_g + z_g), σ(zx_o + z_o)
 //          c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
-//   gru:   r = σ(xw_r + z_r);  u = σ(xw_z + z_z);  n = tanh(xw_n + r z_n)
+//   gru:   r = σ(zx_r + z_r);  u = σ(zx_z + z_z);  n = tanh(zx_n + r z_n)
 //          h_t = (1 - u) n + u h_{t-1}
 //
-// with ``xw`` the input projection (computed by XLA before the call). A masked step holds
-// the carry and outputs zeros; a reset zeroes the carry before the step (after it when
-// running in reverse).
+// A masked step holds the carry and outputs zeros; a reset zeroes the carry before the step
+// (after it when running in reverse). For the gradient pass it also writes the residuals of
+// fastpath's linear JVP rule: the carry h entering each step and the per-kind arrays.
 //
-// Threads: each owns a contiguous range of hidden units and the W_h columns of all gates of
-// those units (packed once per call), so it computes its units' gates and carry without
-// exchanging anything but h, which a spin barrier publishes once per step.
+// Threads: the hidden units are cut into one chunk per thread; a chunk's W_x and W_h columns
+// (all gates of its units) are packed once per call, so whoever computes the chunk needs
+// nothing from the other chunks but h_{t-1}. Chunks are published once per step (`Shared`).
 
 #include <algorithm>
 #include <atomic>
