@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    FAST_CELLS,
     INPUT_SIZE,
     MODES,
     assert_trees_close,
+    fast_loss,
     fresh_key,
     load_script,
     mode_inputs,
@@ -27,8 +29,7 @@ from conftest import (
     reference_unroll,
 )
 from jax.test_util import check_grads
-from test_fastpath import FAST_CELLS, jit_fresh, reference_path
-from test_fastpath import _loss as fast_loss
+from test_fastpath import jit_fresh, reference_path
 
 import jaxrnn
 from jaxrnn._src import fastpath, pallas_rnn
