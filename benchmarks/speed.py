@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -149,15 +150,8 @@ def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None, mes
 
 def without_native(build, *args, **kwargs):
     """``build(*args, **kwargs)`` with jaxrnn's native CPU kernel off while it traces."""
-    before = os.environ.get("JAXRNN_NATIVE")
-    os.environ["JAXRNN_NATIVE"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"JAXRNN_NATIVE": "0"}):
         return build(*args, **kwargs)
-    finally:
-        if before is None:
-            del os.environ["JAXRNN_NATIVE"]
-        else:
-            os.environ["JAXRNN_NATIVE"] = before
 
 
 def host_mesh(n: int, batch: int):

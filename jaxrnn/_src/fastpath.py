@@ -476,16 +476,15 @@ def placements(
     working."""
     backend = backend or jax.default_backend()
     modes = projection_modes(kind, backend)
+    if matmul_dtype is not None or sharded:
+        return modes
     if backend == "cpu":
-        if empty or matmul_dtype is not None or sharded:
-            return modes
         from jaxrnn._src import native
 
-        if native.supports(kind, batch, hidden, dtype) and native.available():
-            return ("native", "native")
-        return modes
+        usable = not empty and native.supports(kind, hidden, dtype) and native.available()
+        return ("native", "native") if usable else modes
     limits = PALLAS_TABLE.get(kind) if backend in ("gpu", "cuda") else None
-    if limits is None or matmul_dtype is not None or sharded:
+    if limits is None:
         return modes
     from jaxrnn._src import pallas_rnn
 

@@ -68,9 +68,7 @@ def _threads() -> int:
     try:
         threads = int(value)
     except ValueError:
-        raise ValueError(
-            f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got {value!r}"
-        ) from None
+        threads = -1
     if threads < 0:
         raise ValueError(f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got {value!r}")
     return threads
@@ -78,8 +76,9 @@ def _threads() -> int:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -156,8 +155,8 @@ def _load() -> bool:
             _LIBRARIES[TARGET] = lib
     except Exception as err:  # any failure means: keep XLA's loop
         warnings.warn(
-            f"jaxrnn: the native CPU kernel is unavailable ({err}); the forward pass runs "
-            "XLA's loop (same results, slower). Set JAXRNN_NATIVE=0 to silence this.",
+            f"jaxrnn: the native CPU kernel is unavailable ({err}); the time loop runs in "
+            "XLA (same results, slower). Set JAXRNN_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -165,12 +164,13 @@ def _load() -> bool:
     return True
 
 
-def supports(kind: str, batch: int, hidden: int, dtype) -> bool:
-    """Whether the kernel takes this problem: a built-in kind, float32, non-empty sizes.
+def supports(kind: str, hidden: int, dtype) -> bool:
+    """Whether the kernel takes this cell: a built-in kind, float32, a hidden size.
 
-    Does not compile anything; `available` says whether the kernel can run.
+    Does not compile anything; `available` says whether the kernel can run. Empty inputs are
+    left to the caller (`fastpath.placements`).
     """
-    return kind in KIND_CODES and jnp.dtype(dtype) == jnp.float32 and batch > 0 and hidden > 0
+    return kind in KIND_CODES and jnp.dtype(dtype) == jnp.float32 and hidden > 0
 
 
 # Per kind, the widths (in gates of H) of the residual arrays the gradient pass needs, as

@@ -277,7 +277,7 @@ struct Problem {
   const bool *mask, *resets;  // (T, B) or null
   float* ys;
   // The gradient pass's residuals, or null: h_in (T, B, H), the carry each step starts from,
-  // and up to four per-kind arrays (`kResiduals`).
+  // and up to four per-kind arrays (`residual_layout`).
   float* h_in;
   float* res[4];
 };
