@@ -1,8 +1,8 @@
-"""Proposes the fast path's GPU tables from what a GPU session measured.
+"""Proposes the fast path's GPU tables from what a GPU run measured.
 
 Three constants wait for GPU numbers: ``fastpath.UNROLL_TABLE["gpu"]`` (the scan's unroll
-factor by ``batch * hidden``), ``fastpath.PALLAS_TABLE`` (per cell, the largest batch whose
-forward-only pass and gradient pass run their primal on the persistent Pallas kernels) and
+factor by ``batch * hidden``), ``fastpath.PALLAS_TABLE`` (per cell and dtype, the largest batch
+whose forward-only pass and gradient pass run their primal on the persistent Pallas kernels) and
 ``parallel.AUTO_MIN_TIME`` (from how many steps ``method="auto"`` goes parallel on a GPU).
 This script reads the JSON that the GPU scripts write and prints the Python for each, with the
 measurements behind every entry. It edits nothing: paste, then run the tests.
@@ -15,12 +15,13 @@ Rules (each proposal follows only from its own file):
 - unroll: per measured cell, the factor with the least total time over the measured passes;
   cells sorted by ``batch * hidden``, neighbours with the same factor merged, the last row
   unbounded.
-- Pallas: a kind enters only if ``unroll_pallas`` (``jaxrnn.unroll`` on the kernels) passed
-  the on-device check in every dtype and flag mode measured (relative error of outputs and
-  gradients under ``--tolerance``). Per pass, the bound is the largest measured batch such
-  that at every measured batch up to it, and in every dtype, ``unroll_pallas`` took at most
-  ``--margin`` of plain ``jaxrnn``'s time; no such batch: 0 (never). The third entry is the
-  largest hidden size measured: `fastpath.placements` takes the kernels no further.
+- Pallas: a ``(kind, dtype)`` enters only if ``unroll_pallas`` (``jaxrnn.unroll`` on the
+  kernels) passed the on-device check in every flag mode measured in that dtype (relative
+  error of outputs and gradients under ``--tolerance``, ten times that for bfloat16). Per
+  pass, the bound is the largest measured batch such that at every measured batch up to it
+  ``unroll_pallas`` took at most ``--margin`` of plain ``jaxrnn``'s time; no such batch: 0
+  (never); both 0: left out. The third entry is the largest hidden size measured:
+  `fastpath.placements` takes the kernels no further.
 - auto: the smallest measured ``T`` from which quasi-DEER (converged) beat the sequential scan
   forward+backward at every measured ``(T, H, B)`` with at least as many steps; none: keep
   the scan (``1 << 62``).
@@ -70,8 +71,8 @@ def unroll_table(tune_rows: list[dict]) -> tuple[tuple[tuple[int, int], ...], li
     return tuple(rows), reasons
 
 
-def _check_passes(check: dict, kind: str, tolerance: float) -> tuple[bool, list[str]]:
-    entries = {k: v for k, v in check.items() if k.split("/")[0] == kind}
+def _check_passes(check: dict, kind: str, dtype: str, tolerance: float) -> tuple[bool, list[str]]:
+    entries = {k: v for k, v in check.items() if k.split("/")[:2] == [kind, dtype]}
     ok, notes = bool(entries), []
     for key, runs in sorted(entries.items()):
         errors = runs.get("unroll_pallas", {"error": "not run"})
@@ -84,40 +85,40 @@ def _check_passes(check: dict, kind: str, tolerance: float) -> tuple[bool, list[
 
 
 def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
-    """``pallas_gpu.py``'s report -> ``(PALLAS_TABLE, reasons)``; bfloat16 checks get ten
-    times ``tolerance``."""
+    """``pallas_gpu.py``'s report -> ``(PALLAS_TABLE, reasons)``, keyed by ``(kind, dtype
+    name)``; bfloat16 checks get ten times ``tolerance``."""
     table, reasons = {}, []
-    by_kind: dict[str, dict[int, list[dict]]] = {}
-    hiddens: dict[str, int] = {}
+    by_key: dict[tuple[str, str], dict[int, dict]] = {}
+    hiddens: dict[tuple[str, str], int] = {}
     for row in report.get("rows", []):
         kind, batch, _, hidden = _cell(row["cell"])
-        by_kind.setdefault(kind, {}).setdefault(batch, []).append(row)
-        hiddens[kind] = max(hiddens.get(kind, 0), hidden)
-    for kind, batches in sorted(by_kind.items()):
-        ok, notes = _check_passes(report.get("check", {}), kind, tolerance)
+        key = (kind, row["dtype"])
+        by_key.setdefault(key, {})[batch] = row
+        hiddens[key] = max(hiddens.get(key, 0), hidden)
+    for (kind, dtype), batches in sorted(by_key.items()):
+        ok, notes = _check_passes(report.get("check", {}), kind, dtype, tolerance)
         reasons += notes
         if not ok:
-            reasons.append(f"{kind}: left out (the on-device check did not pass)")
+            reasons.append(f"{kind} {dtype}: left out (the on-device check did not pass)")
             continue
         bounds = []
         for pass_ in ("fwd", "fwdbwd"):
             bound = 0
             for batch in sorted(batches):
-                ratios = []
-                for row in batches[batch]:
-                    ms = row["ms"]
-                    mine, base = ms.get(f"unroll_pallas/{pass_}"), ms.get(f"jaxrnn/{pass_}")
-                    ratios.append(None if mine is None or base is None else mine / base)
-                    reasons.append(
-                        f"{row['cell']} {row['dtype']} {pass_}: unroll_pallas {mine} ms, "
-                        f"jaxrnn {base} ms"
-                    )
-                if any(r is None or r > margin for r in ratios):
+                row = batches[batch]
+                mine, base = (
+                    row["ms"].get(f"unroll_pallas/{pass_}"),
+                    row["ms"].get(f"jaxrnn/{pass_}"),
+                )
+                reasons.append(
+                    f"{row['cell']} {dtype} {pass_}: unroll_pallas {mine} ms, jaxrnn {base} ms"
+                )
+                if mine is None or base is None or mine > margin * base:
                     break
                 bound = batch
             bounds.append(bound)
         if any(bounds):
-            table[PALLAS_KINDS[kind]] = (*bounds, hiddens[kind])
+            table[(PALLAS_KINDS[kind], dtype)] = (*bounds, hiddens[(kind, dtype)])
     return table, reasons
 
 

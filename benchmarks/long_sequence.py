@@ -199,7 +199,7 @@ def main(argv=None):
         device_kind=jax.devices()[0].device_kind,
         jax=jax.__version__,
         cpu_count=os.cpu_count(),
-        platform=platform.platform(),
+        platform=f"{platform.system()} {platform.machine()}",
         repeats=args.repeats,
     )
     rows, start = [], time.perf_counter()

@@ -148,9 +148,13 @@ def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None, mes
     return _jax_runner(run, loss, (params, xs_bm), mesh)
 
 
-def without_native(build, *args, **kwargs):
-    """``build(*args, **kwargs)`` with jaxrnn's native CPU kernel off while it traces."""
-    with mock.patch.dict(os.environ, {"JAXRNN_NATIVE": "0"}):
+def without_kernels(build, *args, **kwargs):
+    """``build(*args, **kwargs)`` with jaxrnn's kernels off while it traces: the native CPU
+    kernel and the Pallas GPU kernels (`fastpath.PALLAS_TABLE`), so XLA's loop runs."""
+    with (
+        mock.patch.dict(os.environ, {"JAXRNN_NATIVE": "0"}),
+        mock.patch.dict(fastpath.PALLAS_TABLE, clear=True),
+    ):
         return build(*args, **kwargs)
 
 
@@ -204,6 +208,9 @@ def torch_runner(kind, xs_bm, dtype, device):
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     module = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
     model = module(hidden, hidden).to(dev, tdtype)
+    # After a dtype change cuDNN's weights are no longer one contiguous block, and PyTorch
+    # warns that it compacts them at every call: compact them once, here.
+    model.flatten_parameters()
     x = torch.from_numpy(np.array(jnp.moveaxis(xs_bm, 1, 0).astype(jnp.float32)))
     x = x.to(dev, tdtype).requires_grad_(True)
 
@@ -308,8 +315,8 @@ def bench_cell(spec, args, rng):
             builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, reference=True)
         elif peer == "jaxrnn1":
             builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype)
-        elif peer == "xla":  # jaxrnn with the native CPU kernel off
-            builders[peer] = lambda: without_native(
+        elif peer == "xla":  # jaxrnn with its kernels off
+            builders[peer] = lambda: without_kernels(
                 jaxrnn_runner, kind, xs, dtype, matmul_dtype=args.matmul_dtype, mesh=mesh
             )
     built = {}
@@ -340,8 +347,8 @@ def bench_cell(spec, args, rng):
 
 
 def tune(args, rng):
-    """Measures fwd+bwd time of the fast path per unroll factor, for the unroll table."""
-    rows = []
+    """Measures the time of the fast path's XLA loop (the kernels off) per unroll factor, for
+    the unroll table; yields each cell's rows as it is measured."""
     for spec in args.cells:
         kind, batch, time_, hidden = parse_cell(spec)
         cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
@@ -355,18 +362,19 @@ def tune(args, rng):
 
             for pass_ in args.passes:
                 fn = loss if pass_ == "fwd" else jax.grad(loss, argnums=(0, 1))
-                c = jax.jit(fn).lower(params, xs).compile()
+                c = without_kernels(jax.jit(fn).lower, params, xs).compile()
                 runners[(pass_, factor)] = lambda c=c, a=(params, xs): jax.block_until_ready(c(*a))
         times = time_interleaved(runners, args.reps, rng, args.warm_ms / 1e3)
         # On a shared CPU the process CPU time is the steadier measure; on GPU, wall time.
         which = 1 if args.device == "cpu" else 0
         med = {k: 1e3 * statistics.median(v[which]) for k, v in times.items()}
+        rows = []
         for pass_ in args.passes:
             line = {f: round(med[(pass_, f)], 2) for f in UNROLL_FACTORS}
             best = min(line, key=line.get)
             print(f"{spec} {pass_}: ms by unroll {line} -> best {best}", flush=True)
             rows.append({"cell": spec, "pass": pass_, "ms_by_unroll": line, "best": best})
-    return rows
+        yield rows
 
 
 def markdown(results, passes, peers) -> str:
@@ -491,7 +499,7 @@ def main(argv=None):
         "jax": jax.__version__,
         "jax_devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
+        "platform": f"{platform.system()} {platform.machine()}",
         "dtype": args.dtype,
         "jaxrnn_matmul_dtype": args.matmul_dtype or args.dtype,
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")
@@ -501,6 +509,7 @@ def main(argv=None):
         "host_devices": args.host_devices,
         "torch": torch_info(args.device) if "torch" in args.peers else None,
         "unroll_table": {k: list(v) for k, v in fastpath.UNROLL_TABLE.items()},
+        "pallas_table": {"/".join(k): list(v) for k, v in fastpath.PALLAS_TABLE.items()},
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     if meta["torch"] and args.device == "gpu":
@@ -511,10 +520,12 @@ def main(argv=None):
         meta["torch"].update(matmul_allow_tf32=True, cudnn_allow_tf32=True)
     print(json.dumps(meta), flush=True)
     if args.tune:
-        rows = tune(args, rng)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "tune": rows}, f, indent=1)
+        rows = []
+        for cell_rows in tune(args, rng):
+            rows += cell_rows
+            if args.out:  # after every cell: a time limit keeps what was measured
+                with open(args.out, "w") as f:
+                    json.dump({"meta": meta, "tune": rows}, f, indent=1)
         return
     results = []
 

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_tables.py``: the rules that turn a GPU session's JSON into table proposals.
+"""``benchmarks/gpu_tables.py``: the rules that turn a GPU run's JSON into table proposals.
 
 The reports here have the shape the GPU scripts write (`speed.py --tune`, `pallas_gpu.py`,
 `long_sequence.py`); `test_pallas` and `test_benchmark_speed` feed the script real reports
@@ -63,39 +63,55 @@ def _check(kind, out=1e-4, grad=1e-4, bf16=(1e-2, 1e-2)):
     }
 
 
-def test_pallas_table_takes_the_largest_batch_won_in_every_dtype_up_to_it():
+def test_pallas_table_takes_per_dtype_the_largest_batch_won_at_every_batch_up_to_it():
     report = {
         "check": {**_check("lstm"), **_check("gru"), **_check("elman")},
         "rows": [
-            # LSTM: forward wins at 8 and 64; the gradient pass wins at 8 only
+            # float32 LSTM: forward wins at 8 and 64; the gradient pass at 8 only
             _pallas_row("lstm:8:1000:128", "float32", _times(0.5, 1.5)),
-            _pallas_row("lstm:8:1000:128", "bfloat16", _times(0.4, 1.2)),
             _pallas_row("lstm:64:1000:128", "float32", _times(0.9, 2.5)),
+            # bfloat16 LSTM: both passes win at both batches
+            _pallas_row("lstm:8:1000:128", "bfloat16", _times(0.4, 1.2)),
             _pallas_row("lstm:64:1000:128", "bfloat16", _times(0.8, 1.0)),
-            # GRU: bfloat16 loses the forward at 8, so the forward bound stops before 8
-            _pallas_row("gru:8:1000:128", "float32", _times(0.5, 1.0)),
+            # bfloat16 GRU: loses the forward at 8, so that bound is 0 even though 64 wins
             _pallas_row("gru:8:1000:128", "bfloat16", _times(0.99, 1.0)),
-            _pallas_row("gru:64:1000:128", "float32", _times(0.5, 1.0)),
+            _pallas_row("gru:64:1000:128", "bfloat16", _times(0.5, 1.0)),
             # Elman: never faster by the margin -> left out of the table
             _pallas_row("elman:8:1000:128", "float32", _times(0.97, 1.97)),
         ],
     }
     table, reasons = gpu_tables.pallas_table(report, margin=0.95)
-    assert table == {"lstm": (64, 8, 128), "gru": (0, 64, 128)}
+    assert table == {
+        ("lstm", "float32"): (64, 8, 128),
+        ("lstm", "bfloat16"): (64, 64, 128),
+        ("gru", "bfloat16"): (0, 64, 128),
+    }
     assert "lstm:64:1000:128 bfloat16 fwdbwd: unroll_pallas 1.0 ms, jaxrnn 2.0 ms" in reasons
 
 
-def test_pallas_table_leaves_out_a_kind_whose_check_failed_or_errored():
-    rows = [_pallas_row(f"{k}:8:1000:128", "float32", _times(0.1, 0.1)) for k in ("lstm", "gru")]
+def test_pallas_table_leaves_out_a_kind_and_dtype_whose_check_failed_or_errored():
+    rows = [
+        _pallas_row(f"{k}:8:1000:128", d, _times(0.1, 0.1))
+        for k in ("lstm", "gru")
+        for d in ("float32", "bfloat16")
+    ]
     check = {**_check("lstm", grad=0.2), **_check("gru")}
     check["gru/bfloat16"]["unroll_pallas"] = {"error": "CompilationError: out of shared memory"}
     table, reasons = gpu_tables.pallas_table({"check": check, "rows": rows}, tolerance=1e-2)
-    assert table == {}
-    assert "lstm: left out (the on-device check did not pass)" in reasons
+    # the float32 LSTM failed its check (its bfloat16 passed); the bfloat16 GRU errored
+    assert table == {("lstm", "bfloat16"): (8, 8, 128), ("gru", "float32"): (8, 8, 128)}
+    assert "lstm float32: left out (the on-device check did not pass)" in reasons
+    assert "gru bfloat16: left out (the on-device check did not pass)" in reasons
     assert any("gru/bfloat16" in r and r.endswith("FAILED") for r in reasons)
+    # a dtype with timings but no check at all is left out too
+    unchecked = {
+        "check": _check("lstm"),
+        "rows": [_pallas_row("gru:8:9:128", "float32", _times(0.1, 0.1))],
+    }
+    assert gpu_tables.pallas_table(unchecked)[0] == {}
     # bfloat16 gets ten times the tolerance: 1e-2 passes at 1e-2 * 10 ...
-    ok = {"check": {**_check("lstm", bf16=(0.09, 0.05))}, "rows": rows[:1]}
-    assert gpu_tables.pallas_table(ok, tolerance=1e-2)[0] == {"lstm": (8, 8, 128)}
+    ok = {"check": {**_check("lstm", bf16=(0.09, 0.05))}, "rows": rows[1:2]}
+    assert gpu_tables.pallas_table(ok, tolerance=1e-2)[0] == {("lstm", "bfloat16"): (8, 8, 128)}
     # ... float32 does not
     bad = {"check": {**_check("lstm", out=0.011)}, "rows": rows[:1]}
     assert gpu_tables.pallas_table(bad, tolerance=1e-2)[0] == {}

@@ -453,11 +453,24 @@ def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
 
 
 # Where the persistent Pallas kernels (`pallas_rnn`) run the primal of the fast path on GPU:
-# ``{kind: (largest batch, forward-only pass; largest batch, gradient pass; largest hidden
-# size measured)}``, from ``benchmarks/pallas_gpu.sh`` (which times ``jaxrnn.unroll`` with them
-# against without; ``benchmarks/gpu_tables.py`` turns its report into this table).
-# Empty until a GPU has measured it: `unroll` never dispatches to them before.
-PALLAS_TABLE: dict[str, tuple[int, int, int]] = {}
+# ``{(kind, dtype name): (largest batch, forward-only pass; largest batch, gradient pass;
+# largest hidden size measured)}``, from ``benchmarks/pallas_gpu.sh`` (which times
+# ``jaxrnn.unroll`` with them against without; ``benchmarks/gpu_tables.py`` turns its report
+# into this table). Measured on an H100 (jax 0.11.2, 2026-11-27), T=1000 H=128, ms fwd /
+# fwd+bwd, kernels vs plain ``jaxrnn``:
+#   elman B8   float32 1.98 / 5.34 vs 4.27 / 7.69    bfloat16 1.54 / 4.39 vs 3.86 / 6.98
+#   lstm  B8   float32 8.67 / 13.4 vs 4.29 / 10.3    bfloat16 3.52 / 8.19 vs 3.82 / 9.48
+#   lstm  B64  float32 8.98 / 14.7 vs 5.15 / 11.9    bfloat16 4.25 / 9.49 vs 4.51 / 11.1
+#   gru   B8   float32 4.18 / 8.75 vs 3.65 / 9.08    bfloat16 2.71 / 6.76 vs 3.49 / 8.27
+#   gru   B64  float32 4.49 / 9.83 vs 5.05 / 12.9    bfloat16 3.21 / 8.82 vs 4.85 / 12.9
+# A pass enters where the kernels took at most 0.95 of the time at every measured batch up to
+# its bound. The float32 LSTM and GRU kernels lose at B8, so those keep XLA's loop.
+PALLAS_TABLE: dict[tuple[str, str], tuple[int, int, int]] = {
+    ("elman_tanh", "bfloat16"): (8, 8, 128),
+    ("elman_tanh", "float32"): (8, 8, 128),
+    ("gru", "bfloat16"): (64, 64, 128),
+    ("lstm", "bfloat16"): (64, 64, 128),
+}
 
 
 def placements(
@@ -468,8 +481,8 @@ def placements(
 
     - ``"native"`` (CPU, both passes): the native CPU kernel (`native`): float32, no
       ``matmul_dtype``, an unsharded batch, non-``empty`` inputs, the kernel built.
-    - ``"pallas"`` (GPU): a pass that `PALLAS_TABLE` gives to the persistent kernels
-      (float32/bfloat16 without ``matmul_dtype``, an unsharded batch up to the table's bound,
+    - ``"pallas"`` (GPU): a pass that `PALLAS_TABLE` gives to the persistent kernels for
+      this kind and dtype (no ``matmul_dtype``, an unsharded batch up to the table's bound,
       a hidden size the kernels take and no larger than measured).
 
     The linear JVP rule on top is the same either way, so forward and reverse mode keep
@@ -483,7 +496,8 @@ def placements(
 
         usable = not empty and native.supports(kind, hidden, dtype) and native.available()
         return ("native", "native") if usable else modes
-    limits = PALLAS_TABLE.get(kind) if backend in ("gpu", "cuda") else None
+    gpu = backend in ("gpu", "cuda")
+    limits = PALLAS_TABLE.get((kind, jnp.dtype(dtype).name)) if gpu else None
     if limits is None:
         return modes
     from jaxrnn._src import pallas_rnn
