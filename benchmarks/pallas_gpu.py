@@ -1,13 +1,15 @@
 """Evaluates the persistent Pallas kernels (`jaxrnn._src.pallas_rnn`) on a GPU.
 
 1. Correctness on the device: the kernels' outputs and gradients against ``jaxrnn.unroll``
-   on XLA's loop (the fast path with `fastpath.PALLAS_TABLE` cleared), dense and with random lengths and resets in reverse, as relative errors
-   (both sides run their float32 matmuls at the default precision, TF32 on an H100).
-2. Speed: forward and forward+backward against the same ``jaxrnn.unroll`` and PyTorch's ``nn.RNN``,
-   ``nn.LSTM``, ``nn.GRU`` (cuDNN), interleaved rounds, medians; for each ``num_warps``; and
-   ``unroll_pallas``, `jaxrnn.unroll` on the fast path's ``"pallas"`` placement (the forward
-   kernel computes the primal and its residuals; the backward stays XLA's transposed linear
-   scan): where it beats plain ``jaxrnn``, per pass, goes into ``fastpath.PALLAS_TABLE``.
+   on XLA's loop (the fast path with `fastpath.PALLAS_TABLE` cleared), dense and with random
+   lengths and resets in reverse, as relative errors (both sides run their float32 matmuls at
+   the default precision, TF32 on an H100).
+2. Speed: forward and forward+backward against the same ``jaxrnn.unroll`` and PyTorch's
+   ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` (cuDNN), interleaved rounds, medians; for each
+   ``num_warps``; and ``unroll_pallas``, `jaxrnn.unroll` on the fast path's ``"pallas"``
+   placement (the forward kernel computes the primal and its residuals; the backward stays
+   XLA's transposed linear scan): where it beats plain ``jaxrnn``, per pass, goes into
+   ``fastpath.PALLAS_TABLE``.
 
     python benchmarks/pallas_gpu.py --out pallas.json            # on the GPU machine
     python benchmarks/pallas_gpu.py --interpret --cells lstm:4:6:16 --reps 1   # a CPU smoke run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -308,6 +309,20 @@ def test_unroll_on_the_kernels_keeps_forward_mode(cell_name, on_the_kernels):
         check_grads(g, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-4)
 
 
+@pytest.mark.parametrize(
+    "capability, measured", [("9.0", True), ("8.0", False), ("10.0", False), ("12.0", False)]
+)
+def test_the_kernels_run_only_on_the_measured_gpu_family(monkeypatch, capability, measured):
+    """`PALLAS_TABLE` was measured on an H100 (9.0); other GPUs keep XLA's loop."""
+    device = types.SimpleNamespace(compute_capability=capability)
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    assert fastpath._measured_gpu() is measured
+    expected = ("pallas",) * 2 if measured else ("hoisted",) * 2
+    assert fastpath.placements("elman_tanh", 8, 128, jnp.float32, backend="gpu") == expected
+    monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace()])  # no capability
+    assert not fastpath._measured_gpu()
+
+
 def test_placements_follow_the_measured_table(monkeypatch):
     """The table as measured on an H100: the Elman RNN up to batch 8, the bfloat16 LSTM and GRU
     up to 64, not the float32 LSTM and GRU. Per (kind, dtype), GPU only, up to each pass's
@@ -316,6 +331,9 @@ def test_placements_follow_the_measured_table(monkeypatch):
     hoisted = ("hoisted", "hoisted")
     pallas = ("pallas", "pallas")
     f32, bf16 = jnp.float32, jnp.bfloat16
+    # on a GPU of another family than the one measured (here: no GPU at all), never
+    assert fastpath.placements("elman_tanh", 8, 128, f32, backend="gpu") == hoisted
+    monkeypatch.setattr(fastpath, "_measured_gpu", lambda: True)
     assert fastpath.placements("elman_tanh", 8, 128, f32, backend="gpu") == pallas
     assert fastpath.placements("elman_tanh", 16, 128, f32, backend="gpu") == hoisted
     assert fastpath.placements("elman_relu", 8, 128, f32, backend="gpu") == hoisted

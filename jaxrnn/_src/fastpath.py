@@ -465,12 +465,25 @@ def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
 #   gru   B64  float32 4.49 / 9.83 vs 5.05 / 12.9    bfloat16 3.21 / 8.82 vs 4.85 / 12.9
 # A pass enters where the kernels took at most 0.95 of the time at every measured batch up to
 # its bound. The float32 LSTM and GRU kernels lose at B8, so those keep XLA's loop.
+# Only on the GPU family it was measured on (compute capability 9.x: H100, H200): other GPUs
+# may have less shared memory than the kernels' weight blocks take (the bfloat16 LSTM's 136
+# KiB), or other step times.
+PALLAS_CAPABILITY_MAJOR = 9
 PALLAS_TABLE: dict[tuple[str, str], tuple[int, int, int]] = {
     ("elman_tanh", "bfloat16"): (8, 8, 128),
     ("elman_tanh", "float32"): (8, 8, 128),
     ("gru", "bfloat16"): (64, 64, 128),
     ("lstm", "bfloat16"): (64, 64, 128),
 }
+
+
+def _measured_gpu() -> bool:
+    """Whether JAX's first device is of the GPU family `PALLAS_TABLE` was measured on."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return int(str(capability).split(".")[0]) == PALLAS_CAPABILITY_MAJOR
+    except ValueError:
+        return False
 
 
 def placements(
@@ -481,9 +494,9 @@ def placements(
 
     - ``"native"`` (CPU, both passes): the native CPU kernel (`native`): float32, no
       ``matmul_dtype``, an unsharded batch, non-``empty`` inputs, the kernel built.
-    - ``"pallas"`` (GPU): a pass that `PALLAS_TABLE` gives to the persistent kernels for
-      this kind and dtype (no ``matmul_dtype``, an unsharded batch up to the table's bound,
-      a hidden size the kernels take and no larger than measured).
+    - ``"pallas"`` (GPU of the measured family): a pass that `PALLAS_TABLE` gives to the
+      persistent kernels for this kind and dtype (no ``matmul_dtype``, an unsharded batch up
+      to the table's bound, a hidden size the kernels take and no larger than measured).
 
     The linear JVP rule on top is the same either way, so forward and reverse mode keep
     working."""
@@ -496,7 +509,7 @@ def placements(
 
         usable = not empty and native.supports(kind, hidden, dtype) and native.available()
         return ("native", "native") if usable else modes
-    gpu = backend in ("gpu", "cuda")
+    gpu = backend in ("gpu", "cuda") and _measured_gpu()
     limits = PALLAS_TABLE.get((kind, jnp.dtype(dtype).name)) if gpu else None
     if limits is None:
         return modes
