@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrnn._src import sharding
+from jaxrnn._src import linear, sharding
 
 KINDS = ("elman_tanh", "elman_relu", "lstm", "gru")
 
@@ -399,8 +399,7 @@ def _recurrence_jvp(static, primals, tangents):
     carry_out, (ys, (h_in, res)) = _primal_scan(
         static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=True
     )
-    _, coefficients, tangent = _RECURRENCES[kind]
-    coef = coefficients(res, h_in)
+    coef = _RECURRENCES[kind][1](res, h_in)
     # Every weight and input term for all steps at once, outside the loop: one matmul each.
     dxw = _matmul(dxs, w_x, md, tangent="a") + _matmul(xs, dw_x, md, tangent="w")
     if b_x is not None:
@@ -409,9 +408,34 @@ def _recurrence_jvp(static, primals, tangents):
     if b_in is not None:
         dhw = dhw + db_in
     if kind == "gru":
-        inputs = (dxw, dhw, coef)  # the GRU's reset gate multiplies the recurrent part alone
+        us = (dxw, dhw)  # the GRU's reset gate multiplies the recurrent part alone
     else:
-        inputs = (dxw + dhw, None, coef)  # additive gates: merged, saving an add per step
+        us = (dxw + dhw,)  # additive gates: merged, saving an add per step
+    flags = tuple(f for f in (mask, resets) if f is not None)
+    loop = functools.partial(
+        _tangent_loop, kind=kind, reverse=reverse, unroll=unroll, md=md,
+        n_coef=len(coef), n_u=len(us), flags=(mask is not None, resets is not None),
+    )  # fmt: skip
+    nonlin, lin = (*coef, w_h, *flags), (*us, *dcarry)
+    if static[3][1] == "native":
+        # The native kernel transposes the loop (the backward loop of reverse mode); the loop
+        # itself, its derivatives and its batching stay XLA's (`linear`).
+        transpose = functools.partial(_native_tangent_transpose, loop)
+        dys, *dcarry_out = linear.apply(loop, transpose, nonlin, lin)
+    else:
+        dys, *dcarry_out = loop(nonlin, lin)
+    return (ys, carry_out), (dys, tuple(dcarry_out))
+
+
+def _tangent_loop(nonlin, lin, *, kind, reverse, unroll, md, n_coef, n_u, flags):
+    """The tangent rule's loop, linear in ``lin = (*us, *dcarry)``: per step, the carry's
+    tangent times ``W_h`` plus the hoisted input terms ``us``, through the linear step.
+    ``nonlin = (*coef, w_h, *present flags)``. Returns ``(dys, *dcarry_out)``."""
+    coef, w_h, present = nonlin[:n_coef], nonlin[n_coef], iter(nonlin[n_coef + 1 :])
+    mask, resets = (next(present) if f else None for f in flags)
+    us, dcarry = lin[:n_u], tuple(lin[n_u:])
+    tangent = _RECURRENCES[kind][2]
+    inputs = (us[0], us[1] if n_u == 2 else None, coef)
 
     def update(dc_in, dhw_t, inputs_t):
         dx_t, dhw_hoisted_t, coef_t = inputs_t
@@ -429,7 +453,33 @@ def _recurrence_jvp(static, primals, tangents):
         return _dot(dh, w_ht, md, transpose_w=True, tangent="a")
 
     dcarry_out, (dys, _) = _scan(update, recur, dcarry, inputs, mask, resets, reverse, unroll)
-    return (ys, carry_out), (dys, dcarry_out)
+    return (dys, *dcarry_out)
+
+
+def _native_tangent_transpose(loop, nonlin, cts):
+    """`_tangent_loop`'s transpose on the native kernel (`native.backward`), the batch dims
+    flattened into one: ``cts = (ct_dys, *ct_dcarry_out)`` -> the cotangents of ``lin``."""
+    from jaxrnn._src import native
+
+    kind, n_coef, n_u = loop.keywords["kind"], loop.keywords["n_coef"], loop.keywords["n_u"]
+    coef, w_h, present = nonlin[:n_coef], nonlin[n_coef], iter(nonlin[n_coef + 1 :])
+    mask, resets = (next(present) if f else None for f in loop.keywords["flags"])
+    ct_dys, *ct_carry = cts
+    time, *batch, hidden = ct_dys.shape
+    flat = lambda a: a.reshape(time, -1, a.shape[-1])  # noqa: E731
+    ct_u, ct_v, ct_carry0 = native.backward(
+        kind,
+        flat(ct_dys),
+        tuple(a.reshape(-1, hidden) for a in ct_carry),
+        tuple(flat(c) for c in coef),
+        w_h,
+        None if mask is None else mask.reshape(time, -1),
+        None if resets is None else resets.reshape(time, -1),
+        loop.keywords["reverse"],
+    )
+    unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
+    us = (unflat(ct_u),) if n_u == 1 else (unflat(ct_u), unflat(ct_v))
+    return (*us, *(a.reshape(*batch, hidden) for a in ct_carry0))
 
 
 def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
@@ -477,6 +527,15 @@ PALLAS_TABLE: dict[tuple[str, str], tuple[int, int, int]] = {
 }
 
 
+# The kinds whose gradient pass runs on the native kernels (primal and backward loop) on CPU.
+# The Elman cell's runs XLA's loops: its step is one small matmul, and the kernels' per-step
+# hand-off between threads costs what they save. Interleaved medians (min), B16 T256 H128,
+# ms, fwd+bwd, XLA's loops / native primal only / native primal and backward loop: Elman
+# 10.2 (8.2) / 10.7 (8.6) / 12.0 (8.4); LSTM 43.1 (34.6) / 32.7 (28.8) / 29.7 (24.8); GRU
+# 32.5 (27.2) / 26.4 (23.6) / 23.0 (20.5).
+NATIVE_GRADIENT_KINDS = ("lstm", "gru")
+
+
 def _measured_gpu() -> bool:
     """Whether JAX's first device is of the GPU family `PALLAS_TABLE` was measured on."""
     capability = getattr(jax.devices()[0], "compute_capability", None)
@@ -492,8 +551,9 @@ def placements(
     """`projection_modes`, with a kernel where one runs a pass (it computes the primal, and in
     the gradient pass its residuals):
 
-    - ``"native"`` (CPU, both passes): the native CPU kernel (`native`): float32, no
-      ``matmul_dtype``, an unsharded batch, non-``empty`` inputs, the kernel built.
+    - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype``,
+      an unsharded batch, non-``empty`` inputs, the kernel built; the forward-only pass of
+      every kind, the gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`.
     - ``"pallas"`` (GPU of the measured family): a pass that `PALLAS_TABLE` gives to the
       persistent kernels for this kind and dtype (no ``matmul_dtype``, an unsharded batch up
       to the table's bound, a hidden size the kernels take and no larger than measured).
@@ -508,7 +568,9 @@ def placements(
         from jaxrnn._src import native
 
         usable = not empty and native.supports(kind, hidden, dtype) and native.available()
-        return ("native", "native") if usable else modes
+        if not usable:
+            return modes
+        return ("native", "native" if kind in NATIVE_GRADIENT_KINDS else modes[1])
     gpu = backend in ("gpu", "cuda") and _measured_gpu()
     limits = PALLAS_TABLE.get((kind, jnp.dtype(dtype).name)) if gpu else None
     if limits is None:

@@ -20,8 +20,12 @@ thread waits for another to start or to resume.
 The fast path (`fastpath.placements`) runs it on CPU in float32 without ``matmul_dtype``, on
 an unsharded batch, in both passes: the forward-only pass takes the outputs and final carry;
 the gradient pass also the residuals of the linear JVP rule (``h`` entering each step and the
-per-kind arrays of `RESIDUAL_WIDTHS`). Reverse mode and forward mode are that rule's, in XLA;
-derivatives of the kernel's own outputs (order two and more) are those of XLA's scan.
+per-kind arrays of `RESIDUAL_WIDTHS`). The gradient pass's backward loop is a second kernel
+(`backward`): the transpose of that rule's tangent loop, with the same chunks of units, each
+step finishing ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
+It enters through `linear` (a linear primitive with a transpose of its own), so forward mode,
+``vmap`` and derivatives of every order keep XLA's loops; derivatives of the kernels' own
+outputs (order two and more) are those of XLA's scan.
 
 It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
 or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under
@@ -52,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "jaxrnn_rnn_forward_cpu"
+TARGET_BACKWARD = "jaxrnn_rnn_backward_cpu"
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "rnn_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread")
 _LIBRARIES: dict = {}  # the loaded kernel, kept alive for the process
@@ -150,8 +155,12 @@ def _load() -> bool:
         path = _build(compiler)
         if TARGET not in _LIBRARIES:  # registered once per process
             lib = ctypes.CDLL(str(path))
-            capsule = jax.ffi.pycapsule(lib.JaxrnnRnnForward)
-            jax.ffi.register_ffi_target(TARGET, capsule, platform="cpu")
+            for target, symbol in (
+                (TARGET, "JaxrnnRnnForward"),
+                (TARGET_BACKWARD, "JaxrnnRnnBackward"),
+            ):
+                capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+                jax.ffi.register_ffi_target(target, capsule, platform="cpu")
             _LIBRARIES[TARGET] = lib
     except Exception as err:  # any failure means: keep XLA's loop
         warnings.warn(
@@ -228,3 +237,51 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     if not save:
         return ys, carry
     return ys, carry, (h_in, tuple(res[: len(widths)]))
+
+
+# Per kind, how many coefficient arrays the backward loop reads (`fastpath`'s tangent
+# coefficients: Elman (slope,); LSTM (slopes of i, f, g, o; f; o·tanh'(c)); GRU (r_slope, hn,
+# r, z_slope, n_slope, z)).
+COEFFICIENTS = {"elman_tanh": 1, "elman_relu": 1, "lstm": 3, "gru": 6}
+
+
+def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
+    """The transpose of `fastpath`'s tangent loop: the backward loop of the gradient pass.
+
+    ``ct_ys: (time, batch, H)`` and ``ct_carry`` (``(h,)`` or ``(h, c)`` of ``(batch, H)``)
+    are the cotangents of the tangent loop's outputs; ``coef`` its per-step coefficients
+    (`COEFFICIENTS`), ``w_h: (H, gates·H)``. Returns ``(ct_u, ct_v, ct_carry0)``: the
+    cotangents of the loop's per-step input ``(time, batch, gates·H)``, of the GRU's separate
+    recurrent input (``None`` for the other kinds) and of the initial carry.
+    """
+    time, batch, hidden = ct_ys.shape
+    width = w_h.shape[1]
+    f32 = jnp.float32
+    no_flags = jnp.zeros((0,), bool)
+    empty = jnp.zeros((0,), f32)
+    coef = list(coef) + [empty] * (6 - len(coef))
+    gru = kind == "gru"
+    out = [
+        jax.ShapeDtypeStruct((time, batch, width), f32),
+        jax.ShapeDtypeStruct((time, batch, width) if gru else (0,), f32),
+        jax.ShapeDtypeStruct((batch, hidden), f32),
+        jax.ShapeDtypeStruct((batch, hidden), f32),
+    ]
+    ct_h = ct_carry[0]
+    ct_c = ct_carry[1] if len(ct_carry) > 1 else jnp.zeros_like(ct_h)
+    call = jax.ffi.ffi_call(TARGET_BACKWARD, out, vmap_method="sequential")
+    ct_u, ct_v, ct_h0, ct_c0 = call(
+        ct_ys,
+        ct_h,
+        ct_c,
+        *coef,
+        w_h,
+        no_flags if mask is None else mask,
+        no_flags if resets is None else resets,
+        kind=np.int32(KIND_CODES[kind]),
+        reverse=bool(reverse),
+        threads=np.int32(_threads()),
+        duplicate=os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
+    )
+    ct_carry0 = (ct_h0, ct_c0) if len(ct_carry) > 1 else (ct_h0,)
+    return ct_u, (ct_v if gru else None), ct_carry0

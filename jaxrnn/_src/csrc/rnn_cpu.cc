@@ -438,8 +438,15 @@ void pack(const Shared& sh, const float* w, int rows, const float* bias, std::ve
 // is merely a little late, short against an OS time slice.
 constexpr auto kMinHelpWait = std::chrono::microseconds(50);
 
-// Thread k of n works on its own chunks first (k, k + n, ...), then on the others.
-void participate(Shared& sh, int k, int n) {
+Local make_local(const Shared& sh, int widest) {
+  return Local(sh.p.B, sh.p.G, widest, sh.p.h_in ? sh.layout.count : 0);
+}
+
+// Thread k of n works on its own chunks first (k, k + n, ...), then on the others. `S` is the
+// shared state of a forward (`Shared`) or backward (`BackShared`) call, with its `make_local`,
+// `step_chunk` and `publish`.
+template <class S>
+void participate(S& sh, int k, int n) {
   sh.active.fetch_add(1, std::memory_order_acq_rel);
   const int C = sh.chunks, T = sh.p.T;
   if (sh.done.load(std::memory_order_acquire) >= static_cast<int64_t>(T) * C) {
@@ -452,7 +459,7 @@ void participate(Shared& sh, int k, int n) {
     if (c % n != k) order.push_back(c);
   int widest = 0;
   for (int c = 0; c < C; ++c) widest = std::max(widest, sh.start[c + 1] - sh.start[c]);
-  Local out(sh.p.B, sh.p.G, widest, sh.p.h_in ? sh.layout.count : 0);
+  auto out = make_local(sh, widest);
   using Clock = std::chrono::steady_clock;
   Clock::duration chunk_time{};
   for (;;) {
@@ -484,6 +491,32 @@ void participate(Shared& sh, int k, int n) {
     }
   }
   sh.active.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+// Runs `participate` on n threads (this one and n - 1 pool tasks) until every chunk of every
+// step is published.
+template <class S>
+ffi::Error run_threads(const std::shared_ptr<S>& sh, ffi::ThreadPool& pool, int n) {
+  for (int k = 1; k < n; ++k) pool.Schedule([sh, k, n] { participate(*sh, k, n); });
+  participate(*sh, 0, n);
+  // A thread still inside may be finishing a duplicate; it may read the inputs, which XLA
+  // owns again once this returns.
+  for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
+    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+  if (sh->done.load() != static_cast<int64_t>(sh->p.T) * sh->chunks)  // once per step each
+    return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
+  return ffi::Error::Success();
+}
+
+// Chunks of whole vectors (multiples of 16 units), the remainder to the last one.
+std::vector<int> chunk_starts(int n, int H) {
+  int C = n;
+  const int width = C > 1 ? (H / C) / 16 * 16 : H;
+  while (C > 1 && (C - 1) * width >= H) --C;
+  std::vector<int> start(C + 1);
+  for (int c = 0; c < C; ++c) start[c] = c * width;
+  start[C] = H;
+  return start;
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
@@ -546,15 +579,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
         std::fill_n(sh->c_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
       }
 
-  // Chunks of whole vectors (multiples of 16 units), the remainder to the last one.
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
-  int C = n;
-  const int width = C > 1 ? (H / C) / 16 * 16 : H;
-  while (C > 1 && (C - 1) * width >= H) --C;
-  sh->chunks = C;
-  sh->start.resize(C + 1);
-  for (int c = 0; c < C; ++c) sh->start[c] = c * width;
-  sh->start[C] = H;
+  sh->start = chunk_starts(n, H);
+  const int C = sh->chunks = static_cast<int>(sh->start.size()) - 1;
   // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
   // (H, G·U), its biases as (G·U,).
   pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
@@ -566,18 +593,312 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     sh->state[c].store(0, std::memory_order_relaxed);
   }
 
-  for (int k = 1; k < n; ++k) pool.Schedule([sh, k, n] { participate(*sh, k, n); });
-  participate(*sh, 0, n);
-  // A thread still inside may be finishing a duplicate; it may read the inputs, which XLA
-  // owns again once this returns.
-  for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
-    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
-  if (sh->done.load() != static_cast<int64_t>(T) * C)  // each chunk published once per step
-    return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
+  if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
   const size_t last = (T & 1) * BH;
   std::memcpy(h_last->typed_data(), sh->h_ring.data() + last, BH * sizeof(float));
   std::memcpy(c_last->typed_data(), sh->c_ring.data() + (kind == kLstm ? last : 0),
               BH * sizeof(float));
+  return ffi::Error::Success();
+}
+
+// ---- the backward loop: the transpose of fastpath's linear tangent loop ----------------------
+//
+// The tangent loop (fastpath._recurrence_jvp) runs, per step, for the carry's tangent d:
+//   v_t = u_t + d_h,in W_h;  (d_new, dy_t) = linear step(v_t, d_in, coefficients_t)
+// (the GRU keeps the input part u_t and the recurrent part apart: its reset gate multiplies the
+// latter). Its transpose runs the steps in the opposite order with the carry's cotangent λ:
+//   elman: g = λ_h + ct_y;  ct_v = slope g;  λ_h,in = ct_v W_hᵀ
+//   lstm:  g = λ_h + ct_y;  g_c = λ_c + (o tanh'(c)) g;  ct_v = slopes · [g_c, g_c, g_c, g]
+//          λ_c,in = f g_c;  λ_h,in = ct_v W_hᵀ
+//   gru:   g = λ_h + ct_y;  a = n_slope g;  ct_v = [r_slope hn a, z_slope g, r a] (recurrent)
+//          ct_u = [r_slope hn a, z_slope g, a] (input);  λ_h,in = z g + ct_v W_hᵀ
+// with masks (a skipped step passes λ through and takes no cotangent) and resets (they zero
+// λ where the forward loop zeroed the carry). The step's matmul λ_h,in = ct_v W_hᵀ needs
+// ct_v of all units, so a chunk task at backward step s first finishes λ of its units with the
+// matmul of step s - 1's published ct_v, then computes step s's ct_v for its units.
+
+struct BackProblem {
+  int kind, T, B, H, G;
+  bool reverse;
+  const float* ct_ys;     // (T, B, H)
+  const float* coef[6];   // elman (slope,); lstm (slopes (T, B, 4H), f, o·tanh'(c)); gru
+                          // (r_slope, hn, r, z_slope, n_slope, z); (T, B, H) unless noted
+  const float* w_h;       // (H, G*H)
+  const bool *mask, *resets;
+  float* ct_u;            // (T, B, G*H): the cotangent of the loop's input per step
+  float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
+};
+
+struct BackShared {
+  BackProblem p;
+  int chunks;
+  std::vector<int> start;
+  std::vector<size_t> wt_offset;
+  std::vector<float> wt;                          // per chunk: W_hᵀ's columns of its units, packed
+  std::vector<float> v_ring, lh_ring, lc_ring;   // (2, B, G*H), (2, B, H), (2, B, H)
+  std::atomic<int64_t> done{0};
+  std::unique_ptr<std::atomic<int>[]> claimed;
+  std::unique_ptr<std::atomic<int>[]> state;
+  std::atomic<int> active{0};
+  bool duplicate = false;
+};
+
+struct BackLocal {
+  std::vector<float> lh_in, lc_in;  // λ entering the step: (B, U) each
+  std::vector<float> lh, lc, v, u;  // (B, U), (B, U), (B, G*U), (B, G*U)
+  BackLocal(int B, int G, int U)
+      : lh_in(B * U), lc_in(B * U), lh(B * U), lc(B * U), v(B * G * U), u(B * G * U) {}
+};
+
+BackLocal make_local(const BackShared& sh, int widest) {
+  return BackLocal(sh.p.B, sh.p.G, widest);
+}
+
+struct BackRow {
+  const float *lh, *lc, *ct_y;  // λ of this chunk's units (after the matmul), ct_ys[t]
+  const float* coef[6];         // at this row and unit 0 of the chunk (lstm slopes: gate stride H)
+  float *v, *u, *lh_out, *lc_out;  // v, u: gate g of unit j at [g*U + j]
+  int U, H;
+  bool take;
+};
+
+template <int kind, class V>
+inline void back_units(const BackRow& w, int j) {
+  const int U = w.U;
+  const V zero = splat<V>(0.0f);
+  const V lh = load<V>(w.lh + j);
+  const V lam_h = w.take ? lh : zero, pass_h = w.take ? zero : lh;
+  const V g = lam_h + (w.take ? load<V>(w.ct_y + j) : zero);
+  if (kind == kElmanTanh || kind == kElmanRelu) {
+    const V v = load<V>(w.coef[0] + j) * g;
+    store(w.v + j, v);
+    store(w.u + j, v);
+    store(w.lh_out + j, pass_h);
+  } else if (kind == kLstm) {
+    const V lc = load<V>(w.lc + j);
+    const V lam_c = w.take ? lc : zero, pass_c = w.take ? zero : lc;
+    const V gc = lam_c + load<V>(w.coef[2] + j) * g;
+    const float* slopes = w.coef[0];
+    for (int k = 0; k < 4; ++k) {
+      const V v = load<V>(slopes + k * w.H + j) * (k == 3 ? g : gc);
+      store(w.v + k * U + j, v);
+      store(w.u + k * U + j, v);
+    }
+    store(w.lc_out + j, load<V>(w.coef[1] + j) * gc + pass_c);
+    store(w.lh_out + j, pass_h);
+  } else {
+    const V a = load<V>(w.coef[4] + j) * g;
+    const V vr = load<V>(w.coef[0] + j) * load<V>(w.coef[1] + j) * a;
+    const V vz = load<V>(w.coef[3] + j) * g;
+    store(w.v + j, vr);
+    store(w.v + U + j, vz);
+    store(w.v + 2 * U + j, load<V>(w.coef[2] + j) * a);
+    store(w.u + j, vr);
+    store(w.u + U + j, vz);
+    store(w.u + 2 * U + j, a);
+    store(w.lh_out + j, load<V>(w.coef[5] + j) * g + pass_h);
+  }
+}
+
+template <int kind>
+void back_row(const BackRow& w) {
+  int j = 0;
+  for (; j + 16 <= w.U; j += 16) back_units<kind, v16>(w, j);
+  for (; j < w.U; ++j) back_units<kind, float>(w, j);
+}
+
+using BackRowFn = void (*)(const BackRow&);
+
+BackRowFn back_row_fn(int kind) {
+  switch (kind) {
+    case kElmanTanh: return back_row<kElmanTanh>;
+    case kElmanRelu: return back_row<kElmanRelu>;
+    case kLstm: return back_row<kLstm>;
+    default: return back_row<kGru>;
+  }
+}
+
+// The time of backward step s: the forward loop's steps in the opposite order.
+inline int back_time(const BackProblem& p, int s) { return p.reverse ? s : p.T - 1 - s; }
+
+// λ of a chunk's units entering backward step s: what the chunk left in the rings (the
+// pass-through, the GRU's z g, λ_c) plus step s - 1's ct_v W_hᵀ, zeroed where the forward
+// loop reset the carry before step s - 1's time.
+void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc) {
+  const BackProblem& p = sh.p;
+  const int B = p.B, H = p.H, GH = p.G * H, u0 = sh.start[chunk];
+  const int U = sh.start[chunk + 1] - u0;
+  const size_t slot = static_cast<size_t>(s & 1);
+  for (int b = 0; b < B; ++b) {
+    std::memcpy(lh + b * U, sh.lh_ring.data() + (slot * B + b) * H + u0, U * sizeof(float));
+    std::memcpy(lc + b * U, sh.lc_ring.data() + (slot * B + b) * H + u0, U * sizeof(float));
+  }
+  if (s == 0) return;
+  gemm_acc(sh.v_ring.data() + slot * B * GH, GH, sh.wt.data() + sh.wt_offset[chunk], U, GH, lh,
+           B);
+  if (p.resets != nullptr && !p.reverse) {
+    const int t_prev = back_time(p, s - 1);
+    for (int b = 0; b < B; ++b)
+      if (p.resets[static_cast<size_t>(t_prev) * B + b]) {
+        std::fill_n(lh + b * U, U, 0.0f);
+        std::fill_n(lc + b * U, U, 0.0f);
+      }
+  }
+}
+
+void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
+  const BackProblem& p = sh.p;
+  const int B = p.B, H = p.H, G = p.G, u0 = sh.start[chunk];
+  const int U = sh.start[chunk + 1] - u0;
+  const int t = back_time(p, s);
+  float *lh = out.lh_in.data(), *lc = out.lc_in.data();
+  finish_lambda(sh, chunk, s, lh, lc);
+  const BackRowFn fn = back_row_fn(p.kind);
+  const int widths[6] = {p.kind == kLstm ? 4 : 1, 1, 1, 1, 1, 1};
+  for (int b = 0; b < B; ++b) {
+    const size_t row = static_cast<size_t>(t) * B + b;
+    if (p.reverse && p.resets != nullptr && p.resets[row]) {  // zeroed after the step
+      std::fill_n(lh + b * U, U, 0.0f);
+      std::fill_n(lc + b * U, U, 0.0f);
+    }
+    BackRow w;
+    w.lh = lh + b * U;
+    w.lc = lc + b * U;
+    w.ct_y = p.ct_ys + row * H + u0;
+    for (int k = 0; k < 6; ++k)
+      w.coef[k] = p.coef[k] ? p.coef[k] + row * widths[k] * H + u0 : nullptr;
+    w.v = out.v.data() + static_cast<size_t>(b) * G * U;
+    w.u = out.u.data() + static_cast<size_t>(b) * G * U;
+    w.lh_out = out.lh.data() + static_cast<size_t>(b) * U;
+    w.lc_out = out.lc.data() + static_cast<size_t>(b) * U;
+    w.U = U;
+    w.H = H;
+    w.take = p.mask == nullptr || p.mask[row];
+    fn(w);
+  }
+}
+
+void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
+  int expected = 2 * s;
+  if (!sh.state[chunk].compare_exchange_strong(expected, 2 * s + 1, std::memory_order_acq_rel))
+    return;
+  const BackProblem& p = sh.p;
+  const int B = p.B, H = p.H, G = p.G, GH = G * H, u0 = sh.start[chunk];
+  const int U = sh.start[chunk + 1] - u0;
+  const int t = back_time(p, s);
+  const size_t slot = static_cast<size_t>((s + 1) & 1);
+  for (int b = 0; b < B; ++b) {
+    const size_t row = static_cast<size_t>(t) * B + b;
+    const float* v = out.v.data() + static_cast<size_t>(b) * G * U;
+    const float* u = out.u.data() + static_cast<size_t>(b) * G * U;
+    for (int g = 0; g < G; ++g) {
+      const size_t col = static_cast<size_t>(g) * H + u0;
+      std::memcpy(sh.v_ring.data() + (slot * B + b) * GH + col, v + g * U, U * sizeof(float));
+      std::memcpy(p.ct_u + row * GH + col, u + g * U, U * sizeof(float));
+      if (p.ct_v) std::memcpy(p.ct_v + row * GH + col, v + g * U, U * sizeof(float));
+    }
+    std::memcpy(sh.lh_ring.data() + (slot * B + b) * H + u0, out.lh.data() + b * U,
+                U * sizeof(float));
+    if (p.kind == kLstm)
+      std::memcpy(sh.lc_ring.data() + (slot * B + b) * H + u0, out.lc.data() + b * U,
+                  U * sizeof(float));
+  }
+  sh.state[chunk].store(2 * s + 2, std::memory_order_release);
+  sh.done.fetch_add(1, std::memory_order_release);
+}
+
+// Per chunk, the (G·H, U) block of W_hᵀ for its units, in the panels of `gemm_acc`.
+void pack_transposed(BackShared& sh) {
+  const int H = sh.p.H, GH = sh.p.G * H;
+  sh.wt.resize(static_cast<size_t>(GH) * H);
+  sh.wt_offset.resize(sh.chunks);
+  for (int c = 0, columns = 0; c < sh.chunks; ++c) {
+    const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
+    sh.wt_offset[c] = static_cast<size_t>(columns) * GH;
+    float* block = sh.wt.data() + sh.wt_offset[c];
+    for (int j = 0; j < U;) {
+      const int width = panel_width(U, j);
+      for (int k = 0; k < GH; ++k)
+        for (int i = 0; i < width; ++i)
+          block[static_cast<size_t>(k) * width + i] = sh.p.w_h[static_cast<size_t>(u0 + j + i) * GH + k];
+      block += static_cast<size_t>(GH) * width;
+      j += width;
+    }
+    columns += U;
+  }
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buffer<ffi::F32> ct_h,
+                    ffi::Buffer<ffi::F32> ct_c, ffi::Buffer<ffi::F32> coef0,
+                    ffi::Buffer<ffi::F32> coef1, ffi::Buffer<ffi::F32> coef2,
+                    ffi::Buffer<ffi::F32> coef3, ffi::Buffer<ffi::F32> coef4,
+                    ffi::Buffer<ffi::F32> coef5, ffi::Buffer<ffi::F32> w_h,
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets,
+                    ffi::ResultBuffer<ffi::F32> ct_u, ffi::ResultBuffer<ffi::F32> ct_v,
+                    ffi::ResultBuffer<ffi::F32> ct_h0, ffi::ResultBuffer<ffi::F32> ct_c0,
+                    int32_t kind, bool reverse, int32_t threads, bool duplicate) {
+  auto yd = ct_ys.dimensions();
+  auto wd = w_h.dimensions();
+  if (yd.size() != 3 || wd.size() != 2 || kind < kElmanTanh || kind > kGru)
+    return ffi::Error::InvalidArgument(
+        "jaxrnn native backward: ct_ys must be (T, B, H), w_h (H, G*H)");
+  const int T = static_cast<int>(yd[0]), B = static_cast<int>(yd[1]), H = static_cast<int>(yd[2]);
+  const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
+  const size_t BH = static_cast<size_t>(B) * H, flags = static_cast<size_t>(T) * B;
+  const size_t GH = static_cast<size_t>(G) * H;
+  const int n_coef = kind == kLstm ? 3 : (kind == kGru ? 6 : 1);
+  const ffi::Buffer<ffi::F32>* coefs[6] = {&coef0, &coef1, &coef2, &coef3, &coef4, &coef5};
+  bool ok = wd[0] == H && wd[1] == static_cast<int64_t>(GH) && ct_h.element_count() == BH &&
+            ct_c.element_count() == BH && ct_u->element_count() == flags * GH &&
+            ct_v->element_count() == (kind == kGru ? flags * GH : 0) &&
+            ct_h0->element_count() == BH && ct_c0->element_count() == BH;
+  for (int k = 0; k < 6; ++k) {
+    const size_t want = k >= n_coef ? 0 : flags * H * (kind == kLstm && k == 0 ? 4 : 1);
+    ok = ok && coefs[k]->element_count() == want;
+  }
+  if (!ok) return ffi::Error::InvalidArgument("jaxrnn native backward: inconsistent shapes");
+  if ((mask.element_count() != 0 && mask.element_count() != flags) ||
+      (resets.element_count() != 0 && resets.element_count() != flags))
+    return ffi::Error::InvalidArgument("jaxrnn native backward: mask/resets must be (T, B) or empty");
+
+  auto sh = std::make_shared<BackShared>();
+  BackProblem& p = sh->p;
+  p = BackProblem{kind, T, B, H, G, reverse, ct_ys.typed_data(), {}, w_h.typed_data(),
+                  mask.element_count() ? mask.typed_data() : nullptr,
+                  resets.element_count() ? resets.typed_data() : nullptr, ct_u->typed_data(),
+                  kind == kGru ? ct_v->typed_data() : nullptr};
+  for (int k = 0; k < 6; ++k) p.coef[k] = k < n_coef ? coefs[k]->typed_data() : nullptr;
+  sh->duplicate = duplicate;
+  sh->v_ring.assign(2 * static_cast<size_t>(B) * GH, 0.0f);
+  sh->lh_ring.assign(2 * BH, 0.0f);
+  sh->lc_ring.assign(2 * BH, 0.0f);
+  std::memcpy(sh->lh_ring.data(), ct_h.typed_data(), BH * sizeof(float));
+  if (kind == kLstm) std::memcpy(sh->lc_ring.data(), ct_c.typed_data(), BH * sizeof(float));
+
+  const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
+  sh->start = chunk_starts(n, H);
+  const int C = sh->chunks = static_cast<int>(sh->start.size()) - 1;
+  pack_transposed(*sh);
+  sh->claimed.reset(new std::atomic<int>[C]);
+  sh->state.reset(new std::atomic<int>[C]);
+  for (int c = 0; c < C; ++c) {
+    sh->claimed[c].store(-1, std::memory_order_relaxed);
+    sh->state[c].store(0, std::memory_order_relaxed);
+  }
+  if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
+  // λ entering the first forward step: the last backward step's matmul and resets.
+  std::vector<float> lam(2 * BH);
+  for (int c = 0; c < C; ++c) {
+    const int u0 = sh->start[c], U = sh->start[c + 1] - u0;
+    float *lh = lam.data(), *lc = lam.data() + BH;
+    finish_lambda(*sh, c, T, lh, lc);
+    for (int b = 0; b < B; ++b) {
+      std::memcpy(ct_h0->typed_data() + static_cast<size_t>(b) * H + u0, lh + b * U,
+                  U * sizeof(float));
+      std::memcpy(ct_c0->typed_data() + static_cast<size_t>(b) * H + u0, lc + b * U,
+                  U * sizeof(float));
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -603,6 +924,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("kind")
+                                  .Attr<bool>("reverse")
+                                  .Attr<int32_t>("threads")
+                                  .Attr<bool>("duplicate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_ys (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_h (B, H): final carry
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_c (B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // coefficients, or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, G*H)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (T, B) or empty
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets (T, B) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_u (T, B, G*H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_v (T, B, 3H) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_h0 (B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_c0 (B, H)
                                   .Attr<int32_t>("kind")
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")

@@ -1,0 +1,171 @@
+"""``jaxrnn._src.linear``: a linear function whose transpose is a function of our own.
+
+A small linear recurrence stands in for the fast path's tangent loop, with a hand-written
+transpose standing in for the native backward kernel. Reverse mode must call that transpose;
+every derivative, of any order and in either mode, and ``vmap`` must equal those of the same
+map in plain JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxrnn._src import linear
+
+T, B, H = 5, 2, 3
+
+
+def recurrence(nonlin, lin):
+    """``d_t = a_t (d_{t-1} W + u_t)``: linear in ``(u, d_0)``, not in ``(a, W)``."""
+    (a, w), (u, d0) = nonlin, lin
+
+    def body(d, inputs):
+        u_t, a_t = inputs
+        d = a_t * (d @ w + u_t)
+        return d, d
+
+    d_last, ds = lax.scan(body, d0, (u, a))
+    return ds, d_last
+
+
+CALLS = []
+
+
+def recurrence_t(nonlin, cts):
+    """`recurrence`'s transpose, by hand (what a kernel would compute)."""
+    CALLS.append(1)
+    (a, w), (ct_ds, ct_last) = nonlin, cts
+
+    def body(lam, inputs):
+        ct_t, a_t = inputs
+        z = a_t * (lam + ct_t)
+        return z @ w.T, z
+
+    ct_d0, ct_u = lax.scan(body, ct_last, (ct_ds, a), reverse=True)
+    return ct_u, ct_d0
+
+
+def _with_rule(tangent_map):
+    """A ``custom_jvp`` recurrence whose tangent rule applies ``tangent_map`` to the tangents
+    of ``(u, d0)`` — the fast path's pattern — and ignores those of ``(a, W)``."""
+
+    @jax.custom_jvp
+    def f(a, w, u, d0):
+        return recurrence((a, w), (u, d0))
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        a, w, u, d0 = primals
+        return recurrence((a, w), (u, d0)), tangent_map((a, w), tangents[2:])
+
+    return f
+
+
+with_kernel = _with_rule(lambda nonlin, lin: linear.apply(recurrence, recurrence_t, nonlin, lin))
+plain = _with_rule(recurrence)
+
+
+def _loss(f):
+    def loss(params, x, d0):
+        a = jnp.tanh(x * params[0])  # coefficients that depend on the inputs
+        ds, d_last = f(a, params[1], 2.0 * x, d0)
+        return jnp.sum(jnp.sin(ds)) + jnp.sum(d_last**2)
+
+    return loss
+
+
+@pytest.fixture
+def args():
+    keys = jax.random.split(jax.random.PRNGKey(np.random.randint(1 << 30)), 4)
+    with jax.enable_x64(True):
+        params = (
+            jax.random.normal(keys[0], (T, B, H), jnp.float64),
+            0.5 * jax.random.normal(keys[1], (H, H), jnp.float64),
+        )
+        x = jax.random.normal(keys[2], (T, B, H), jnp.float64)
+        d0 = jax.random.normal(keys[3], (B, H), jnp.float64)
+        yield params, x, d0
+
+
+def _close(a, b):
+    for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(p, q, rtol=1e-10, atol=1e-10)
+
+
+def test_the_hand_transpose_is_the_transpose(args):
+    params, x, d0 = args
+    a = jnp.tanh(x * params[0])
+    cts = (jnp.cos(x), jnp.sin(d0))
+    structs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(d0.shape, d0.dtype))
+    expected = jax.linear_transpose(lambda u, d: recurrence((a, params[1]), (u, d)), *structs)
+    _close(recurrence_t((a, params[1]), cts), expected(cts))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_reverse_mode_calls_the_transpose(args, jit):
+    params, x, d0 = args
+    grad = jax.grad(_loss(with_kernel), argnums=(0, 1, 2))
+    CALLS.clear()
+    got = (jax.jit(grad) if jit else grad)(params, x, d0)
+    assert CALLS, "reverse mode did not call the transpose"
+    _close(got, jax.grad(_loss(plain), argnums=(0, 1, 2))(params, x, d0))
+
+
+def test_forward_mode_and_evaluation_do_not(args):
+    params, x, d0 = args
+    CALLS.clear()
+    got = jax.jvp(_loss(with_kernel), args, args)
+    assert not CALLS
+    _close(got, jax.jvp(_loss(plain), args, args))
+
+
+def test_every_order_in_both_modes_equals_plain_jax(args):
+    """Second derivatives differentiate the transpose with respect to the coefficients, which
+    depend on the inputs: ``linear_call`` would treat them as constants and get these wrong."""
+    params, x, d0 = args
+    mine, ref = _loss(with_kernel), _loss(plain)
+    _close(jax.hessian(mine, argnums=1)(*args), jax.hessian(ref, argnums=1)(*args))
+    fwd_rev = lambda f: jax.jvp(jax.grad(f, argnums=1), args, args)[1]  # noqa: E731
+    _close(fwd_rev(mine), fwd_rev(ref))
+    rev_rev = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f, argnums=1)(params, x, d0) ** 2))  # noqa: E731
+    _close(rev_rev(mine)(x), rev_rev(ref)(x))
+
+
+def test_vmap_and_a_zero_tangent(args):
+    """Per-example gradients (the batching rule), and a gradient with respect to ``x`` alone:
+    the tangent of ``d0`` is then a zero made concrete, a known operand in the transpose."""
+    params, x, d0 = args
+    per_example = lambda f: jax.vmap(jax.grad(_loss(f), argnums=1), (None, 0, None))  # noqa: E731
+    xs = jnp.stack([x, 2.0 * x, -x])
+    _close(per_example(with_kernel)(params, xs, d0), per_example(plain)(params, xs, d0))
+    CALLS.clear()
+    got = jax.grad(_loss(with_kernel), argnums=1)(params, x, d0)
+    assert CALLS
+    _close(got, jax.grad(_loss(plain), argnums=1)(params, x, d0))
+
+
+def test_constant_coefficients_keep_the_transpose(args):
+    """Applied outside a ``custom_jvp`` rule with constant ``(a, W)``, its derivative is the
+    same linear map, so reverse mode still runs the transpose."""
+    params, x, d0 = args
+    a = jnp.tanh(x * params[0])
+
+    def loss(fn):
+        def f(x, d0):
+            ds, d_last = fn((x, d0))
+            return jnp.sum(jnp.sin(ds)) + jnp.sum(d_last**2)
+
+        return f
+
+    mine = functools.partial(linear.apply, recurrence, recurrence_t, (a, params[1]))
+    CALLS.clear()
+    got = jax.grad(loss(mine), argnums=(0, 1))(x, d0)
+    assert CALLS
+    ref = functools.partial(recurrence, (a, params[1]))
+    _close(got, jax.grad(loss(ref), argnums=(0, 1))(x, d0))
