@@ -427,12 +427,18 @@ def _recurrence_jvp(static, primals, tangents):
     return (ys, carry_out), (dys, tuple(dcarry_out))
 
 
+def _split_nonlin(nonlin, n_coef, flags):
+    """``(*coef, w_h, *present flags)`` -> ``(coef, w_h, mask, resets)``."""
+    present = iter(nonlin[n_coef + 1 :])
+    mask, resets = (next(present) if f else None for f in flags)
+    return nonlin[:n_coef], nonlin[n_coef], mask, resets
+
+
 def _tangent_loop(nonlin, lin, *, kind, reverse, unroll, md, n_coef, n_u, flags):
     """The tangent rule's loop, linear in ``lin = (*us, *dcarry)``: per step, the carry's
     tangent times ``W_h`` plus the hoisted input terms ``us``, through the linear step.
     ``nonlin = (*coef, w_h, *present flags)``. Returns ``(dys, *dcarry_out)``."""
-    coef, w_h, present = nonlin[:n_coef], nonlin[n_coef], iter(nonlin[n_coef + 1 :])
-    mask, resets = (next(present) if f else None for f in flags)
+    coef, w_h, mask, resets = _split_nonlin(nonlin, n_coef, flags)
     us, dcarry = lin[:n_u], tuple(lin[n_u:])
     tangent = _RECURRENCES[kind][2]
     inputs = (us[0], us[1] if n_u == 2 else None, coef)
@@ -462,8 +468,7 @@ def _native_tangent_transpose(loop, nonlin, cts):
     from jaxrnn._src import native
 
     kind, n_coef, n_u = loop.keywords["kind"], loop.keywords["n_coef"], loop.keywords["n_u"]
-    coef, w_h, present = nonlin[:n_coef], nonlin[n_coef], iter(nonlin[n_coef + 1 :])
-    mask, resets = (next(present) if f else None for f in loop.keywords["flags"])
+    coef, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
     ct_dys, *ct_carry = cts
     time, *batch, hidden = ct_dys.shape
     flat = lambda a: a.reshape(time, -1, a.shape[-1])  # noqa: E731
@@ -549,7 +554,7 @@ def placements(
     kind, batch, hidden, dtype, matmul_dtype=None, backend=None, sharded=False, empty=False
 ):
     """`projection_modes`, with a kernel where one runs a pass (it computes the primal, and in
-    the gradient pass its residuals):
+    the gradient pass its residuals; the native one also the backward loop):
 
     - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype``,
       an unsharded batch, non-``empty`` inputs, the kernel built; the forward-only pass of

@@ -188,6 +188,22 @@ def supports(kind: str, hidden: int, dtype) -> bool:
 RESIDUAL_WIDTHS = {"elman_tanh": (1,), "elman_relu": (1,), "lstm": (4, 1, 1), "gru": (1, 1, 1, 1)}
 
 
+def _flags(mask, resets):
+    """``mask`` and ``resets`` as the kernels take them: ``(time, batch)`` bool, or empty."""
+    return tuple(jnp.zeros((0,), bool) if f is None else f for f in (mask, resets))
+
+
+def _attributes(kind, reverse):
+    return {
+        "kind": np.int32(KIND_CODES[kind]),
+        "reverse": bool(reverse),
+        "threads": np.int32(_threads()),
+        # Tests only: every thread also computes every chunk not yet published, so that the
+        # publication race (one copy wins) runs at every step.
+        "duplicate": os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
+    }
+
+
 def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False):
     """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
 
@@ -202,7 +218,6 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     hidden, width = w_h.shape
     f32 = jnp.float32
     zeros = jnp.zeros((width,), f32)
-    no_flags = jnp.zeros((0,), bool)
     h0 = carry[0]
     c0 = carry[1] if len(carry) > 1 else h0
     widths = RESIDUAL_WIDTHS[kind] if save else ()
@@ -224,14 +239,8 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
         zeros if b_in is None else b_in,
         h0,
         c0,
-        no_flags if mask is None else mask,
-        no_flags if resets is None else resets,
-        kind=np.int32(KIND_CODES[kind]),
-        reverse=bool(reverse),
-        threads=np.int32(_threads()),
-        # Tests only: every thread also computes every chunk not yet published, so that the
-        # publication race (one copy wins) runs at every step.
-        duplicate=os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
+        *_flags(mask, resets),
+        **_attributes(kind, reverse),
     )
     carry = (h, c) if len(carry) > 1 else (h,)
     if not save:
@@ -257,7 +266,6 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
     time, batch, hidden = ct_ys.shape
     width = w_h.shape[1]
     f32 = jnp.float32
-    no_flags = jnp.zeros((0,), bool)
     empty = jnp.zeros((0,), f32)
     coef = list(coef) + [empty] * (6 - len(coef))
     gru = kind == "gru"
@@ -276,12 +284,8 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
         ct_c,
         *coef,
         w_h,
-        no_flags if mask is None else mask,
-        no_flags if resets is None else resets,
-        kind=np.int32(KIND_CODES[kind]),
-        reverse=bool(reverse),
-        threads=np.int32(_threads()),
-        duplicate=os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
+        *_flags(mask, resets),
+        **_attributes(kind, reverse),
     )
     ct_carry0 = (ct_h0, ct_c0) if len(ct_carry) > 1 else (ct_h0,)
     return ct_u, (ct_v if gru else None), ct_carry0

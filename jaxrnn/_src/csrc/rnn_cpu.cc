@@ -2,8 +2,9 @@
 // GRU) as one XLA FFI call, each step's matmuls and gates fused and spread over threads.
 //
 // Compiled on first use by jaxrnn/_src/native.py (the system C++ compiler, -O3 -march=native)
-// and registered as the FFI target "jaxrnn_rnn_forward_cpu". Semantics are those of
-// jaxrnn/_src/fastpath.py's scan, step for step:
+// and registered as the FFI targets "jaxrnn_rnn_forward_cpu" (below) and
+// "jaxrnn_rnn_backward_cpu" (the gradient pass's backward loop, further down). Semantics are
+// those of jaxrnn/_src/fastpath.py's scans, step for step:
 //
 //   zx_t = x_t W_x + b_x,  z_t = h_{t-1} W_h + b_in   (gate-major columns)
 //   elman: h_t = act(zx_t + z_t)
@@ -225,21 +226,27 @@ inline void units(const Row& w, int u) {
   store(w.h_out + u, w.zero_after ? splat<V>(0.0f) : carry);
 }
 
-template <int kind>
-void row_units(const Row& w) {
+// The units of one row: 16 at a time, then one at a time.
+template <class R, void (*Vector)(const R&, int), void (*Scalar)(const R&, int)>
+void over_units(const R& w) {
   int u = 0;
-  for (; u + 16 <= w.U; u += 16) units<kind, v16>(w, u);
-  for (; u < w.U; ++u) units<kind, float>(w, u);
+  for (; u + 16 <= w.U; u += 16) Vector(w, u);
+  for (; u < w.U; ++u) Scalar(w, u);
 }
 
-using RowFn = void (*)(const Row&);
+template <int kind>
+struct ForwardRow {
+  static void run(const Row& w) { over_units<Row, units<kind, v16>, units<kind, float>>(w); }
+};
 
-RowFn row_fn(int kind) {
+// A per-row function of the kind: `Rows<kind>::run` for a row type R.
+template <template <int> class Rows, class R>
+void (*row_fn(int kind))(const R&) {
   switch (kind) {
-    case kElmanTanh: return row_units<kElmanTanh>;
-    case kElmanRelu: return row_units<kElmanRelu>;
-    case kLstm: return row_units<kLstm>;
-    default: return row_units<kGru>;
+    case kElmanTanh: return Rows<kElmanTanh>::run;
+    case kElmanRelu: return Rows<kElmanRelu>::run;
+    case kLstm: return Rows<kLstm>::run;
+    default: return Rows<kGru>::run;
   }
 }
 
@@ -351,7 +358,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
   gemm_acc(p.xs + static_cast<size_t>(t) * B * I, I, sh.wx.data() + sh.wx_offset[chunk], N, I,
            zx, B);
   gemm_acc(h_in, H, sh.w.data() + sh.w_offset[chunk], N, H, z, B);
-  const RowFn fn = row_fn(p.kind);
+  const auto fn = row_fn<ForwardRow, Row>(p.kind);
   for (int b = 0; b < B; ++b) {
     const size_t at = static_cast<size_t>(b) * H + u0, local = static_cast<size_t>(b) * U;
     Row row;
@@ -701,22 +708,11 @@ inline void back_units(const BackRow& w, int j) {
 }
 
 template <int kind>
-void back_row(const BackRow& w) {
-  int j = 0;
-  for (; j + 16 <= w.U; j += 16) back_units<kind, v16>(w, j);
-  for (; j < w.U; ++j) back_units<kind, float>(w, j);
-}
-
-using BackRowFn = void (*)(const BackRow&);
-
-BackRowFn back_row_fn(int kind) {
-  switch (kind) {
-    case kElmanTanh: return back_row<kElmanTanh>;
-    case kElmanRelu: return back_row<kElmanRelu>;
-    case kLstm: return back_row<kLstm>;
-    default: return back_row<kGru>;
+struct BackwardRow {
+  static void run(const BackRow& w) {
+    over_units<BackRow, back_units<kind, v16>, back_units<kind, float>>(w);
   }
-}
+};
 
 // The time of backward step s: the forward loop's steps in the opposite order.
 inline int back_time(const BackProblem& p, int s) { return p.reverse ? s : p.T - 1 - s; }
@@ -753,7 +749,7 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
   const int t = back_time(p, s);
   float *lh = out.lh_in.data(), *lc = out.lc_in.data();
   finish_lambda(sh, chunk, s, lh, lc);
-  const BackRowFn fn = back_row_fn(p.kind);
+  const auto fn = row_fn<BackwardRow, BackRow>(p.kind);
   const int widths[6] = {p.kind == kLstm ? 4 : 1, 1, 1, 1, 1, 1};
   for (int b = 0; b < B; ++b) {
     const size_t row = static_cast<size_t>(t) * B + b;
