@@ -317,18 +317,50 @@ ResidualLayout residual_layout(int kind) {
 // So no thread ever waits for another to start or to resume (a pool task that starts late,
 // or never, cannot stall the call: the others do its share), only for a publisher's copy.
 // A duplicate that loses reads inputs a later step may be overwriting; it is discarded.
-struct Shared {
-  Problem p;
+// `Chunks` is this hand-off, shared by the forward (`Shared`) and backward (`BackShared`) calls.
+struct Chunks {
   int chunks;
   std::vector<int> start;
-  std::vector<size_t> wx_offset, w_offset;
-  std::vector<float> wx, bias_x, w, bias;
-  std::vector<float> h_ring, c_ring;               // (2, B, H): step s reads slot s % 2
   std::atomic<int64_t> done{0};                    // chunks published, over all steps
   std::unique_ptr<std::atomic<int>[]> claimed;     // per chunk: the last step claimed
   std::unique_ptr<std::atomic<int>[]> state;       // per chunk: 2s ready for step s, 2s+1 publishing
   std::atomic<int> active{0};                      // threads inside `participate`
   bool duplicate = false;  // tests: compute every unpublished chunk at once, without waiting
+
+  // Cuts H units into at most n chunks of whole vectors (multiples of 16 units), the
+  // remainder to the last one, none claimed yet.
+  void split(int n, int H) {
+    int C = n;
+    const int width = C > 1 ? (H / C) / 16 * 16 : H;
+    while (C > 1 && (C - 1) * width >= H) --C;
+    chunks = C;
+    start.assign(C + 1, H);
+    for (int c = 0; c < C; ++c) start[c] = c * width;
+    claimed.reset(new std::atomic<int>[C]);
+    state.reset(new std::atomic<int>[C]);
+    for (int c = 0; c < C; ++c) {
+      claimed[c].store(-1, std::memory_order_relaxed);
+      state[c].store(0, std::memory_order_relaxed);
+    }
+  }
+
+  // Whether this thread publishes chunk c of step s (false: another one already is); if so,
+  // it copies its results out, then calls `published`.
+  bool begin_publish(int c, int s) {
+    int expected = 2 * s;
+    return state[c].compare_exchange_strong(expected, 2 * s + 1, std::memory_order_acq_rel);
+  }
+  void published(int c, int s) {
+    state[c].store(2 * s + 2, std::memory_order_release);
+    done.fetch_add(1, std::memory_order_release);
+  }
+};
+
+struct Shared : Chunks {
+  Problem p;
+  std::vector<size_t> wx_offset, w_offset;
+  std::vector<float> wx, bias_x, w, bias;
+  std::vector<float> h_ring, c_ring;               // (2, B, H): step s reads slot s % 2
   ResidualLayout layout;
 };
 
@@ -383,9 +415,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
 
 // Publishes a computed chunk unless another thread already has (or is doing so).
 void publish(Shared& sh, int chunk, int s, const Local& out) {
-  int expected = 2 * s;
-  if (!sh.state[chunk].compare_exchange_strong(expected, 2 * s + 1, std::memory_order_acq_rel))
-    return;
+  if (!sh.begin_publish(chunk, s)) return;
   const Problem& p = sh.p;
   const int B = p.B, H = p.H, u0 = sh.start[chunk], U = sh.start[chunk + 1] - u0;
   const int t = p.reverse ? p.T - 1 - s : s;
@@ -407,8 +437,7 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
       std::memcpy(p.res[k] + row * width + layout.gate[j] * H + u0, res + j * U, U * sizeof(float));
     }
   }
-  sh.state[chunk].store(2 * s + 2, std::memory_order_release);
-  sh.done.fetch_add(1, std::memory_order_release);
+  sh.published(chunk, s);
 }
 
 void pack(const Shared& sh, const float* w, int rows, const float* bias, std::vector<float>* out,
@@ -515,17 +544,6 @@ ffi::Error run_threads(const std::shared_ptr<S>& sh, ffi::ThreadPool& pool, int 
   return ffi::Error::Success();
 }
 
-// Chunks of whole vectors (multiples of 16 units), the remainder to the last one.
-std::vector<int> chunk_starts(int n, int H) {
-  int C = n;
-  const int width = C > 1 ? (H / C) / 16 * 16 : H;
-  while (C > 1 && (C - 1) * width >= H) --C;
-  std::vector<int> start(C + 1);
-  for (int c = 0; c < C; ++c) start[c] = c * width;
-  start[C] = H;
-  return start;
-}
-
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                    ffi::Buffer<ffi::F32> b_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_in,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
@@ -587,18 +605,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
       }
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
-  sh->start = chunk_starts(n, H);
-  const int C = sh->chunks = static_cast<int>(sh->start.size()) - 1;
+  sh->split(n, H);
   // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
   // (H, G·U), its biases as (G·U,).
   pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
   pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias);
-  sh->claimed.reset(new std::atomic<int>[C]);
-  sh->state.reset(new std::atomic<int>[C]);
-  for (int c = 0; c < C; ++c) {
-    sh->claimed[c].store(-1, std::memory_order_relaxed);
-    sh->state[c].store(0, std::memory_order_relaxed);
-  }
 
   if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
   const size_t last = (T & 1) * BH;
@@ -636,18 +647,11 @@ struct BackProblem {
   float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
 };
 
-struct BackShared {
+struct BackShared : Chunks {
   BackProblem p;
-  int chunks;
-  std::vector<int> start;
   std::vector<size_t> wt_offset;
   std::vector<float> wt;                          // per chunk: W_hᵀ's columns of its units, packed
   std::vector<float> v_ring, lh_ring, lc_ring;   // (2, B, G*H), (2, B, H), (2, B, H)
-  std::atomic<int64_t> done{0};
-  std::unique_ptr<std::atomic<int>[]> claimed;
-  std::unique_ptr<std::atomic<int>[]> state;
-  std::atomic<int> active{0};
-  bool duplicate = false;
 };
 
 struct BackLocal {
@@ -775,9 +779,7 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
 }
 
 void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
-  int expected = 2 * s;
-  if (!sh.state[chunk].compare_exchange_strong(expected, 2 * s + 1, std::memory_order_acq_rel))
-    return;
+  if (!sh.begin_publish(chunk, s)) return;
   const BackProblem& p = sh.p;
   const int B = p.B, H = p.H, G = p.G, GH = G * H, u0 = sh.start[chunk];
   const int U = sh.start[chunk + 1] - u0;
@@ -799,8 +801,7 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
       std::memcpy(sh.lc_ring.data() + (slot * B + b) * H + u0, out.lc.data() + b * U,
                   U * sizeof(float));
   }
-  sh.state[chunk].store(2 * s + 2, std::memory_order_release);
-  sh.done.fetch_add(1, std::memory_order_release);
+  sh.published(chunk, s);
 }
 
 // Per chunk, the (G·H, U) block of W_hᵀ for its units, in the panels of `gemm_acc`.
@@ -872,19 +873,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   if (kind == kLstm) std::memcpy(sh->lc_ring.data(), ct_c.typed_data(), BH * sizeof(float));
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
-  sh->start = chunk_starts(n, H);
-  const int C = sh->chunks = static_cast<int>(sh->start.size()) - 1;
+  sh->split(n, H);
   pack_transposed(*sh);
-  sh->claimed.reset(new std::atomic<int>[C]);
-  sh->state.reset(new std::atomic<int>[C]);
-  for (int c = 0; c < C; ++c) {
-    sh->claimed[c].store(-1, std::memory_order_relaxed);
-    sh->state[c].store(0, std::memory_order_relaxed);
-  }
   if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
   // λ entering the first forward step: the last backward step's matmul and resets.
   std::vector<float> lam(2 * BH);
-  for (int c = 0; c < C; ++c) {
+  for (int c = 0; c < sh->chunks; ++c) {
     const int u0 = sh->start[c], U = sh->start[c + 1] - u0;
     float *lh = lam.data(), *lc = lam.data() + BH;
     finish_lambda(*sh, c, T, lh, lc);
