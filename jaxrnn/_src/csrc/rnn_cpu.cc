@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -45,6 +46,25 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 enum Kind : int32_t { kElmanTanh = 0, kElmanRelu = 1, kLstm = 2, kGru = 3 };
+
+// Float buffers aligned to a cache line, so that the kernels' 16-lane loads of packed weights
+// and of z rows never straddle two lines (malloc only promises 16 bytes).
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned<U>&) const { return false; }
+};
+using Floats = std::vector<float, Aligned<float>>;
 
 // ---- elementwise math, the same code for one float and for 16 lanes ------------------------
 
@@ -359,14 +379,14 @@ struct Chunks {
 struct Shared : Chunks {
   Problem p;
   std::vector<size_t> wx_offset, w_offset;
-  std::vector<float> wx, bias_x, w, bias;
-  std::vector<float> h_ring, c_ring;               // (2, B, H): step s reads slot s % 2
+  Floats wx, bias_x, w, bias;
+  Floats h_ring, c_ring;  // (2, B, H): step s reads slot s % 2
   ResidualLayout layout;
 };
 
 // One thread's buffers: the chunk's matmul results and its new h, c and outputs.
 struct Local {
-  std::vector<float> zx, z, h, c, y, res;
+  Floats zx, z, h, c, y, res;
   Local(int B, int G, int U, int R)
       : zx(B * G * U), z(B * G * U), h(B * U), c(B * U), y(B * U), res(B * R * U) {}
 };
@@ -440,8 +460,8 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   sh.published(chunk, s);
 }
 
-void pack(const Shared& sh, const float* w, int rows, const float* bias, std::vector<float>* out,
-          std::vector<size_t>* offsets, std::vector<float>* bias_out) {
+void pack(const Shared& sh, const float* w, int rows, const float* bias, Floats* out,
+          std::vector<size_t>* offsets, Floats* bias_out) {
   const int G = sh.p.G, H = sh.p.H;
   out->resize(static_cast<size_t>(rows) * G * H);
   bias_out->resize(static_cast<size_t>(G) * H);
@@ -650,13 +670,13 @@ struct BackProblem {
 struct BackShared : Chunks {
   BackProblem p;
   std::vector<size_t> wt_offset;
-  std::vector<float> wt;                          // per chunk: W_hᵀ's columns of its units, packed
-  std::vector<float> v_ring, lh_ring, lc_ring;   // (2, B, G*H), (2, B, H), (2, B, H)
+  Floats wt;  // per chunk: W_hᵀ's columns of its units, packed
+  Floats v_ring, lh_ring, lc_ring;  // (2, B, G*H), (2, B, H), (2, B, H)
 };
 
 struct BackLocal {
-  std::vector<float> lh_in, lc_in;  // λ entering the step: (B, U) each
-  std::vector<float> lh, lc, v, u;  // (B, U), (B, U), (B, G*U), (B, G*U)
+  Floats lh_in, lc_in;  // λ entering the step: (B, U) each
+  Floats lh, lc, v, u;  // (B, U), (B, U), (B, G*U), (B, G*U)
   BackLocal(int B, int G, int U)
       : lh_in(B * U), lc_in(B * U), lh(B * U), lc(B * U), v(B * G * U), u(B * G * U) {}
 };
@@ -877,7 +897,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   pack_transposed(*sh);
   if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
   // λ entering the first forward step: the last backward step's matmul and resets.
-  std::vector<float> lam(2 * BH);
+  Floats lam(2 * BH);
   for (int c = 0; c < sh->chunks; ++c) {
     const int u0 = sh->start[c], U = sh->start[c + 1] - u0;
     float *lh = lam.data(), *lc = lam.data() + BH;
