@@ -138,12 +138,17 @@ def test_every_order_in_both_modes_equals_plain_jax(args):
 
 
 def test_vmap_and_a_zero_tangent(args):
-    """Per-example gradients (the batching rule), and a gradient with respect to ``x`` alone:
-    the tangent of ``d0`` is then a zero made concrete, a known operand in the transpose."""
+    """Per-example gradients (the batching rule: the primitive again, on the vmapped
+    functions, so the transpose still runs the hand one), and a gradient with respect to ``x``
+    alone: the tangent of ``d0`` is then a zero made concrete, a known operand in the
+    transpose."""
     params, x, d0 = args
     per_example = lambda f: jax.vmap(jax.grad(_loss(f), argnums=1), (None, 0, None))  # noqa: E731
     xs = jnp.stack([x, 2.0 * x, -x])
-    _close(per_example(with_kernel)(params, xs, d0), per_example(plain)(params, xs, d0))
+    CALLS.clear()
+    got = per_example(with_kernel)(params, xs, d0)
+    assert CALLS, "under vmap, reverse mode did not call the transpose"
+    _close(got, per_example(plain)(params, xs, d0))
     CALLS.clear()
     got = jax.grad(_loss(with_kernel), argnums=1)(params, x, d0)
     assert CALLS
@@ -169,3 +174,27 @@ def test_constant_coefficients_keep_the_transpose(args):
     assert CALLS
     ref = functools.partial(recurrence, (a, params[1]))
     _close(got, jax.grad(loss(ref), argnums=(0, 1))(x, d0))
+
+
+def test_vmapped_derivatives_of_every_order_equal_plain_jax(args):
+    """The batched primitive differentiates as plain JAX too: per-example Hessians, and the
+    gradient of a vmapped loss (batched coefficients, shared weights), with ``d0`` batched
+    or shared."""
+    params, x, d0 = args
+    xs = jnp.stack([x, -0.5 * x])
+    d0s = jnp.stack([d0, 2.0 * d0])
+    for axes in ((None, 0, None), (None, 0, 0)):
+        d = d0s if axes[2] == 0 else d0
+
+        def hess(f, axes=axes):
+            return jax.vmap(jax.hessian(_loss(f), argnums=1), axes)
+
+        def total(f, axes=axes):
+            batched = jax.vmap(_loss(f), axes)
+            return jax.grad(lambda *a: jnp.sum(batched(*a)), argnums=(0, 1, 2))
+
+        _close(hess(with_kernel)(params, xs, d), hess(plain)(params, xs, d))
+        CALLS.clear()
+        got = total(with_kernel)(params, xs, d)
+        assert CALLS
+        _close(got, total(plain)(params, xs, d))

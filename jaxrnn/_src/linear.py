@@ -15,7 +15,9 @@ inputs, as the fast path's residuals do). Here:
 - the transpose runs ``fn_t``, and the transpose of that runs ``fn`` again;
 - every derivative of either direction (with respect to ``nonlin`` too, so to any order) is
   that of ``fn`` or of ``jax.linear_transpose(fn)``, in plain JAX;
-- under ``vmap`` the same plain-JAX functions run, vmapped.
+- under ``vmap`` it is the same primitive again, on ``fn`` and ``fn_t`` vmapped: a batched
+  transpose still runs ``fn_t`` (whose own batching rule may run it once for all examples,
+  as the native kernel's does), and a batched primitive differentiates as above.
 
 So ``fn_t`` only has to be the transpose of ``fn`` at the given ``nonlin``, and needs no
 derivatives of its own; the tests check it against ``jax.linear_transpose(fn)``.
@@ -112,10 +114,49 @@ def _transpose(cts, *args, fn, fn_t, n_nonlin, lin_avals, transposed):
     return [None] * n_nonlin + [o if ad.is_undefined_primal(a) else None for o, a in zip(out, lin)]
 
 
-def _batch(args, dims, **params):
-    n = params["n_nonlin"]
-    plain = _plain(**params)
-    out = jax.vmap(lambda *a: tuple(plain(a[:n], a[n:])), in_axes=tuple(dims))(*args)
+class _Vmapped:
+    """``f`` vmapped over the leading axis of its arguments (``None``: an unbatched
+    ``nonlin`` operand; every linear operand is batched). A hashable value, as the primitive's
+    parameters must be."""
+
+    def __init__(self, f, nonlin_axes):
+        self.f, self.nonlin_axes = f, tuple(nonlin_axes)
+
+    def __call__(self, nonlin, lin):
+        n = len(self.nonlin_axes)
+        axes = (*self.nonlin_axes, *(0,) * len(lin))
+        return jax.vmap(lambda *a: tuple(self.f(a[:n], a[n:])), in_axes=axes)(*nonlin, *lin)
+
+    def __eq__(self, other):
+        return isinstance(other, _Vmapped) and (self.f, self.nonlin_axes) == (
+            other.f, other.nonlin_axes,
+        )  # fmt: skip
+
+    def __hash__(self):
+        return hash((self.f, self.nonlin_axes))
+
+
+def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed):
+    """The same primitive on the vmapped functions, so that a batched transpose still runs
+    ``fn_t`` (once, vmapped) and a batched primitive is still differentiable in plain JAX.
+    Unbatched linear operands are broadcast: the transpose then gives every example its own
+    cotangent, which the caller's ``vmap`` sums where the operand was shared."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    nonlin, axes = [], []
+    for a, d in zip(args[:n_nonlin], dims[:n_nonlin]):
+        batched = d is not None
+        nonlin.append(jnp.moveaxis(a, d, 0) if batched else a)
+        axes.append(0 if batched else None)
+    lin = [
+        jnp.moveaxis(a, d, 0) if d is not None
+        else jnp.broadcast_to(a, (size, *a.shape))
+        for a, d in zip(args[n_nonlin:], dims[n_nonlin:])
+    ]  # fmt: skip
+    out = _linear_p.bind(
+        *nonlin, *lin, fn=_Vmapped(fn, axes), fn_t=_Vmapped(fn_t, axes), n_nonlin=n_nonlin,
+        lin_avals=tuple(((size, *shape), dtype) for shape, dtype in lin_avals),
+        transposed=transposed,
+    )  # fmt: skip
     return list(out), [0] * len(out)
 
 
