@@ -81,3 +81,20 @@ def test_host_devices_is_cpu_only(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0 and "--host-devices: CPU only" in proc.stderr
+
+
+def test_vmap_speed_reports_every_pass(tmp_path):
+    """``benchmarks/vmap_speed.py`` runs and reports its three passes per cell."""
+    out = tmp_path / "vmap.json"
+    script = SPEED.with_name("vmap_speed.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--cells", "gru:2:1:5:8", "--reps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["pass_"] for r in rows] == ["fwd", "per_example_grad", "grad_of_vmap"]
+    assert all(r["batched_ms"] > 0 and r["vmapped_ms"] > 0 for r in rows)
+    assert "| gru 2 × 1, 5, 8 | grad_of_vmap |" in proc.stdout

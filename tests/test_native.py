@@ -8,6 +8,8 @@ against XLA's scan; its placement; and its fallback to XLA's loop.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,28 +250,145 @@ def test_saturated_gates_and_nan_match_xla(monkeypatch):
     assert_trees_close(actual, expected)
 
 
-def test_vmap_over_sequences():
-    cell = jaxrnn.gru(24)
+# ---- vmap: the vmapped axis folds into the kernels' batch ------------------------------------
+
+VMAP_MODES = ("batch_major", "no_batch", "two_batch_dims", "everything",
+              "everything_time_major_reverse")  # fmt: skip
+STATIC = ("time_major", "reverse", "unroll")
+
+
+def _stacked_inputs(cell, mode, n=3):
+    """``n`` independent draws of a mode's inputs, stacked on a leading axis: ``(xs, carry,
+    arrays, static)``, ``arrays`` the keyword arguments that are arrays."""
+    draws = [mode_inputs(cell, mode) for _ in range(n)]
+    xs = jnp.stack([d[0] for d in draws])
+    carry = None if draws[0][1] is None else jax.tree_util.tree_map(
+        lambda *a: jnp.stack(a), *[d[1] for d in draws])  # fmt: skip
+    static = {k: v for k, v in draws[0][2].items() if k in STATIC}
+    arrays = {k: jnp.stack([d[2][k] for d in draws]) for k in draws[0][2] if k not in STATIC}
+    return xs, carry, arrays, static
+
+
+def _example(tree, i):
+    """Example ``i`` of a tree stacked on a leading axis."""
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _hlo(fn, *args):
+    """The FFI targets a jitted function calls, and how many loops it runs."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return re.findall(r'custom_call_target="(jaxrnn[^"]+)"', text), text.count(" while(")
+
+
+@pytest.mark.parametrize("mode", VMAP_MODES)
+@pytest.mark.parametrize("name", MAIN)
+def test_vmap_runs_the_kernel_once_over_every_example(name, mode):
+    """Under `vmap` the examples fold into the kernel's batch: one call, no loop around it
+    (an FFI call's own batching would run it once per example), each example's outputs those
+    of the specification."""
+    cell = FAST_CELLS[name](16)
     params = cell.init(fresh_key(), INPUT_SIZE)
-    xs = jax.random.normal(fresh_key(), (5, TIME, INPUT_SIZE))
-    fn = jax.jit(jax.vmap(lambda x: jaxrnn.unroll(cell, params, x)[0]))
-    np.testing.assert_allclose(fn(xs), reference_unroll(cell, params, xs)[0], rtol=1e-5, atol=1e-5)
+    xs, carry, arrays, static = _stacked_inputs(cell, mode)
+
+    def run(xs, carry, arrays):
+        return jaxrnn.unroll(cell, params, xs, carry, **arrays, **static)
+
+    fn = jax.vmap(run, in_axes=(0, None if carry is None else 0, 0))
+    assert _hlo(fn, xs, carry, arrays) == ([native.TARGET], 0)
+    actual = jax.jit(fn)(xs, carry, arrays)
+    spec = {k: v for k, v in static.items() if k != "unroll"}
+    for i in range(xs.shape[0]):
+        expected = reference_unroll(
+            cell, params, xs[i], _example(carry, i), **_example(arrays, i), **spec
+        )
+        assert_trees_close(_example(actual, i), expected)
 
 
-def test_vmap_of_the_gradient(monkeypatch):
-    """Per-example gradients: under `vmap` the backward loop runs XLA's transpose (`linear`'s
-    batching rule), the forward loop the kernel once per example."""
+def test_vmap_over_the_initial_carry_alone():
+    """Shared inputs, one initial carry per example: the inputs are broadcast to the folded
+    batch."""
+    cell = jaxrnn.lstm(32)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (3, TIME, INPUT_SIZE))
+    carries = random_carry(cell, (4, 3))
+    fn = jax.vmap(lambda c: jaxrnn.unroll(cell, params, xs, c))
+    assert _hlo(fn, carries) == ([native.TARGET], 0)
+    actual = jax.jit(fn)(carries)
+    for i in range(4):
+        expected = reference_unroll(cell, params, xs, _example(carries, i))
+        assert_trees_close(_example(actual, i), expected)
+
+
+def test_vmap_over_weights_runs_the_kernel_per_member():
+    """An ensemble (batched weights): the kernel takes one set of weights, so it runs once per
+    member, in a loop."""
+    cell = jaxrnn.gru(24)
+    params = jax.vmap(lambda k: cell.init(k, INPUT_SIZE))(jax.random.split(fresh_key(), 3))
+    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
+    fn = jax.vmap(lambda p: jaxrnn.unroll(cell, p, xs)[0])
+    targets, loops = _hlo(fn, params)
+    assert targets == [native.TARGET] and loops == 1
+    actual = jax.jit(fn)(params)
+    for i in range(3):
+        expected = reference_unroll(cell, _example(params, i), xs)[0]
+        np.testing.assert_allclose(actual[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_no_examples():
+    cell = jaxrnn.lstm(16)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (0, 3, TIME, INPUT_SIZE))
+    ys = jax.jit(jax.vmap(lambda x: jaxrnn.unroll(cell, params, x)[0]))(xs)
+    assert ys.shape == (0, 3, TIME, 16)
+    grad = jax.vmap(jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x)[0])), (None, 0))
+    grads = jax.jit(grad)(params, xs)
+    assert grads.w_h.shape == (0, 16, 64) and grads.w_x.shape == (0, INPUT_SIZE, 64)
+
+
+@pytest.mark.parametrize("mode", VMAP_MODES)
+@pytest.mark.parametrize("name", MAIN)
+def test_per_example_gradients_run_both_kernels_once(monkeypatch, name, mode):
+    """``vmap(grad)``: the forward and the backward kernel each run once over all examples
+    (`linear`'s batching rule keeps the hand transpose), equal to XLA's loops."""
+    cell = FAST_CELLS[name](16)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, arrays, static = _stacked_inputs(cell, mode)
+
+    def per_example(params, xs, carry, arrays):
+        grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**arrays, **static}),
+                        argnums=(0, 1, 2))  # fmt: skip
+        return grad(params, xs, carry)
+
+    fn = jax.vmap(per_example, in_axes=(None, 0, None if carry is None else 0, 0))
+    args = (params, xs, carry, arrays)
+    assert _hlo(fn, *args) == ([native.TARGET, native.TARGET_BACKWARD], 0)
+    actual = jax.jit(fn)(*args)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert_trees_close(actual, jax.jit(fn)(*args), rtol=2e-5, atol=2e-5)
+
+
+def test_gradient_of_a_vmapped_loss_and_vmapped_second_order(monkeypatch):
+    """``grad(vmap)`` runs both kernels once too; ``vmap`` of a Hessian-vector product
+    (forward over reverse, through the batched linear primitive) equals XLA's."""
     cell = jaxrnn.lstm(24)
     params = cell.init(fresh_key(), INPUT_SIZE)
-    xs = jax.random.normal(fresh_key(), (5, 3, TIME, INPUT_SIZE))
+    xs = jax.random.normal(fresh_key(), (4, 3, TIME, INPUT_SIZE))
+    v = jax.random.normal(fresh_key(), xs.shape[1:])
 
-    def per_example(p, x):
-        return jax.vmap(jax.grad(lambda p, x: jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x)[0]))),
-                        in_axes=(None, 0))(p, x)  # fmt: skip
+    def loss(p, x):
+        return fast_loss(cell, p, x, None, {})
 
-    actual = jax.jit(per_example)(params, xs)
+    grad_of_vmap = jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)))
+    assert _hlo(grad_of_vmap, params, xs) == ([native.TARGET, native.TARGET_BACKWARD], 0)
+
+    def hvp(p, x):
+        ones = jax.tree_util.tree_map(jnp.ones_like, p)
+        return jax.jvp(jax.grad(loss, argnums=1), (p, x), (ones, v))[1]
+
+    both = lambda p, x: (grad_of_vmap(p, x), jax.vmap(hvp, (None, 0))(p, x))  # noqa: E731
+    actual = jax.jit(both)(params, xs)
     monkeypatch.setenv("JAXRNN_NATIVE", "0")
-    assert_trees_close(actual, jax.jit(per_example)(params, xs), rtol=2e-5, atol=2e-5)
+    assert_trees_close(actual, jax.jit(both)(params, xs), rtol=2e-5, atol=2e-5)
 
 
 def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch, tmp_path):

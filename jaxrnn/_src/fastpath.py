@@ -418,8 +418,8 @@ def _recurrence_jvp(static, primals, tangents):
     )  # fmt: skip
     nonlin, lin = (*coef, w_h, *flags), (*us, *dcarry)
     if static[3][1] == "native":
-        # The native kernel transposes the loop (the backward loop of reverse mode); the loop
-        # itself, its derivatives and its batching stay XLA's (`linear`).
+        # The native kernel transposes the loop (the backward loop of reverse mode, also under
+        # vmap); the loop itself and its derivatives stay XLA's (`linear`).
         transpose = functools.partial(_native_tangent_transpose, loop)
         dys, *dcarry_out = linear.apply(loop, transpose, nonlin, lin)
     else:

@@ -23,9 +23,12 @@ the gradient pass also the residuals of the linear JVP rule (``h`` entering each
 per-kind arrays of `RESIDUAL_WIDTHS`). The gradient pass's backward loop is a second kernel
 (`backward`): the transpose of that rule's tangent loop, with the same chunks of units, each
 step finishing ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
-It enters through `linear` (a linear primitive with a transpose of its own), so forward mode,
-``vmap`` and derivatives of every order keep XLA's loops; derivatives of the kernels' own
-outputs (order two and more) are those of XLA's scan.
+It enters through `linear` (a linear primitive with a transpose of its own), so forward mode
+and derivatives of every order keep XLA's loops; derivatives of the kernels' own outputs
+(order two and more) are those of XLA's scan. Under ``vmap`` both kernels run once over all
+examples: they take their per-step arrays as ``(runs, time, batch, ·)``, and the vmapped axis
+merges into the runs by a reshape (`_batched_call`), unless the weights are batched (one call
+per example then).
 
 It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
 or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under
@@ -204,6 +207,56 @@ def _attributes(kind, reverse):
     }
 
 
+def _batched_call(target, out_shapes, attributes, shared):
+    """The FFI call of ``target``, with a batching rule that runs the kernel once.
+
+    The kernels take their per-step arrays as ``(N, time, B', ...)``, ``N`` runs of the
+    sequence of ``B'`` rows each, and their carries as ``(N·B', ...)``: ``out_shapes(N, time,
+    B')`` gives the results from the first operand's shape. Under ``vmap`` with the operands
+    flagged in ``shared`` (the weights) unbatched, the vmapped axis merges into the leading
+    axis of every other operand (broadcast where unbatched) by a reshape, the kernel runs once
+    over all examples and the results are split again: no transposes. A batched weight leaves
+    one call per example, as ``vmap_method="sequential"`` does. (XLA's ``ffi_call`` has no
+    batching method that merges the vmapped axis into an axis of our choice.)
+    """
+
+    def kernel(*args):
+        return jax.ffi.ffi_call(target, out_shapes(*args[0].shape[:3]))(*args, **attributes)
+
+    call = jax.custom_batching.custom_vmap(lambda *args: kernel(*args))
+
+    @call.def_vmap
+    def rule(size, in_batched, *args):
+        if size == 0:  # no example: nothing to run
+            structs = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype)
+                       for a, b in zip(args, in_batched)]  # fmt: skip
+            outs = jax.eval_shape(kernel, *structs)
+            return [jnp.zeros((0, *o.shape), o.dtype) for o in outs], [True] * len(outs)
+        if any(b and w for b, w in zip(in_batched, shared)):
+            args = [a if b else jnp.broadcast_to(a, (size, *a.shape))
+                    for a, b in zip(args, in_batched)]  # fmt: skip
+            outs = jax.lax.map(lambda a: call(*a), args)
+            return outs, [True] * len(outs)
+        merged = []
+        for a, b, w in zip(args, in_batched, shared):
+            if not (w or a.size == 0):  # weights (unbatched) and empty operands stay
+                a = a if b else jnp.broadcast_to(a, (size, *a.shape))
+                a = a.reshape(size * a.shape[1], *a.shape[2:])
+            merged.append(a)
+        outs = call(*merged)
+        batched = [o.size > 0 for o in outs]
+        return [o.reshape(size, -1, *o.shape[1:]) if b else o
+                for o, b in zip(outs, batched)], batched  # fmt: skip
+
+    return call
+
+
+def _runs(a):
+    """A per-step array ``(time, batch, ...)`` as one run, ``(1, time, batch, ...)``; ``None``
+    (an absent mask) stays."""
+    return None if a is None else a[None]
+
+
 def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False):
     """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
 
@@ -214,38 +267,36 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     ``save`` ``(ys, carry, (h_in, residuals))``: the carry's ``h`` entering each step and the
     kind's residuals (`RESIDUAL_WIDTHS`), each ``(time, batch, ·)``.
     """
-    time, batch, _ = xs.shape
     hidden, width = w_h.shape
     f32 = jnp.float32
     zeros = jnp.zeros((width,), f32)
     h0 = carry[0]
     c0 = carry[1] if len(carry) > 1 else h0
     widths = RESIDUAL_WIDTHS[kind] if save else ()
-    out = [
-        jax.ShapeDtypeStruct((time, batch, hidden), f32),
-        jax.ShapeDtypeStruct((batch, hidden), f32),
-        jax.ShapeDtypeStruct((batch, hidden), f32),
-        jax.ShapeDtypeStruct((time, batch, hidden) if save else (0,), f32),
-    ]
-    for k in range(4):
-        shape = (time, batch, widths[k] * hidden) if k < len(widths) else (0,)
-        out.append(jax.ShapeDtypeStruct(shape, f32))
-    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+
+    def out_shapes(runs, time, batch):
+        step = (runs, time, batch)
+        out = [(*step, hidden), (runs * batch, hidden), (runs * batch, hidden)]
+        out.append((*step, hidden) if save else (0,))
+        out += [(*step, widths[k] * hidden) if k < len(widths) else (0,) for k in range(4)]
+        return [jax.ShapeDtypeStruct(shape, f32) for shape in out]
+
+    weights = (False, True, True, True, True, False, False, False, False)
+    call = _batched_call(TARGET, out_shapes, _attributes(kind, reverse), weights)
     ys, h, c, h_in, *res = call(
-        xs,
+        _runs(xs),
         w_x,
         zeros if b_x is None else b_x,
         w_h,
         zeros if b_in is None else b_in,
         h0,
         c0,
-        *_flags(mask, resets),
-        **_attributes(kind, reverse),
+        *_flags(_runs(mask), _runs(resets)),
     )
     carry = (h, c) if len(carry) > 1 else (h,)
     if not save:
-        return ys, carry
-    return ys, carry, (h_in, tuple(res[: len(widths)]))
+        return ys[0], carry
+    return ys[0], carry, (h_in[0], tuple(r[0] for r in res[: len(widths)]))
 
 
 # Per kind, how many coefficient arrays the backward loop reads (`fastpath`'s tangent
@@ -263,29 +314,24 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
     cotangents of the loop's per-step input ``(time, batch, gates·H)``, of the GRU's separate
     recurrent input (``None`` for the other kinds) and of the initial carry.
     """
-    time, batch, hidden = ct_ys.shape
-    width = w_h.shape[1]
+    hidden, width = w_h.shape
     f32 = jnp.float32
     empty = jnp.zeros((0,), f32)
-    coef = list(coef) + [empty] * (6 - len(coef))
+    coef = [_runs(c) for c in coef] + [empty] * (6 - len(coef))
     gru = kind == "gru"
-    out = [
-        jax.ShapeDtypeStruct((time, batch, width), f32),
-        jax.ShapeDtypeStruct((time, batch, width) if gru else (0,), f32),
-        jax.ShapeDtypeStruct((batch, hidden), f32),
-        jax.ShapeDtypeStruct((batch, hidden), f32),
-    ]
+
+    def out_shapes(runs, time, batch):
+        out = [(runs, time, batch, width), (runs, time, batch, width) if gru else (0,)]
+        out += [(runs * batch, hidden), (runs * batch, hidden)]
+        return [jax.ShapeDtypeStruct(shape, f32) for shape in out]
+
     ct_h = ct_carry[0]
     ct_c = ct_carry[1] if len(ct_carry) > 1 else jnp.zeros_like(ct_h)
-    call = jax.ffi.ffi_call(TARGET_BACKWARD, out, vmap_method="sequential")
+    weights = (False,) * 9 + (True, False, False)
+    call = _batched_call(TARGET_BACKWARD, out_shapes, _attributes(kind, reverse), weights)
     ct_u, ct_v, ct_h0, ct_c0 = call(
-        ct_ys,
-        ct_h,
-        ct_c,
-        *coef,
-        w_h,
-        *_flags(mask, resets),
-        **_attributes(kind, reverse),
+        _runs(ct_ys), ct_h, ct_c, *coef, w_h, *_flags(_runs(mask), _runs(resets))
     )
+    ct_u, ct_v = ct_u[0], ct_v[0] if gru else None
     ct_carry0 = (ct_h0, ct_c0) if len(ct_carry) > 1 else (ct_h0,)
-    return ct_u, (ct_v if gru else None), ct_carry0
+    return ct_u, ct_v, ct_carry0

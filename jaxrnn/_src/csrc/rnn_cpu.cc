@@ -17,6 +17,10 @@
 // (after it when running in reverse). For the gradient pass it also writes the residuals of
 // fastpath's linear JVP rule: the carry h entering each step and the per-kind arrays.
 //
+// Batch: the per-step arrays are (N, T, B', ·): N runs of the sequence (the examples of a
+// jax.vmap; else one), each B' rows wide, so that a vmapped call needs no transposes. The kernel
+// runs their B = N·B' rows together (`step_row`); carries are (B, ·).
+//
 // Threads: the hidden units are cut into one chunk per thread; a chunk's W_x and W_h columns
 // (all gates of its units) are packed once per call, so whoever computes the chunk needs
 // nothing from the other chunks but h_{t-1}. Chunks are published once per step (`Shared`).
@@ -297,13 +301,19 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
   return std::max(1, std::min(n, std::max(1, H / 16)));
 }
 
+// The index of row b (of B = N·inner) at time t among the rows of an (N, T, inner, ·) array.
+inline size_t step_row(int T, int inner, int t, int b) {
+  return (static_cast<size_t>(b / inner) * T + t) * inner + b % inner;
+}
+
 struct Problem {
   int kind, T, B, I, H, G;
+  int inner;  // rows per run: the per-step arrays are (B / inner, T, inner, ·)
   bool reverse;
   const float *xs, *w_x, *b_x, *w_h, *b_in;
-  const bool *mask, *resets;  // (T, B) or null
+  const bool *mask, *resets;  // (N, T, inner) or null
   float* ys;
-  // The gradient pass's residuals, or null: h_in (T, B, H), the carry each step starts from,
+  // The gradient pass's residuals, or null: h_in (N, T, inner, H), the carry each step starts from,
   // and up to four per-kind arrays (`residual_layout`).
   float* h_in;
   float* res[4];
@@ -386,9 +396,9 @@ struct Shared : Chunks {
 
 // One thread's buffers: the chunk's matmul results and its new h, c and outputs.
 struct Local {
-  Floats zx, z, h, c, y, res;
-  Local(int B, int G, int U, int R)
-      : zx(B * G * U), z(B * G * U), h(B * U), c(B * U), y(B * U), res(B * R * U) {}
+  Floats zx, z, h, c, y, res, x;  // x: the step's inputs, gathered when there are several runs
+  Local(int B, int G, int U, int R, int X)
+      : zx(B * G * U), z(B * G * U), h(B * U), c(B * U), y(B * U), res(B * R * U), x(X) {}
 };
 
 void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
@@ -407,8 +417,14 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
     std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
   }
-  gemm_acc(p.xs + static_cast<size_t>(t) * B * I, I, sh.wx.data() + sh.wx_offset[chunk], N, I,
-           zx, B);
+  const float* x = p.xs + static_cast<size_t>(t) * B * I;  // one run: the step's rows in a block
+  if (p.inner != B) {
+    for (int b = 0; b < B; b += p.inner)
+      std::memcpy(out.x.data() + static_cast<size_t>(b) * I, p.xs + step_row(T, p.inner, t, b) * I,
+                  static_cast<size_t>(p.inner) * I * sizeof(float));
+    x = out.x.data();
+  }
+  gemm_acc(x, I, sh.wx.data() + sh.wx_offset[chunk], N, I, zx, B);
   gemm_acc(h_in, H, sh.w.data() + sh.w_offset[chunk], N, H, z, B);
   const auto fn = row_fn<ForwardRow, Row>(p.kind);
   for (int b = 0; b < B; ++b) {
@@ -423,12 +439,12 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     row.y = out.y.data() + local;
     row.res = p.h_in ? out.res.data() + static_cast<size_t>(b) * sh.layout.count * U : nullptr;
     row.U = U;
-    row.take = p.mask == nullptr || p.mask[static_cast<size_t>(t) * B + b];
+    row.take = p.mask == nullptr || p.mask[step_row(T, p.inner, t, b)];
     // Resets zero the carry before a step: the next one's in forward order, this one's
     // (after it) in reverse.
     const int reset_t = p.reverse ? t : t + 1;
     row.zero_after =
-        p.resets != nullptr && reset_t < T && p.resets[static_cast<size_t>(reset_t) * B + b];
+        p.resets != nullptr && reset_t < T && p.resets[step_row(T, p.inner, reset_t, b)];
     fn(row);
   }
 }
@@ -444,7 +460,7 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   const ResidualLayout& layout = sh.layout;
   for (int b = 0; b < B; ++b) {
     const size_t at = static_cast<size_t>(b) * H + u0, local = static_cast<size_t>(b) * U;
-    const size_t row = static_cast<size_t>(t) * B + b;
+    const size_t row = step_row(p.T, p.inner, t, b);
     std::memcpy(sh.h_ring.data() + slot + at, out.h.data() + local, U * sizeof(float));
     if (lstm) std::memcpy(sh.c_ring.data() + slot + at, out.c.data() + local, U * sizeof(float));
     std::memcpy(p.ys + row * H + u0, out.y.data() + local, U * sizeof(float));
@@ -495,7 +511,8 @@ void pack(const Shared& sh, const float* w, int rows, const float* bias, Floats*
 constexpr auto kMinHelpWait = std::chrono::microseconds(50);
 
 Local make_local(const Shared& sh, int widest) {
-  return Local(sh.p.B, sh.p.G, widest, sh.p.h_in ? sh.layout.count : 0);
+  const Problem& p = sh.p;
+  return Local(p.B, p.G, widest, p.h_in ? sh.layout.count : 0, p.inner == p.B ? 0 : p.B * p.I);
 }
 
 // Thread k of n works on its own chunks first (k, k + n, ...), then on the others. `S` is the
@@ -576,10 +593,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   auto xd = xs.dimensions();
   auto vd = w_x.dimensions();
   auto wd = w_h.dimensions();
-  if (xd.size() != 3 || vd.size() != 2 || wd.size() != 2)
+  if (xd.size() != 4 || vd.size() != 2 || wd.size() != 2)
     return ffi::Error::InvalidArgument(
-        "jaxrnn native kernel: xs must be (T, B, I), w_x (I, G*H), w_h (H, G*H)");
-  const int T = static_cast<int>(xd[0]), B = static_cast<int>(xd[1]), I = static_cast<int>(xd[2]);
+        "jaxrnn native kernel: xs must be (N, T, B, I), w_x (I, G*H), w_h (H, G*H)");
+  const int T = static_cast<int>(xd[1]), inner = static_cast<int>(xd[2]);
+  const int B = static_cast<int>(xd[0] * xd[2]), I = static_cast<int>(xd[3]);
   const int H = static_cast<int>(wd[0]);
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
   const size_t BH = static_cast<size_t>(B) * H, GH = static_cast<size_t>(G) * H;
@@ -590,10 +608,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   const size_t flags = static_cast<size_t>(T) * B;
   if ((mask.element_count() != 0 && mask.element_count() != flags) ||
       (resets.element_count() != 0 && resets.element_count() != flags))
-    return ffi::Error::InvalidArgument("jaxrnn native kernel: mask/resets must be (T, B) or empty");
+    return ffi::Error::InvalidArgument("jaxrnn native kernel: mask/resets must be (N, T, B') or empty");
 
   auto sh = std::make_shared<Shared>();
-  sh->p = Problem{kind, T, B, I, H, G, reverse, xs.typed_data(), w_x.typed_data(),
+  sh->p = Problem{kind, T, B, I, H, G, std::max(inner, 1), reverse, xs.typed_data(), w_x.typed_data(),
                   b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
                   mask.element_count() ? mask.typed_data() : nullptr,
                   resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
@@ -603,7 +621,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     const ResidualLayout& layout = sh->layout;
     ffi::Result<ffi::Buffer<ffi::F32>>* outs[4] = {&res0, &res1, &res2, &res3};
     if (h_in->element_count() != flags * H)
-      return ffi::Error::InvalidArgument("jaxrnn native kernel: h_in must be (T, B, H)");
+      return ffi::Error::InvalidArgument("jaxrnn native kernel: h_in must be (N, T, B', H)");
     for (int k = 0; k < 4; ++k) {
       if ((*outs[k])->element_count() != flags * H * layout.width[k])
         return ffi::Error::InvalidArgument("jaxrnn native kernel: residual shapes");
@@ -619,7 +637,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   std::memcpy(sh->c_ring.data(), c0.typed_data(), BH * sizeof(float));
   if (p.resets != nullptr && !reverse && T > 0)  // the first step's reset, before it
     for (int b = 0; b < B; ++b)
-      if (p.resets[b]) {
+      if (p.resets[step_row(T, p.inner, 0, b)]) {
         std::fill_n(sh->h_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
         std::fill_n(sh->c_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
       }
@@ -657,6 +675,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
 
 struct BackProblem {
   int kind, T, B, H, G;
+  int inner;  // rows per run, as in `Problem`; "(T, B, ·)" below is (B / inner, T, inner, ·)
   bool reverse;
   const float* ct_ys;     // (T, B, H)
   const float* coef[6];   // elman (slope,); lstm (slopes (T, B, 4H), f, o·tanh'(c)); gru
@@ -759,7 +778,7 @@ void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc)
   if (p.resets != nullptr && !p.reverse) {
     const int t_prev = back_time(p, s - 1);
     for (int b = 0; b < B; ++b)
-      if (p.resets[static_cast<size_t>(t_prev) * B + b]) {
+      if (p.resets[step_row(p.T, p.inner, t_prev, b)]) {
         std::fill_n(lh + b * U, U, 0.0f);
         std::fill_n(lc + b * U, U, 0.0f);
       }
@@ -776,7 +795,7 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
   const auto fn = row_fn<BackwardRow, BackRow>(p.kind);
   const int widths[6] = {p.kind == kLstm ? 4 : 1, 1, 1, 1, 1, 1};
   for (int b = 0; b < B; ++b) {
-    const size_t row = static_cast<size_t>(t) * B + b;
+    const size_t row = step_row(p.T, p.inner, t, b);
     if (p.reverse && p.resets != nullptr && p.resets[row]) {  // zeroed after the step
       std::fill_n(lh + b * U, U, 0.0f);
       std::fill_n(lc + b * U, U, 0.0f);
@@ -806,7 +825,7 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
   const int t = back_time(p, s);
   const size_t slot = static_cast<size_t>((s + 1) & 1);
   for (int b = 0; b < B; ++b) {
-    const size_t row = static_cast<size_t>(t) * B + b;
+    const size_t row = step_row(p.T, p.inner, t, b);
     const float* v = out.v.data() + static_cast<size_t>(b) * G * U;
     const float* u = out.u.data() + static_cast<size_t>(b) * G * U;
     for (int g = 0; g < G; ++g) {
@@ -856,10 +875,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                     int32_t kind, bool reverse, int32_t threads, bool duplicate) {
   auto yd = ct_ys.dimensions();
   auto wd = w_h.dimensions();
-  if (yd.size() != 3 || wd.size() != 2 || kind < kElmanTanh || kind > kGru)
+  if (yd.size() != 4 || wd.size() != 2 || kind < kElmanTanh || kind > kGru)
     return ffi::Error::InvalidArgument(
-        "jaxrnn native backward: ct_ys must be (T, B, H), w_h (H, G*H)");
-  const int T = static_cast<int>(yd[0]), B = static_cast<int>(yd[1]), H = static_cast<int>(yd[2]);
+        "jaxrnn native backward: ct_ys must be (N, T, B, H), w_h (H, G*H)");
+  const int T = static_cast<int>(yd[1]), inner = std::max(static_cast<int>(yd[2]), 1);
+  const int B = static_cast<int>(yd[0] * yd[2]), H = static_cast<int>(yd[3]);
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
   const size_t BH = static_cast<size_t>(B) * H, flags = static_cast<size_t>(T) * B;
   const size_t GH = static_cast<size_t>(G) * H;
@@ -876,11 +896,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   if (!ok) return ffi::Error::InvalidArgument("jaxrnn native backward: inconsistent shapes");
   if ((mask.element_count() != 0 && mask.element_count() != flags) ||
       (resets.element_count() != 0 && resets.element_count() != flags))
-    return ffi::Error::InvalidArgument("jaxrnn native backward: mask/resets must be (T, B) or empty");
+    return ffi::Error::InvalidArgument("jaxrnn native backward: mask/resets must be (N, T, B') or empty");
 
   auto sh = std::make_shared<BackShared>();
   BackProblem& p = sh->p;
-  p = BackProblem{kind, T, B, H, G, reverse, ct_ys.typed_data(), {}, w_h.typed_data(),
+  p = BackProblem{kind, T, B, H, G, inner, reverse, ct_ys.typed_data(), {}, w_h.typed_data(),
                   mask.element_count() ? mask.typed_data() : nullptr,
                   resets.element_count() ? resets.typed_data() : nullptr, ct_u->typed_data(),
                   kind == kGru ? ct_v->typed_data() : nullptr};
@@ -917,19 +937,19 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // xs (T, B, I)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // xs (N, T, B', I); B = N·B'
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_x (I, G*H)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b_x (G*H,)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, G*H)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b_in (G*H,)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // h0 (B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // c0 (B, H)
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (T, B) or empty
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets (T, B) or empty
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (N, T, B') or empty
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets (N, T, B') or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys (N, T, B', H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_T (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c_T (B, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_in (T, B, H) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_in (N, T, B', H) or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()   // residuals, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -942,7 +962,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_ys (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_ys (N, T, B', H)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // ct_h (B, H): final carry
                                   .Arg<ffi::Buffer<ffi::F32>>()   // ct_c (B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // coefficients, or empty
@@ -952,10 +972,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, G*H)
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (T, B) or empty
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets (T, B) or empty
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_u (T, B, G*H)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_v (T, B, 3H) or empty
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (N, T, B') or empty
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets (N, T, B') or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_u (N, T, B', G*H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ct_v (N, T, B', 3H) or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ct_h0 (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ct_c0 (B, H)
                                   .Attr<int32_t>("kind")
