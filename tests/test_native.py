@@ -101,16 +101,42 @@ def test_placement_keeps_xla_where_the_kernel_does_not_apply(kwargs):
     assert "native" not in fastpath.placements("gru", 4, 8, **kwargs)
 
 
+@pytest.fixture(params=["in_kernel", "hoisted"])
+def projection(request, monkeypatch):
+    """Where the input projection runs: in each step of the kernel (the shipped table's choice
+    at these sizes), or before it, one matmul (`native.HOIST_TABLE` made to say so)."""
+    if request.param == "hoisted":
+        monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),))
+    return request.param
+
+
+def _hoisted(text):
+    """Whether lowered text passes the kernel a ``W_x`` of no rows (its projected inputs)."""
+    return re.search(r"tensor<0x\d+xf32>", text) is not None
+
+
+def test_the_shipped_hoisting_table():
+    """At a small batch with a large ``W_x``; not at ``H = 128``, nor at a larger batch."""
+    assert native.hoists(1, 1024, 1024, 4) and native.hoists(16, 1024, 1024, 4)
+    assert not native.hoists(64, 1024, 1024, 4)
+    assert native.hoists(4, 512, 512, 4) and not native.hoists(8, 512, 512, 4)
+    assert native.hoists(4, 512, 512, 1) and not native.hoists(8, 1024, 1024, 1)
+    assert not any(native.hoists(b, 128, 128, 4) for b in (1, 4, 16))
+
+
 # Every runner mode for the main cells, at a hidden size of 40 on two threads: two chunks of
-# units (16 and 24), so whole vectors and the scalar tail, and the step's hand-off.
+# units (16 and 24), so whole vectors and the scalar tail, and the step's hand-off; the input
+# projection in the kernel and before it.
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("cell_name", MAIN)
-def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, monkeypatch):
+def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, projection, monkeypatch):
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
     cell = FAST_CELLS[cell_name](40)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
-    actual = forward(cell, params, xs, carry, **kwargs)
+    run = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
+    assert _hoisted(run.lower(params, xs, carry).as_text()) == (projection == "hoisted")
+    actual = run(params, xs, carry)
     kwargs.pop("unroll", None)
     assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
 
@@ -138,6 +164,18 @@ def _derivatives(cell, params, xs, carry, kwargs):
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_derivatives_through_the_kernel_equal_xla(cell_name, mode, monkeypatch):
+    _derivatives_equal_xla(cell_name, mode, monkeypatch)
+
+
+@pytest.mark.parametrize("mode", ["no_batch", "two_batch_dims", "everything",
+                                  "everything_time_major_reverse"])  # fmt: skip
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_derivatives_with_the_projection_hoisted_equal_xla(cell_name, mode, monkeypatch):
+    monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),))
+    _derivatives_equal_xla(cell_name, mode, monkeypatch)
+
+
+def _derivatives_equal_xla(cell_name, mode, monkeypatch):
     """The gradient pass runs the kernel for the primal and its residuals and the backward
     kernel for its backward loop; XLA's scan (itself tested against the reference in float64,
     `test_fastpath.py`) gives the same derivatives of first and second order."""
@@ -153,7 +191,11 @@ def test_derivatives_through_the_kernel_equal_xla(cell_name, mode, monkeypatch):
     monkeypatch.setenv("JAXRNN_NATIVE", "0")
     text = jax.jit(lambda *a: grad_fn(*a)).lower(params, xs, carry).as_text()
     assert native.TARGET not in text and native.TARGET_BACKWARD not in text
-    assert_trees_close(actual, _derivatives(cell, params, xs, carry, kwargs), rtol=2e-5, atol=2e-5)
+    (grads, jvp, hvp) = _derivatives(cell, params, xs, carry, kwargs)
+    assert_trees_close((actual[0], actual[2]), (grads, hvp), rtol=2e-5, atol=2e-5)
+    # The loss and its tangent are sums of about a thousand float32 terms: rounding alone
+    # moved one by 5e-5 (relative) once.
+    assert_trees_close(actual[1], jvp, rtol=2e-4, atol=2e-4)
 
 
 # Sizes and thread counts: one thread with scalar code only (5), exactly one vector (16),
@@ -180,6 +222,30 @@ def test_kernel_over_sizes_and_threads(cell_name, hidden, threads, monkeypatch):
 def _grads(cell, params, xs, carry, **kwargs):
     loss = _loss(cell, kwargs)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
+
+
+@pytest.mark.parametrize("hidden, threads", [(5, 0), (40, 2), (50, 3), (130, 0)])
+@pytest.mark.parametrize("cell_name", sorted(FAST_CELLS))
+def test_hoisted_projection_over_sizes_and_threads(cell_name, hidden, threads, monkeypatch):
+    """The kernel reading projected inputs (its gate columns, bias included): every cell,
+    with and without biases, over chunkings, with lengths and resets, forward and gradients."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),))
+    cell = FAST_CELLS[cell_name](hidden)
+    params = cell.init(fresh_key(), 7)
+    xs = jax.random.normal(fresh_key(), (9, TIME, 7))
+    carry = random_carry(cell, (9,))
+    kwargs = {
+        "seq_lengths": jnp.array([TIME, 0, 3, 1, 5, TIME, 2, 4, 6]),
+        "resets": jax.random.bernoulli(fresh_key(), 0.3, (9, TIME)),
+    }
+    assert_trees_close(
+        forward(cell, params, xs, carry, **kwargs),
+        reference_unroll(cell, params, xs, carry, **kwargs),
+    )
+    actual = _grads(cell, params, xs, carry, **kwargs)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert_trees_close(actual, _grads(cell, params, xs, carry, **kwargs), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("hidden, threads", [(5, 0), (40, 2), (50, 3), (64, 4), (130, 0)])

@@ -191,6 +191,26 @@ def supports(kind: str, hidden: int, dtype) -> bool:
 RESIDUAL_WIDTHS = {"elman_tanh": (1,), "elman_relu": (1,), "lstm": (4, 1, 1), "gru": (1, 1, 1, 1)}
 
 
+# Where the input projection runs before the kernel: ``(W_x elements at least, batch at
+# most)``, the first row that matches decides. In each step the kernel multiplies the step's
+# ``x_t`` by all of ``W_x`` again; at a small batch that reads ``W_x`` (from L2, or from L3
+# when it is larger than a core's 2 MiB) for a few multiply-adds per element, where one
+# matmul over all steps is bound by the FLOPs. Measured on the 2-core CPU (forward, T=100,
+# input size H; in-kernel time / hoisted time): LSTM B1 H1024 3.07 (the gradient pass 1.87),
+# B8 H1024 1.70, B16 H1024 1.14, B64 H1024 0.92; LSTM B4 H512 1.31, B8 H512 0.95, B16 H512
+# 0.92; LSTM B4 H256 1.97, B8 H256 0.86; LSTM B1 H128 0.92, B4 H128 0.99; GRU B1 H1024 2.13,
+# B16 H1024 1.17; GRU B4 H512 1.28, B8 H512 0.94; Elman B4 H1024 1.40, B8 H1024 0.97.
+HOIST_TABLE = ((1 << 21, 16), (1 << 17, 4))
+
+
+def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
+    """Whether the input projection ``xs W_x + b_x`` runs before the kernel, as one matmul
+    over all steps, rather than in each step of it (`HOIST_TABLE`). ``batch`` is the batch of
+    one call as traced (under ``vmap``, of one example)."""
+    size = features * gates * hidden
+    return any(size >= least and batch <= most for least, most in HOIST_TABLE)
+
+
 def _flags(mask, resets):
     """``mask`` and ``resets`` as the kernels take them: ``(time, batch)`` bool, or empty."""
     return tuple(jnp.zeros((0,), bool) if f is None else f for f in (mask, resets))
@@ -262,8 +282,10 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
 
     ``w_x: (features, gates·H)``, ``w_h: (H, gates·H)``; ``b_x`` the input-side bias (for the
     LSTM and Elman cells both biases summed), ``b_in`` the GRU's recurrent bias ``(3H,)``;
-    either may be ``None``. ``carry``: ``(h,)`` or ``(h, c)`` of ``(batch, H)``;
-    ``mask``/``resets``: ``(time, batch)`` bool or ``None``. Returns ``(ys, carry)``, and with
+    either may be ``None``. With ``w_x`` ``None``, ``xs`` is the input projection already,
+    ``xs W_x + b_x: (time, batch, gates·H)`` (`hoists`), and ``b_x`` is ignored. ``carry``:
+    ``(h,)`` or ``(h, c)`` of ``(batch, H)``; ``mask``/``resets``: ``(time, batch)`` bool or
+    ``None``. Returns ``(ys, carry)``, and with
     ``save`` ``(ys, carry, (h_in, residuals))``: the carry's ``h`` entering each step and the
     kind's residuals (`RESIDUAL_WIDTHS`), each ``(time, batch, ·)``.
     """
@@ -285,8 +307,8 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     call = _batched_call(TARGET, out_shapes, _attributes(kind, reverse), weights)
     ys, h, c, h_in, *res = call(
         _runs(xs),
-        w_x,
-        zeros if b_x is None else b_x,
+        jnp.zeros((0, width), f32) if w_x is None else w_x,
+        zeros if b_x is None or w_x is None else b_x,
         w_h,
         zeros if b_in is None else b_in,
         h0,

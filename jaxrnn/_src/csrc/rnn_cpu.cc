@@ -309,6 +309,7 @@ inline size_t step_row(int T, int inner, int t, int b) {
 struct Problem {
   int kind, T, B, I, H, G;
   int inner;  // rows per run: the per-step arrays are (B / inner, T, inner, ·)
+  bool projected;  // xs is already x_t W_x + b_x, (.., G·H), gate-major (w_x has no rows)
   bool reverse;
   const float *xs, *w_x, *b_x, *w_h, *b_in;
   const bool *mask, *resets;  // (N, T, inner) or null
@@ -409,22 +410,32 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
   const size_t BH = static_cast<size_t>(B) * H;
   const float* h_in = sh.h_ring.data() + (s & 1) * BH;
   const float* c_in = sh.c_ring.data() + (s & 1) * BH;
-  const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
   const float* bias = sh.bias.data() + static_cast<size_t>(G) * u0;
   float* zx = out.zx.data();
   float* z = out.z.data();
-  for (int b = 0; b < B; ++b) {
-    std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
+  for (int b = 0; b < B; ++b)
     std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
+  if (p.projected) {  // the chunk's columns of the projected inputs
+    for (int b = 0; b < B; ++b) {
+      const float* row = p.xs + step_row(T, p.inner, t, b) * I + u0;
+      for (int g = 0; g < G; ++g)
+        std::memcpy(zx + static_cast<size_t>(b) * N + g * U, row + static_cast<size_t>(g) * H,
+                    U * sizeof(float));
+    }
+  } else {
+    const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
+    for (int b = 0; b < B; ++b)
+      std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
+    const float* x = p.xs + static_cast<size_t>(t) * B * I;  // one run: the step's rows, a block
+    if (p.inner != B) {
+      for (int b = 0; b < B; b += p.inner)
+        std::memcpy(out.x.data() + static_cast<size_t>(b) * I,
+                    p.xs + step_row(T, p.inner, t, b) * I,
+                    static_cast<size_t>(p.inner) * I * sizeof(float));
+      x = out.x.data();
+    }
+    gemm_acc(x, I, sh.wx.data() + sh.wx_offset[chunk], N, I, zx, B);
   }
-  const float* x = p.xs + static_cast<size_t>(t) * B * I;  // one run: the step's rows in a block
-  if (p.inner != B) {
-    for (int b = 0; b < B; b += p.inner)
-      std::memcpy(out.x.data() + static_cast<size_t>(b) * I, p.xs + step_row(T, p.inner, t, b) * I,
-                  static_cast<size_t>(p.inner) * I * sizeof(float));
-    x = out.x.data();
-  }
-  gemm_acc(x, I, sh.wx.data() + sh.wx_offset[chunk], N, I, zx, B);
   gemm_acc(h_in, H, sh.w.data() + sh.w_offset[chunk], N, H, z, B);
   const auto fn = row_fn<ForwardRow, Row>(p.kind);
   for (int b = 0; b < B; ++b) {
@@ -512,7 +523,8 @@ constexpr auto kMinHelpWait = std::chrono::microseconds(50);
 
 Local make_local(const Shared& sh, int widest) {
   const Problem& p = sh.p;
-  return Local(p.B, p.G, widest, p.h_in ? sh.layout.count : 0, p.inner == p.B ? 0 : p.B * p.I);
+  const bool gather = !p.projected && p.inner != p.B;
+  return Local(p.B, p.G, widest, p.h_in ? sh.layout.count : 0, gather ? p.B * p.I : 0);
 }
 
 // Thread k of n works on its own chunks first (k, k + n, ...), then on the others. `S` is the
@@ -595,13 +607,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   auto wd = w_h.dimensions();
   if (xd.size() != 4 || vd.size() != 2 || wd.size() != 2)
     return ffi::Error::InvalidArgument(
-        "jaxrnn native kernel: xs must be (N, T, B, I), w_x (I, G*H), w_h (H, G*H)");
+        "jaxrnn native kernel: xs must be (N, T, B, I), w_x (I, G*H) or (0, G*H), w_h (H, G*H)");
   const int T = static_cast<int>(xd[1]), inner = static_cast<int>(xd[2]);
   const int B = static_cast<int>(xd[0] * xd[2]), I = static_cast<int>(xd[3]);
   const int H = static_cast<int>(wd[0]);
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
   const size_t BH = static_cast<size_t>(B) * H, GH = static_cast<size_t>(G) * H;
-  if (kind < kElmanTanh || kind > kGru || wd[1] != G * H || vd[0] != I || vd[1] != G * H ||
+  const bool projected = vd[0] == 0;  // xs holds x_t W_x + b_x already
+  if (kind < kElmanTanh || kind > kGru || wd[1] != G * H || vd[1] != G * H ||
+      (projected ? I != G * H : vd[0] != I) ||
       b_x.element_count() != GH || b_in.element_count() != GH || h0.element_count() != BH ||
       c0.element_count() != BH)
     return ffi::Error::InvalidArgument("jaxrnn native kernel: inconsistent shapes");
@@ -611,8 +625,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     return ffi::Error::InvalidArgument("jaxrnn native kernel: mask/resets must be (N, T, B') or empty");
 
   auto sh = std::make_shared<Shared>();
-  sh->p = Problem{kind, T, B, I, H, G, std::max(inner, 1), reverse, xs.typed_data(), w_x.typed_data(),
-                  b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
+  sh->p = Problem{kind, T, B, I, H, G, std::max(inner, 1), projected, reverse, xs.typed_data(),
+                  w_x.typed_data(), b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
                   mask.element_count() ? mask.typed_data() : nullptr,
                   resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
                   nullptr, {nullptr, nullptr, nullptr, nullptr}};
@@ -646,7 +660,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   sh->split(n, H);
   // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
   // (H, G·U), its biases as (G·U,).
-  pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
+  if (!projected) pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
   pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias);
 
   if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
@@ -938,7 +952,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // xs (N, T, B', I); B = N·B'
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x (I, G*H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x (I, G*H); (0, G*H):
+                                                                  // xs is x W_x + b_x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b_x (G*H,)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, G*H)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b_in (G*H,)
