@@ -285,9 +285,9 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     either may be ``None``. With ``w_x`` ``None``, ``xs`` is the input projection already,
     ``xs W_x + b_x: (time, batch, gates·H)`` (`hoists`), and ``b_x`` is ignored. ``carry``:
     ``(h,)`` or ``(h, c)`` of ``(batch, H)``; ``mask``/``resets``: ``(time, batch)`` bool or
-    ``None``. Returns ``(ys, carry)``, and with
-    ``save`` ``(ys, carry, (h_in, residuals))``: the carry's ``h`` entering each step and the
-    kind's residuals (`RESIDUAL_WIDTHS`), each ``(time, batch, ·)``.
+    ``None``. Returns ``(ys, carry)``, and with ``save`` ``(ys, carry, (h_in, residuals))``:
+    the carry's ``h`` entering each step and the kind's residuals (`RESIDUAL_WIDTHS`), each
+    ``(time, batch, ·)``.
     """
     hidden, width = w_h.shape
     f32 = jnp.float32
