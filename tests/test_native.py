@@ -219,6 +219,18 @@ def test_kernel_over_sizes_and_threads(cell_name, hidden, threads, monkeypatch):
     assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
 
 
+def _sized_inputs(cell_name, hidden):
+    """A cell of this size on 9 sequences, with lengths (so masked steps) and resets."""
+    cell = FAST_CELLS[cell_name](hidden)
+    params = cell.init(fresh_key(), 7)
+    xs = jax.random.normal(fresh_key(), (9, TIME, 7))
+    kwargs = {
+        "seq_lengths": jnp.array([TIME, 0, 3, 1, 5, TIME, 2, 4, 6]),
+        "resets": jax.random.bernoulli(fresh_key(), 0.3, (9, TIME)),
+    }
+    return cell, params, xs, random_carry(cell, (9,)), kwargs
+
+
 def _grads(cell, params, xs, carry, **kwargs):
     loss = _loss(cell, kwargs)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
@@ -231,14 +243,7 @@ def test_hoisted_projection_over_sizes_and_threads(cell_name, hidden, threads, m
     with and without biases, over chunkings, with lengths and resets, forward and gradients."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
     monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),))
-    cell = FAST_CELLS[cell_name](hidden)
-    params = cell.init(fresh_key(), 7)
-    xs = jax.random.normal(fresh_key(), (9, TIME, 7))
-    carry = random_carry(cell, (9,))
-    kwargs = {
-        "seq_lengths": jnp.array([TIME, 0, 3, 1, 5, TIME, 2, 4, 6]),
-        "resets": jax.random.bernoulli(fresh_key(), 0.3, (9, TIME)),
-    }
+    cell, params, xs, carry, kwargs = _sized_inputs(cell_name, hidden)
     assert_trees_close(
         forward(cell, params, xs, carry, **kwargs),
         reference_unroll(cell, params, xs, carry, **kwargs),
@@ -255,14 +260,7 @@ def test_backward_kernel_over_sizes_and_threads(cell_name, hidden, threads, monk
     chunks (40 on 2, 50 on 3), more threads than cores (64 on 4), two by default (130); with
     lengths (so masked steps) and resets, against XLA's transposed loop."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
-    cell = FAST_CELLS[cell_name](hidden)
-    params = cell.init(fresh_key(), 7)
-    xs = jax.random.normal(fresh_key(), (9, TIME, 7))
-    carry = random_carry(cell, (9,))
-    kwargs = {
-        "seq_lengths": jnp.array([TIME, 0, 3, 1, 5, TIME, 2, 4, 6]),
-        "resets": jax.random.bernoulli(fresh_key(), 0.3, (9, TIME)),
-    }
+    cell, params, xs, carry, kwargs = _sized_inputs(cell_name, hidden)
     actual = _grads(cell, params, xs, carry, **kwargs)
     monkeypatch.setenv("JAXRNN_NATIVE", "0")
     assert_trees_close(actual, _grads(cell, params, xs, carry, **kwargs), rtol=2e-5, atol=2e-5)
