@@ -350,7 +350,7 @@ def _native_primal(kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, re
     xs = xs.reshape(time, -1, features)
     if native.hoists(xs.shape[1], features, hidden, w_h.shape[1] // hidden):
         # The input projection as one matmul over all steps: the kernel then reads its rows.
-        xs = _matmul(xs, w_x) if b_x is None else _matmul(xs, w_x) + b_x
+        xs = _project(xs, w_x, b_x)
         w_x = b_x = None
     ys, flat, *saved = native.forward(kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save)
     carry = tuple(a.reshape(*batch, hidden) for a in flat)

@@ -314,8 +314,8 @@ struct Problem {
   const float *xs, *w_x, *b_x, *w_h, *b_in;
   const bool *mask, *resets;  // (N, T, inner) or null
   float* ys;
-  // The gradient pass's residuals, or null: h_in (N, T, inner, H), the carry each step starts from,
-  // and up to four per-kind arrays (`residual_layout`).
+  // The gradient pass's residuals, or null: h_in (N, T, inner, H), the carry each step starts
+  // from, and up to four per-kind arrays (`residual_layout`).
   float* h_in;
   float* res[4];
 };
@@ -426,7 +426,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
     for (int b = 0; b < B; ++b)
       std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
-    const float* x = p.xs + static_cast<size_t>(t) * B * I;  // one run: the step's rows, a block
+    const float* x = p.xs + step_row(T, p.inner, t, 0) * I;  // one run: the step's rows, a block
     if (p.inner != B) {
       for (int b = 0; b < B; b += p.inner)
         std::memcpy(out.x.data() + static_cast<size_t>(b) * I,
@@ -608,7 +608,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   if (xd.size() != 4 || vd.size() != 2 || wd.size() != 2)
     return ffi::Error::InvalidArgument(
         "jaxrnn native kernel: xs must be (N, T, B, I), w_x (I, G*H) or (0, G*H), w_h (H, G*H)");
-  const int T = static_cast<int>(xd[1]), inner = static_cast<int>(xd[2]);
+  const int T = static_cast<int>(xd[1]), inner = std::max(static_cast<int>(xd[2]), 1);
   const int B = static_cast<int>(xd[0] * xd[2]), I = static_cast<int>(xd[3]);
   const int H = static_cast<int>(wd[0]);
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
@@ -625,7 +625,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     return ffi::Error::InvalidArgument("jaxrnn native kernel: mask/resets must be (N, T, B') or empty");
 
   auto sh = std::make_shared<Shared>();
-  sh->p = Problem{kind, T, B, I, H, G, std::max(inner, 1), projected, reverse, xs.typed_data(),
+  sh->p = Problem{kind, T, B, I, H, G, inner, projected, reverse, xs.typed_data(),
                   w_x.typed_data(), b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
                   mask.element_count() ? mask.typed_data() : nullptr,
                   resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
