@@ -167,6 +167,33 @@ def test_nan_in_padding_does_not_leak(cell):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
+def test_the_weight_gradient_is_the_transpose_of_the_weight_term():
+    """`fastpath._weight_product_t` (the CPU weight gradient, ``aᵀ`` materialized) is the
+    transpose of the tangent rule's weight term ``a @ dW``."""
+    a = jax.random.normal(fresh_key(), (TIME, 2, 3, INPUT_SIZE))
+    ct = jax.random.normal(fresh_key(), (TIME, 2, 3, 4 * HIDDEN))
+    struct = jax.ShapeDtypeStruct((INPUT_SIZE, 4 * HIDDEN), jnp.float32)
+    term = lambda dw: fastpath._weight_product((a,), (dw,))  # noqa: E731
+    expected = jax.linear_transpose(term, struct)((ct,))
+    assert_trees_close(fastpath._weight_product_t((a,), (ct,)), expected)
+
+
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru"])
+def test_cpu_weight_gradients_contract_plain_layouts(cell_name):
+    """On CPU the weight gradients run as ``(features, rows) · (rows, gates)`` matmuls: no dot
+    of the compiled gradient contracts its left operand's leading axis (XLA:CPU's slower
+    path)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU layout choice")
+    cell = FAST_CELLS[cell_name](HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, "batch_major")
+    grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, kwargs), argnums=(0, 1, 2))
+    text = jax.jit(grad).lower(params, xs, carry).compile().as_text()
+    dots = [line for line in text.splitlines() if " dot(" in line]
+    assert dots and not [d for d in dots if "lhs_contracting_dims={0}" in d]
+
+
 def test_jit_vmap_and_layers_match_reference():
     net = jaxrnn.stack(jaxrnn.lstm(HIDDEN), 2, bidirectional=True)
     params = net.init(fresh_key(), INPUT_SIZE)

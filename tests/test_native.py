@@ -141,6 +141,49 @@ def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, project
     assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
 
 
+# Batch-major callers (the default) and time-major ones: the forward pass's kernel reads and
+# writes the caller's layout, so XLA cancels the runner's moves to time-major and back.
+@pytest.mark.parametrize(
+    "mode", ["batch_major", "two_batch_dims", "mask", "everything", "no_batch", "time_major",
+             "everything_time_major_reverse"],
+)  # fmt: skip
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
+    cell = FAST_CELLS[cell_name](40)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    run = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
+    text = run.lower(params, xs, carry).compile().as_text()
+    assert native.TARGET in text
+    moves = re.findall(r"= f32\[[^\]]*\]\{[^}]*\} (?:transpose|copy)\(", text)
+    assert not moves, moves
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("kind", sorted(native.KIND_CODES))
+def test_the_kernel_takes_either_layout(kind, save, reverse, projection):
+    """`native.forward` on ``(batch, time, ·)`` arrays (``batch_major``) gives the outputs,
+    carry and residuals of the same call on ``(time, batch, ·)``, moved."""
+    batch, hidden, features = 5, 24, 7
+    width = hidden * {"lstm": 4, "gru": 3}.get(kind, 1)
+    draw = lambda *shape: jax.random.normal(fresh_key(), shape)  # noqa: E731
+    w_x, b_x, w_h, b_in = draw(features, width), draw(width), draw(hidden, width), draw(width)
+    carry = (draw(batch, hidden), draw(batch, hidden)) if kind == "lstm" else (draw(batch, hidden),)
+    xs = draw(TIME, batch, features)
+    if projection == "hoisted":  # the kernel reads the projected inputs
+        xs, w_x = fastpath._project(xs, w_x, b_x), None
+    mask = jax.random.bernoulli(fresh_key(), 0.7, (TIME, batch))
+    resets = jax.random.bernoulli(fresh_key(), 0.3, (TIME, batch))
+    args = (w_x, b_x, w_h, b_in, carry)
+    expected = native.forward(kind, xs, *args, mask, resets, reverse, save)
+    actual = native.forward(
+        kind, jnp.swapaxes(xs, 0, 1), *args, mask.T, resets.T, reverse, save, batch_major=True
+    )
+    moved = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (actual[0], actual[2:]))
+    assert_trees_close((moved[0], actual[1], moved[1]), (expected[0], expected[1], expected[2:]))
+
+
 def _loss(cell, kwargs):
     return lambda params, xs, carry: fast_loss(cell, params, xs, carry, kwargs)
 

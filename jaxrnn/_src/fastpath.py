@@ -273,6 +273,42 @@ def _matmul(a, w, matmul_dtype=None, tangent=None):
     return flat.reshape(*a.shape[:-1], w.shape[-1])
 
 
+def _weight_product(nonlin, lin):
+    """``a @ dW`` over ``a``'s leading dims: a weight term of the tangent rule, linear in
+    ``dW`` (`_weight_matmul`)."""
+    (a,), (dw,) = nonlin, lin
+    return (_matmul(a, dw),)
+
+
+def _weight_product_t(nonlin, cts):
+    """`_weight_product`'s transpose, the weight gradient ``dW = aᵀ · ct`` over all rows, with
+    ``aᵀ`` materialized first (an `optimization_barrier` keeps XLA from folding it back into
+    the dot): XLA:CPU runs a dot contracting its left operand's leading axis on a slower
+    path than a plain ``(m, k) · (k, n)`` one."""
+    (a,), (ct,) = nonlin, cts
+    a_t = lax.optimization_barrier(a.reshape(-1, a.shape[-1]).T)
+    return (lax.dot(a_t, ct.reshape(-1, ct.shape[-1])),)
+
+
+def _weight_matmul(a, dw, matmul_dtype):
+    """The tangent rule's weight term ``a @ dW`` (``a`` the inputs or the states entering each
+    step, over all steps at once); its transpose computes the weight gradient.
+
+    On CPU (no ``matmul_dtype``, an unsharded batch) it is a `linear` primitive whose
+    transpose is `_weight_product_t`: the weight-gradient matmuls measured 4-9% faster (2
+    cores; B16 T256 H128 LSTM, the three matmuls of the input and weight gradients: 10.6
+    against 9.7 ms; B64 T128 H512: 301 against 286 ms). Elsewhere plain JAX transposes it.
+    """
+    if (
+        matmul_dtype is not None
+        or jax.default_backend() != "cpu"
+        or sharding.time_major_batch(a) is not None
+    ):
+        return _matmul(a, dw, matmul_dtype, tangent="w")
+    (out,) = linear.apply(_weight_product, _weight_product_t, (a,), (dw,))
+    return out
+
+
 def _project(xs, w_x, b_x, matmul_dtype=None):
     xw = _matmul(xs, w_x, matmul_dtype)
     return xw if b_x is None else xw + b_x
@@ -300,7 +336,7 @@ def _fused_weights(kind, w_x, b_x, w_h, b_in):
 
 
 def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
-    kind, reverse, unroll, proj, md = static
+    kind, reverse, unroll, proj, md, _ = static
     primal = _RECURRENCES[kind][0]
     n_gates = _N_GATES[kind]
     placement = proj[1] if save else proj[0]
@@ -338,22 +374,44 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
     return _scan(update, recur, carry, xs, mask, resets, reverse, unroll)
 
 
-def _native_primal(kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
+def _native_primal(
+    kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major=False
+):
     """`_primal_scan` on the native CPU kernel (`native.forward`), the batch dims flattened
-    into one."""
+    into one.
+
+    With ``batch_major`` the forward-only pass gives the kernel its sequences batch-major,
+    ``(batch, time, ·)``, and takes its outputs so: the caller's own layout, whose moves to
+    time-major and back then cancel. Measured on 2 cores, B16 T256 H128 forward: the two
+    transposes cost 0.17-0.37 ms against a kernel of 2.1 (Elman) to 6.8 ms (LSTM). The
+    gradient pass keeps time-major rows (its residuals feed XLA's time-major matmuls).
+    """
     from jaxrnn._src import native
 
     time, *batch, features = xs.shape
     hidden = w_h.shape[0]
     flat = tuple(a.reshape(-1, hidden) for a in carry)
-    flags = [None if f is None else f.reshape(time, -1) for f in (mask, resets)]
-    xs = xs.reshape(time, -1, features)
-    if native.hoists(xs.shape[1], features, hidden, w_h.shape[1] // hidden):
+    batch_major = batch_major and not save
+    if batch_major:  # (batch, time, ·): the flags and the sequences moved back
+        flags = [None if f is None else jnp.moveaxis(f, 0, -1).reshape(-1, time)
+                 for f in (mask, resets)]  # fmt: skip
+        xs = jnp.moveaxis(xs, 0, -2).reshape(-1, time, features)
+        rows = xs.shape[0]
+    else:
+        flags = [None if f is None else f.reshape(time, -1) for f in (mask, resets)]
+        xs = xs.reshape(time, -1, features)
+        rows = xs.shape[1]
+    if native.hoists(rows, features, hidden, w_h.shape[1] // hidden):
         # The input projection as one matmul over all steps: the kernel then reads its rows.
         xs = _project(xs, w_x, b_x)
         w_x = b_x = None
-    ys, flat, *saved = native.forward(kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save)
+    ys, flat, *saved = native.forward(
+        kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save, batch_major=batch_major
+    )
     carry = tuple(a.reshape(*batch, hidden) for a in flat)
+    if batch_major:
+        ys = jnp.moveaxis(ys.reshape(*batch, time, hidden), -2, 0)
+        return carry, (ys, None)
     unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
     extra = jax.tree_util.tree_map(unflat, saved[0]) if save else None
     return carry, (unflat(ys), extra)
@@ -363,9 +421,11 @@ def _native_primal(kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, re
 def _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
     """`_primal_scan` on a kernel: the native CPU kernel (`native`) or the persistent Pallas
     kernel (`pallas_rnn.primal_scan`, GPU), as `placements` chose for the pass."""
-    kind, reverse, _, proj, _ = static
+    kind, reverse, _, proj, _, batch_major = static
     if (proj[1] if save else proj[0]) == "native":
-        return _native_primal(kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
+        return _native_primal(
+            kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major
+        )
     from jaxrnn._src import pallas_rnn
 
     interpret = jax.default_backend() != "gpu"  # Pallas's interpreter: tests off the GPU
@@ -379,7 +439,7 @@ def _kernel_primal_jvp(static, save, primals, tangents):
     """A kernel's derivatives are those of the same scan in XLA. Only derivatives of order
     two and more reach here (the first order is `_recurrence`'s linear rule), which keeps the
     kernel's outputs and residuals differentiable to any order."""
-    xla = (*static[:3], projection_modes(static[0]), static[4])
+    xla = (*static[:3], projection_modes(static[0]), *static[4:])
     return jax.jvp(lambda *a: _primal_scan(xla, *a, save=save), primals, tangents)
 
 
@@ -387,9 +447,10 @@ def _kernel_primal_jvp(static, save, primals, tangents):
 def _recurrence(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
     """The masked recurrence of one built-in cell.
 
-    ``static = (kind, reverse, unroll, placements, matmul_dtype)``, ``placements`` being
-    `projection_modes` (where the input projection runs in the forward-only pass and in the
-    gradient pass; the tangent rule hoists it either way).
+    ``static = (kind, reverse, unroll, placements, matmul_dtype, batch_major)``,
+    ``placements`` being `projection_modes` (where the input projection runs in the
+    forward-only pass and in the gradient pass; the tangent rule hoists it either way) and
+    ``batch_major`` whether the caller's arrays are batch-major (`run`).
     """
     carry, (ys, _) = _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=False)
     return ys, carry
@@ -399,16 +460,16 @@ def _recurrence(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
 def _recurrence_jvp(static, primals, tangents):
     xs, w_x, b_x, w_h, b_in, carry, mask, resets = primals
     dxs, dw_x, db_x, dw_h, db_in, dcarry, _, _ = tangents
-    kind, reverse, unroll, _, md = static
+    kind, reverse, unroll, _, md, _ = static
     carry_out, (ys, (h_in, res)) = _primal_scan(
         static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=True
     )
     coef = _RECURRENCES[kind][1](res, h_in)
     # Every weight and input term for all steps at once, outside the loop: one matmul each.
-    dxw = _matmul(dxs, w_x, md, tangent="a") + _matmul(xs, dw_x, md, tangent="w")
+    dxw = _matmul(dxs, w_x, md, tangent="a") + _weight_matmul(xs, dw_x, md)
     if b_x is not None:
         dxw = dxw + db_x
-    dhw = _matmul(h_in, dw_h, md, tangent="w")
+    dhw = _weight_matmul(h_in, dw_h, md)
     if b_in is not None:
         dhw = dhw + db_in
     if kind == "gru":
@@ -592,13 +653,18 @@ def placements(
     return tuple("pallas" if batch <= bound else m for m, bound in zip(modes, bounds))
 
 
-def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None):
+def run(
+    cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=None,
+    batch_major=False,
+):  # fmt: skip
     """The fast path of ``unroll.run_time_major`` for a built-in cell (`supports` is true).
 
     Args and returns as ``run_time_major``: ``xs: (time, *batch, features)`` validated,
     ``mask``/``resets``: ``(time, *batch)`` bool or ``None``; returns ``(ys, carry)``.
     ``matmul_dtype``: ``None`` or a floating dtype the matmul operands are cast to (products
-    accumulate in ``xs.dtype``).
+    accumulate in ``xs.dtype``). ``batch_major``: the caller moved its batch-major arrays to
+    time-major for this call and moves the outputs back, so that the native kernel, which
+    reads and writes either layout, takes them as they were (XLA cancels the two moves).
     """
     kind = cell.kind
     dtype = xs.dtype
@@ -610,7 +676,13 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
         b_x = None if b_x is None else b_x + b_h
     if mask is not None:
         # Skipped steps see a zero input, so NaN in the padding cannot leak into gradients.
-        xs = jnp.where(mask[..., None], xs, jnp.zeros((), dtype))
+        # (Batch-major callers: selected in their layout, so that no move of xs stays.)
+        zero = jnp.zeros((), dtype)
+        if batch_major:
+            keep = jnp.moveaxis(mask, 0, -1)[..., None]
+            xs = jnp.moveaxis(jnp.where(keep, jnp.moveaxis(xs, 0, -2), zero), -2, 0)
+        else:
+            xs = jnp.where(mask[..., None], xs, zero)
     batch = math.prod(xs.shape[1:-1])
     if unroll is None:
         unroll = default_unroll(batch, w_h.shape[0])
@@ -618,7 +690,7 @@ def run(cell, params, xs, carry, *, mask, resets, reverse, unroll, matmul_dtype=
     md = None if md == dtype else md  # the input dtype: the default computation
     sharded = sharding.time_major_batch(xs) is not None
     modes = placements(kind, batch, w_h.shape[0], dtype, md, sharded=sharded, empty=xs.size == 0)
-    static = (kind, reverse, unroll, modes, md)
+    static = (kind, reverse, unroll, modes, md, batch_major)
     leaves, treedef = jax.tree_util.tree_flatten(carry)
     ys, leaves = _recurrence(static, xs, w_x, b_x, w_h, b_in, tuple(leaves), mask, resets)
     return ys, jax.tree_util.tree_unflatten(treedef, list(leaves))

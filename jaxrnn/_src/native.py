@@ -277,7 +277,9 @@ def _runs(a):
     return None if a is None else a[None]
 
 
-def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False):
+def forward(
+    kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False, batch_major=False
+):
     """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
 
     ``w_x: (features, gates·H)``, ``w_h: (H, gates·H)``; ``b_x`` the input-side bias (for the
@@ -288,8 +290,15 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     ``None``. Returns ``(ys, carry)``, and with ``save`` ``(ys, carry, (h_in, residuals))``:
     the carry's ``h`` entering each step and the kind's residuals (`RESIDUAL_WIDTHS`), each
     ``(time, batch, ·)``.
+
+    With ``batch_major`` every per-step array is ``(batch, time, ·)`` instead (``mask`` and
+    ``resets`` ``(batch, time)``), inputs and outputs: the kernel runs each sequence as a run
+    of one row, with no transposes.
     """
     hidden, width = w_h.shape
+    # The kernel's per-step layout (runs, time, rows per run, ·): one run, or one per row.
+    runs = (lambda a: None if a is None else a[:, :, None]) if batch_major else _runs
+    rows = (lambda a: a[:, :, 0]) if batch_major else (lambda a: a[0])
     f32 = jnp.float32
     zeros = jnp.zeros((width,), f32)
     h0 = carry[0]
@@ -306,19 +315,19 @@ def forward(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=Fa
     weights = (False, True, True, True, True, False, False, False, False)
     call = _batched_call(TARGET, out_shapes, _attributes(kind, reverse), weights)
     ys, h, c, h_in, *res = call(
-        _runs(xs),
+        runs(xs),
         jnp.zeros((0, width), f32) if w_x is None else w_x,
         zeros if b_x is None or w_x is None else b_x,
         w_h,
         zeros if b_in is None else b_in,
         h0,
         c0,
-        *_flags(_runs(mask), _runs(resets)),
+        *_flags(runs(mask), runs(resets)),
     )
     carry = (h, c) if len(carry) > 1 else (h,)
     if not save:
-        return ys[0], carry
-    return ys[0], carry, (h_in[0], tuple(r[0] for r in res[: len(widths)]))
+        return rows(ys), carry
+    return rows(ys), carry, (rows(h_in), tuple(rows(r) for r in res[: len(widths)]))
 
 
 # Per kind, how many coefficient arrays the backward loop reads (`fastpath`'s tangent

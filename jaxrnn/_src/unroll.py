@@ -66,8 +66,12 @@ def run_time_major(
     unroll: int | bool | None,
     remat: bool | int | None = None,
     matmul_dtype=None,
+    batch_major: bool = False,
 ):
     """Runs validated, time-major inputs: ``xs: (time, *batch, features)``.
+
+    ``batch_major``: the caller moved batch-major arrays to time-major and moves the outputs
+    back (`fastpath.run` then lets the native kernel take them as they were).
 
     Built-in cells take the sequence-level fast path (`fastpath.run`: fused gates, hoisted
     weight gradients); other cells, and any call with ``remat``, run the reference scan
@@ -76,7 +80,7 @@ def run_time_major(
     if fastpath.supports(cell, params) and not remat:
         return fastpath.run(
             cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
-            matmul_dtype=matmul_dtype,
+            matmul_dtype=matmul_dtype, batch_major=batch_major,
         )  # fmt: skip
     return reference_run_time_major(
         cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
@@ -313,7 +317,7 @@ def unroll(
     if method == "sequential":
         ys, carry = run_time_major(
             cell, params, xs, carry, mask=mask, resets=resets, reverse=reverse, unroll=unroll,
-            remat=remat, matmul_dtype=matmul_dtype,
+            remat=remat, matmul_dtype=matmul_dtype, batch_major=not time_major,
         )  # fmt: skip
         info = parallel.sequential_info(xs.dtype)
     else:
