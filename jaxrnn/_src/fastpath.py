@@ -84,10 +84,11 @@ def default_unroll(batch_size: int, hidden_size: int, backend: str | None = None
 
 # ----------------------------------------------------------------------------------------------
 # Per-cell recurrences. ``primal(xw_t, hw_t, carry_in) -> (carry_new, y, residuals)`` where
-# ``hw_t = h_in @ W_h (+ b_h for the GRU)``; ``coefficients(residuals, h_in)`` turns the stacked
-# residuals into the gate derivatives for all steps at once (the LSTM's residuals are those
-# derivatives already); ``tangent(dx_t, dhw_t, dcarry_in, coef_t) -> (dcarry_new, dy)`` is
-# linear in ``dx_t, dhw_t, dcarry_in``.
+# ``hw_t = h_in @ W_h (+ b_h for the GRU)``; ``coefficients(inputs)`` turns the stacked
+# residuals (`_coefficient_inputs`: the GRU's with ``h_in``) into the gate derivatives for all
+# steps at once (the LSTM's residuals are those derivatives already; the native backward
+# kernel makes the others' in its loop); ``tangent(dx_t, dhw_t, dcarry_in, coef_t) ->
+# (dcarry_new, dy)`` is linear in ``dx_t, dhw_t, dcarry_in``.
 
 
 def _gates(a, n):
@@ -116,9 +117,8 @@ def _elman_primal(act):
 
 
 def _elman_coefficients(relu):
-    def coefficients(res, h_in):
-        del h_in
-        (h,) = res
+    def coefficients(inputs):
+        (h,) = inputs
         return ((h > 0).astype(h.dtype),) if relu else (1 - h * h,)
 
     return coefficients
@@ -159,10 +159,9 @@ def lstm_residuals(i, f, g, o, c_in, tc):
     return slopes, f, o * (1 - tc * tc)
 
 
-def _lstm_coefficients(res, h_in):
+def _lstm_coefficients(inputs):
     """``(slopes of i, f, g, o; f; o·tanh′(c))``, computed by `_lstm_primal` in the loop."""
-    del h_in
-    return res
+    return inputs
 
 
 def _lstm_tangent(dx, dhw, dcarry, coef):
@@ -185,8 +184,8 @@ def _gru_primal(xw, hw, carry):
     return (h_new,), h_new, (r, z, n, hn)
 
 
-def _gru_coefficients(res, h_in):
-    r, z, n, hn = res
+def _gru_coefficients(inputs):
+    r, z, n, hn, h_in = inputs
     return r * (1 - r), hn, r, z * (1 - z) * (h_in - n), (1 - z) * (1 - n * n), z
 
 
@@ -198,6 +197,11 @@ def _gru_tangent(dx, dhw, dcarry, coef):
     dr = r_slope * (dxr + dhr)
     dh_new = n_slope * (dxn + dr * hn + r * dhn) + z_slope * (dxz + dhz) + z * dh
     return (dh_new,), dh_new
+
+
+def _coefficient_inputs(kind, res, h_in):
+    """What a kind's coefficients are made from: its residuals, the GRU's with ``h_in``."""
+    return (*res, h_in) if kind == "gru" else tuple(res)
 
 
 _N_GATES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 4, "gru": 3}
@@ -464,7 +468,7 @@ def _recurrence_jvp(static, primals, tangents):
     carry_out, (ys, (h_in, res)) = _primal_scan(
         static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=True
     )
-    coef = _RECURRENCES[kind][1](res, h_in)
+    inputs = _coefficient_inputs(kind, res, h_in)
     # Every weight and input term for all steps at once, outside the loop: one matmul each.
     dxw = _matmul(dxs, w_x, md, tangent="a") + _weight_matmul(xs, dw_x, md)
     if b_x is not None:
@@ -479,9 +483,9 @@ def _recurrence_jvp(static, primals, tangents):
     flags = tuple(f for f in (mask, resets) if f is not None)
     loop = functools.partial(
         _tangent_loop, kind=kind, reverse=reverse, unroll=unroll, md=md,
-        n_coef=len(coef), n_u=len(us), flags=(mask is not None, resets is not None),
+        n_coef=len(inputs), n_u=len(us), flags=(mask is not None, resets is not None),
     )  # fmt: skip
-    nonlin, lin = (*coef, w_h, *flags), (*us, *dcarry)
+    nonlin, lin = (*inputs, w_h, *flags), (*us, *dcarry)
     if static[3][1] == "native":
         # The native kernel transposes the loop (the backward loop of reverse mode, also under
         # vmap); the loop itself and its derivatives stay XLA's (`linear`).
@@ -493,7 +497,7 @@ def _recurrence_jvp(static, primals, tangents):
 
 
 def _split_nonlin(nonlin, n_coef, flags):
-    """``(*coef, w_h, *present flags)`` -> ``(coef, w_h, mask, resets)``."""
+    """``(*inputs, w_h, *present flags)`` -> ``(inputs, w_h, mask, resets)``."""
     present = iter(nonlin[n_coef + 1 :])
     mask, resets = (next(present) if f else None for f in flags)
     return nonlin[:n_coef], nonlin[n_coef], mask, resets
@@ -502,8 +506,10 @@ def _split_nonlin(nonlin, n_coef, flags):
 def _tangent_loop(nonlin, lin, *, kind, reverse, unroll, md, n_coef, n_u, flags):
     """The tangent rule's loop, linear in ``lin = (*us, *dcarry)``: per step, the carry's
     tangent times ``W_h`` plus the hoisted input terms ``us``, through the linear step.
-    ``nonlin = (*coef, w_h, *present flags)``. Returns ``(dys, *dcarry_out)``."""
-    coef, w_h, mask, resets = _split_nonlin(nonlin, n_coef, flags)
+    ``nonlin = (*coefficient inputs, w_h, *present flags)`` (`_coefficient_inputs`).
+    Returns ``(dys, *dcarry_out)``."""
+    coef_inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, flags)
+    coef = _RECURRENCES[kind][1](coef_inputs)
     us, dcarry = lin[:n_u], tuple(lin[n_u:])
     tangent = _RECURRENCES[kind][2]
     inputs = (us[0], us[1] if n_u == 2 else None, coef)
@@ -533,7 +539,7 @@ def _native_tangent_transpose(loop, nonlin, cts):
     from jaxrnn._src import native
 
     kind, n_coef, n_u = loop.keywords["kind"], loop.keywords["n_coef"], loop.keywords["n_u"]
-    coef, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
+    inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
     ct_dys, *ct_carry = cts
     time, *batch, hidden = ct_dys.shape
     flat = lambda a: a.reshape(time, -1, a.shape[-1])  # noqa: E731
@@ -541,7 +547,7 @@ def _native_tangent_transpose(loop, nonlin, cts):
         kind,
         flat(ct_dys),
         tuple(a.reshape(-1, hidden) for a in ct_carry),
-        tuple(flat(c) for c in coef),
+        tuple(flat(c) for c in inputs),
         w_h,
         None if mask is None else mask.reshape(time, -1),
         None if resets is None else resets.reshape(time, -1),

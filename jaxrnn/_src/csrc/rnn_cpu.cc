@@ -677,10 +677,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
 //   v_t = u_t + d_h,in W_h;  (d_new, dy_t) = linear step(v_t, d_in, coefficients_t)
 // (the GRU keeps the input part u_t and the recurrent part apart: its reset gate multiplies the
 // latter). Its transpose runs the steps in the opposite order with the carry's cotangent λ:
-//   elman: g = λ_h + ct_y;  ct_v = slope g;  λ_h,in = ct_v W_hᵀ
+//   elman: g = λ_h + ct_y;  ct_v = slope g (1 - h², or [h > 0]);  λ_h,in = ct_v W_hᵀ
 //   lstm:  g = λ_h + ct_y;  g_c = λ_c + (o tanh'(c)) g;  ct_v = slopes · [g_c, g_c, g_c, g]
 //          λ_c,in = f g_c;  λ_h,in = ct_v W_hᵀ
-//   gru:   g = λ_h + ct_y;  a = n_slope g;  ct_v = [r_slope hn a, z_slope g, r a] (recurrent)
+//   gru:   g = λ_h + ct_y;  a = n_slope g;  (r_slope = r(1-r), z_slope = z(1-z)(h_in - n),
+//          n_slope = (1-z)(1-n²));  ct_v = [r_slope hn a, z_slope g, r a] (recurrent)
 //          ct_u = [r_slope hn a, z_slope g, a] (input);  λ_h,in = z g + ct_v W_hᵀ
 // with masks (a skipped step passes λ through and takes no cotangent) and resets (they zero
 // λ where the forward loop zeroed the carry). The step's matmul λ_h,in = ct_v W_hᵀ needs
@@ -692,8 +693,9 @@ struct BackProblem {
   int inner;  // rows per run, as in `Problem`; "(T, B, ·)" below is (B / inner, T, inner, ·)
   bool reverse;
   const float* ct_ys;     // (T, B, H)
-  const float* coef[6];   // elman (slope,); lstm (slopes (T, B, 4H), f, o·tanh'(c)); gru
-                          // (r_slope, hn, r, z_slope, n_slope, z); (T, B, H) unless noted
+  const float* coef[6];   // elman (h,); lstm (slopes (T, B, 4H), f, o·tanh'(c)); gru
+                          // (r, z, n, hn, h_in); (T, B, H) unless noted. The Elman and
+                          // GRU steps make their coefficients from these residuals.
   const float* w_h;       // (H, G*H)
   const bool *mask, *resets;
   float* ct_u;            // (T, B, G*H): the cotangent of the loop's input per step
@@ -734,7 +736,9 @@ inline void back_units(const BackRow& w, int j) {
   const V lam_h = w.take ? lh : zero, pass_h = w.take ? zero : lh;
   const V g = lam_h + (w.take ? load<V>(w.ct_y + j) : zero);
   if (kind == kElmanTanh || kind == kElmanRelu) {
-    const V v = load<V>(w.coef[0] + j) * g;
+    const V h = load<V>(w.coef[0] + j);  // the step's output: tanh′ = 1 - h², relu′ = [h > 0]
+    const V slope = kind == kElmanTanh ? 1.0f - h * h : ((h > 0.0f) ? splat<V>(1.0f) : zero);
+    const V v = slope * g;
     store(w.v + j, v);
     store(w.u + j, v);
     store(w.lh_out + j, pass_h);
@@ -751,16 +755,21 @@ inline void back_units(const BackRow& w, int j) {
     store(w.lc_out + j, load<V>(w.coef[1] + j) * gc + pass_c);
     store(w.lh_out + j, pass_h);
   } else {
-    const V a = load<V>(w.coef[4] + j) * g;
-    const V vr = load<V>(w.coef[0] + j) * load<V>(w.coef[1] + j) * a;
-    const V vz = load<V>(w.coef[3] + j) * g;
+    // The tangent's coefficients from the residuals (r, z, n, hn, h_in), as fastpath's
+    // _gru_coefficients: r(1 - r), z(1 - z)(h_in - n), (1 - z)(1 - n²).
+    const V r = load<V>(w.coef[0] + j), z = load<V>(w.coef[1] + j);
+    const V n = load<V>(w.coef[2] + j), hn = load<V>(w.coef[3] + j);
+    const V h_in = load<V>(w.coef[4] + j);
+    const V a = (1.0f - z) * (1.0f - n * n) * g;
+    const V vr = r * (1.0f - r) * hn * a;
+    const V vz = z * (1.0f - z) * (h_in - n) * g;
     store(w.v + j, vr);
     store(w.v + U + j, vz);
-    store(w.v + 2 * U + j, load<V>(w.coef[2] + j) * a);
+    store(w.v + 2 * U + j, r * a);
     store(w.u + j, vr);
     store(w.u + U + j, vz);
     store(w.u + 2 * U + j, a);
-    store(w.lh_out + j, load<V>(w.coef[5] + j) * g + pass_h);
+    store(w.lh_out + j, z * g + pass_h);
   }
 }
 
@@ -897,7 +906,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
   const size_t BH = static_cast<size_t>(B) * H, flags = static_cast<size_t>(T) * B;
   const size_t GH = static_cast<size_t>(G) * H;
-  const int n_coef = kind == kLstm ? 3 : (kind == kGru ? 6 : 1);
+  const int n_coef = kind == kLstm ? 3 : (kind == kGru ? 5 : 1);
   const ffi::Buffer<ffi::F32>* coefs[6] = {&coef0, &coef1, &coef2, &coef3, &coef4, &coef5};
   bool ok = wd[0] == H && wd[1] == static_cast<int64_t>(GH) && ct_h.element_count() == BH &&
             ct_c.element_count() == BH && ct_u->element_count() == flags * GH &&
