@@ -189,9 +189,24 @@ def test_cpu_weight_gradients_contract_plain_layouts(cell_name):
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, "batch_major")
     grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, kwargs), argnums=(0, 1, 2))
-    text = jax.jit(grad).lower(params, xs, carry).compile().as_text()
-    dots = [line for line in text.splitlines() if " dot(" in line]
+    lowered = jax.jit(grad).lower(params, xs, carry)
+    assert "optimization_barrier" in lowered.as_text()
+    dots = [line for line in lowered.compile().as_text().splitlines() if " dot(" in line]
     assert dots and not [d for d in dots if "lhs_contracting_dims={0}" in d]
+
+
+def test_large_weight_gradients_skip_the_copy(monkeypatch):
+    """From `fastpath.WEIGHT_TRANSPOSE_LIMIT` elements on, the weight term is plain JAX (no
+    copy of ``aᵀ``), with the same gradients."""
+    cell = jaxrnn.lstm(HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, "batch_major")
+    grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, kwargs), argnums=(0, 1, 2))
+    expected = jax.jit(grad)(params, xs, carry)
+    monkeypatch.setattr(fastpath, "WEIGHT_TRANSPOSE_LIMIT", 0)
+    fresh = jax.jit(lambda *a: grad(*a))
+    assert "optimization_barrier" not in fresh.lower(params, xs, carry).as_text()
+    assert_trees_close(fresh(params, xs, carry), expected)
 
 
 def test_jit_vmap_and_layers_match_reference():

@@ -294,19 +294,30 @@ def _weight_product_t(nonlin, cts):
     return (lax.dot(a_t, ct.reshape(-1, ct.shape[-1])),)
 
 
+# `_weight_matmul` copies ``aᵀ`` for the weight gradient only below this many elements of
+# ``a``: a larger copy costs more in fresh memory (page faults) than the faster matmul saves.
+# Fwd+bwd on 2 cores, interleaved medians, plain / with the copy, ms (elements of ``a``):
+# LSTM B16 T256 H128 25.6 / 23.1 (2^19), GRU 19.9 / 18.8; LSTM B64 T100 H128 58.5 / 56.9 and
+# GRU 52.8 / 52.2 (2^19.6); LSTM B64 T128 H512 684 / 692, within the noise (2^22); Elman B256
+# T100 H128 76.5 / 78.9 and GRU 193 / 207 (2^21.6).
+WEIGHT_TRANSPOSE_LIMIT = 1 << 21
+
+
 def _weight_matmul(a, dw, matmul_dtype):
     """The tangent rule's weight term ``a @ dW`` (``a`` the inputs or the states entering each
     step, over all steps at once); its transpose computes the weight gradient.
 
-    On CPU (no ``matmul_dtype``, an unsharded batch) it is a `linear` primitive whose
-    transpose is `_weight_product_t`: the weight-gradient matmuls measured 4-9% faster (2
-    cores; B16 T256 H128 LSTM, the three matmuls of the input and weight gradients: 10.6
-    against 9.7 ms; B64 T128 H512: 301 against 286 ms). Elsewhere plain JAX transposes it.
+    On CPU (no ``matmul_dtype``, an unsharded batch, ``a`` under `WEIGHT_TRANSPOSE_LIMIT`
+    elements) it is a `linear` primitive whose transpose is `_weight_product_t`: the
+    weight-gradient matmuls measured 4-9% faster (2 cores; B16 T256 H128 LSTM, the three
+    matmuls of the input and weight gradients: 10.6 against 9.7 ms). Elsewhere plain JAX
+    transposes it.
     """
     if (
         matmul_dtype is not None
         or jax.default_backend() != "cpu"
         or sharding.time_major_batch(a) is not None
+        or a.size >= WEIGHT_TRANSPOSE_LIMIT
     ):
         return _matmul(a, dw, matmul_dtype, tangent="w")
     (out,) = linear.apply(_weight_product, _weight_product_t, (a,), (dw,))
