@@ -342,7 +342,11 @@ ResidualLayout residual_layout(int kind) {
 // Chunk c covers units [start[c], start[c+1]) and has its own packed weights. Each step, a
 // thread computes its own chunks, then any chunk nobody has claimed; step s + 1 starts once
 // every chunk of step s is published. A thread computes a chunk into its own buffers, then
-// publishes it: the first to win the chunk's state for the step copies h, c and y out.
+// publishes it: the first to win the chunk's state for the step copies out the carry the next
+// step reads, marks the chunk published, and only then writes the outputs and residuals no
+// step reads (measured on 2 cores, fwd+bwd B16 T256 H128, interleaved: LSTM 3.5-4.5%, GRU
+// 5-5.5% faster than with those writes before the mark; 1-1.6% at B64 T100 H128 and B64 T128
+// H512).
 // Whoever finds a chunk claimed but still unpublished after a while computes it too: its
 // owner may have been preempted by the OS in the middle of it, and the results are the same.
 // So no thread ever waits for another to start or to resume (a pool task that starts late,
@@ -471,20 +475,26 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   const ResidualLayout& layout = sh.layout;
   for (int b = 0; b < B; ++b) {
     const size_t at = static_cast<size_t>(b) * H + u0, local = static_cast<size_t>(b) * U;
-    const size_t row = step_row(p.T, p.inner, t, b);
     std::memcpy(sh.h_ring.data() + slot + at, out.h.data() + local, U * sizeof(float));
     if (lstm) std::memcpy(sh.c_ring.data() + slot + at, out.c.data() + local, U * sizeof(float));
-    std::memcpy(p.ys + row * H + u0, out.y.data() + local, U * sizeof(float));
     if (p.h_in == nullptr) continue;
     // The step's input carry: slot s % 2, which no one overwrites before this step is complete.
-    std::memcpy(p.h_in + row * H + u0, sh.h_ring.data() + (s & 1) * BH + at, U * sizeof(float));
+    std::memcpy(p.h_in + step_row(p.T, p.inner, t, b) * H + u0,
+                sh.h_ring.data() + (s & 1) * BH + at, U * sizeof(float));
+  }
+  sh.published(chunk, s);
+  // The outputs and residuals, which no step reads, from this thread's own buffers: after the
+  // publication, while other threads may start the next step.
+  for (int b = 0; b < B; ++b) {
+    const size_t row = step_row(p.T, p.inner, t, b), local = static_cast<size_t>(b) * U;
+    std::memcpy(p.ys + row * H + u0, out.y.data() + local, U * sizeof(float));
+    if (p.h_in == nullptr) continue;
     const float* res = out.res.data() + static_cast<size_t>(b) * layout.count * U;
     for (int j = 0; j < layout.count; ++j) {
       const int k = layout.out[j], width = layout.width[k] * H;
       std::memcpy(p.res[k] + row * width + layout.gate[j] * H + u0, res + j * U, U * sizeof(float));
     }
   }
-  sh.published(chunk, s);
 }
 
 void pack(const Shared& sh, const float* w, int rows, const float* bias, Floats* out,
@@ -848,14 +858,10 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
   const int t = back_time(p, s);
   const size_t slot = static_cast<size_t>((s + 1) & 1);
   for (int b = 0; b < B; ++b) {
-    const size_t row = step_row(p.T, p.inner, t, b);
     const float* v = out.v.data() + static_cast<size_t>(b) * G * U;
-    const float* u = out.u.data() + static_cast<size_t>(b) * G * U;
     for (int g = 0; g < G; ++g) {
       const size_t col = static_cast<size_t>(g) * H + u0;
       std::memcpy(sh.v_ring.data() + (slot * B + b) * GH + col, v + g * U, U * sizeof(float));
-      std::memcpy(p.ct_u + row * GH + col, u + g * U, U * sizeof(float));
-      if (p.ct_v) std::memcpy(p.ct_v + row * GH + col, v + g * U, U * sizeof(float));
     }
     std::memcpy(sh.lh_ring.data() + (slot * B + b) * H + u0, out.lh.data() + b * U,
                 U * sizeof(float));
@@ -864,6 +870,18 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
                   U * sizeof(float));
   }
   sh.published(chunk, s);
+  // The cotangents of the loop's inputs, which no step reads, from this thread's own buffers:
+  // after the publication, while other threads may start the next step.
+  for (int b = 0; b < B; ++b) {
+    const size_t row = step_row(p.T, p.inner, t, b);
+    const float* v = out.v.data() + static_cast<size_t>(b) * G * U;
+    const float* u = out.u.data() + static_cast<size_t>(b) * G * U;
+    for (int g = 0; g < G; ++g) {
+      const size_t col = static_cast<size_t>(g) * H + u0;
+      std::memcpy(p.ct_u + row * GH + col, u + g * U, U * sizeof(float));
+      if (p.ct_v) std::memcpy(p.ct_v + row * GH + col, v + g * U, U * sizeof(float));
+    }
+  }
 }
 
 // Per chunk, the (G·H, U) block of W_hᵀ for its units, in the panels of `gemm_acc`.
