@@ -73,17 +73,21 @@ def test_both_passes_run_the_kernel():
     assert fastpath.placements("lstm", 2, 8, jnp.float32, backend="cpu") == ("native", "native")
 
 
-def test_the_elman_gradient_pass_keeps_xla_by_default(monkeypatch):
+def test_the_elman_gradient_pass_keeps_xla_below_a_batch_of_8(monkeypatch):
     monkeypatch.setattr(fastpath, "NATIVE_GRADIENT_KINDS", SHIPPED_GRADIENT_KINDS)
     assert SHIPPED_GRADIENT_KINDS == ("lstm", "gru")
+    assert fastpath.NATIVE_GRADIENT_MIN_BATCH == {"elman_tanh": 8, "elman_relu": 8}
     for kind in ("elman_tanh", "elman_relu"):
-        assert fastpath.placements(kind, 2, 8, jnp.float32, backend="cpu") == ("native", "hoisted")
+        assert fastpath.placements(kind, 7, 8, jnp.float32, backend="cpu") == ("native", "hoisted")
+        assert fastpath.placements(kind, 8, 8, jnp.float32, backend="cpu") == ("native", "native")
     cell = jaxrnn.elman(8)
     params = cell.init(fresh_key(), 3)
-    xs = jax.random.normal(fresh_key(), (2, 5, 3))
     grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x)[0]))
-    text = jax.jit(grad).lower(params, xs).as_text()
-    assert native.TARGET not in text and native.TARGET_BACKWARD not in text
+    for batch, on_kernels in ((2, False), (8, True)):
+        xs = jax.random.normal(fresh_key(), (batch, 5, 3))
+        text = jax.jit(grad).lower(params, xs).as_text()
+        assert (native.TARGET in text and native.TARGET_BACKWARD in text) == on_kernels
+        assert (native.TARGET in text or native.TARGET_BACKWARD in text) == on_kernels
 
 
 @pytest.mark.parametrize(
@@ -309,12 +313,78 @@ def test_backward_kernel_over_sizes_and_threads(cell_name, hidden, threads, monk
     assert_trees_close(actual, _grads(cell, params, xs, carry, **kwargs), rtol=2e-5, atol=2e-5)
 
 
+# ---- row groups: the rows as independent groups, one thread each -----------------------------
+
+
+def _one_chunk(monkeypatch, fn):
+    """``fn()`` with every row and unit in one chunk on one thread: the kernels' plainest
+    partition, which the others must reproduce."""
+    with monkeypatch.context() as m:
+        m.setenv("JAXRNN_NATIVE_THREADS", "1")
+        m.setenv("JAXRNN_NATIVE_GROUPS", "1")
+        return fn()
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4, 9])
 @pytest.mark.parametrize("cell_name", MAIN)
-def test_duplicated_chunks_publish_once(cell_name, monkeypatch):
+def test_row_groups_give_the_results_of_one_chunk(cell_name, groups, monkeypatch):
+    """The rows cut into groups (uneven: 9 rows into 2, 4; one row each into 9), each run
+    apart: with lengths and resets, the forward pass, the gradient pass (forward kernel with
+    residuals and backward kernel) and the final carry equal one chunk's and the
+    specification's."""
+    monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", str(groups))
+    cell, params, xs, carry, kwargs = _sized_inputs(cell_name, 40)
+    run = lambda: (forward(cell, params, xs, carry, **kwargs),  # noqa: E731
+                   _grads(cell, params, xs, carry, **kwargs))  # fmt: skip
+    actual = run()
+    assert_trees_close(actual, _one_chunk(monkeypatch, run), rtol=1e-6, atol=1e-6)
+    assert_trees_close(actual[0], reference_unroll(cell, params, xs, carry, **kwargs))
+
+
+@pytest.mark.parametrize("mode", ["batch_major", "everything_time_major_reverse"])
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_row_groups_across_the_runs_of_a_vmap(cell_name, mode, monkeypatch):
+    """Under `vmap` the kernels' rows are runs, one per example; 4 groups over 3 runs of 3
+    (or 4) rows start inside runs (the input rows of a step are then gathered). Per-example
+    outputs and gradients equal one chunk's and XLA's."""
+    monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", "4")
+    cell = FAST_CELLS[cell_name](32)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, arrays, static = _stacked_inputs(cell, mode)
+
+    def per_example(params, xs, carry, arrays):
+        kwargs = {**arrays, **static}
+        grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, kwargs), argnums=(0, 1, 2))
+        return jaxrnn.unroll(cell, params, xs, carry, **kwargs), grad(params, xs, carry)
+
+    fn = jax.jit(jax.vmap(per_example, in_axes=(None, 0, None if carry is None else 0, 0)))
+    args = (params, xs, carry, arrays)
+    actual = fn(*args)
+    assert_trees_close(actual, _one_chunk(monkeypatch, lambda: jax.jit(fn)(*args)),
+                       rtol=1e-6, atol=1e-6)  # fmt: skip
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert_trees_close(actual, jax.jit(fn)(*args), rtol=2e-5, atol=2e-5)
+
+
+def test_a_bad_group_count_is_named(monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", "-2")
+    cell = jaxrnn.gru(16)
+    params = cell.init(fresh_key(), 3)
+    xs = jax.random.normal(fresh_key(), (2, 5, 3))
+    msg = "JAXRNN_NATIVE_GROUPS must be a non-negative integer, got '-2'"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        forward(cell, params, xs)
+
+
+@pytest.mark.parametrize("groups", ["0", "2"])
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_duplicated_chunks_publish_once(cell_name, groups, monkeypatch):
     """Every thread computes every chunk not yet published (a thread the OS preempted gets
-    its chunk computed by the others this way): one copy wins, results unchanged."""
+    its chunk computed by the others this way): one copy wins, results unchanged; also with
+    the rows in groups, where a thread done with its own group joins the others'."""
     monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "3")
+    monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", groups)  # also threads sharing a group's chunk
     cell = FAST_CELLS[cell_name](48)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, "everything")

@@ -614,13 +614,18 @@ PALLAS_TABLE: dict[tuple[str, str], tuple[int, int, int]] = {
 }
 
 
-# The kinds whose gradient pass runs on the native kernels (primal and backward loop) on CPU.
-# The Elman cell's runs XLA's loops: its step is one small matmul, and the kernels' per-step
-# hand-off between threads costs what they save. Interleaved medians (min), B16 T256 H128,
-# ms, fwd+bwd, XLA's loops / native primal only / native primal and backward loop: Elman
-# 10.2 (8.2) / 10.7 (8.6) / 12.0 (8.4); LSTM 43.1 (34.6) / 32.7 (28.8) / 29.7 (24.8); GRU
-# 32.5 (27.2) / 26.4 (23.6) / 23.0 (20.5).
+# The kinds whose gradient pass runs on the native kernels (primal and backward loop) on CPU
+# at any batch. Interleaved medians (min), B16 T256 H128, ms, fwd+bwd, XLA's loops / native
+# primal only / native primal and backward loop: LSTM 43.1 (34.6) / 32.7 (28.8) / 29.7
+# (24.8); GRU 32.5 (27.2) / 26.4 (23.6) / 23.0 (20.5).
 NATIVE_GRADIENT_KINDS = ("lstm", "gru")
+# The kinds whose gradient pass runs on the native kernels from this batch up, XLA's loops
+# below it. The Elman step is one small matmul: at a small batch the kernels' per-step
+# hand-off between threads costs what they save; from 16 rows on 2 cores the kernels run
+# the rows as independent groups, with no hand-off. Interleaved, fwd+bwd T100, XLA's loops
+# against the kernels: B1 H128 0.89, B2 0.85, B4 0.86, B8 1.06-1.08, B16 (T256) 1.15, B64
+# 1.21, B256 1.20; B4 H512 1.01, B8 0.98, B16 1.04; B64 H1024 0.995.
+NATIVE_GRADIENT_MIN_BATCH = {"elman_tanh": 8, "elman_relu": 8}
 
 
 def _measured_gpu() -> bool:
@@ -640,7 +645,8 @@ def placements(
 
     - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype``,
       an unsharded batch, non-``empty`` inputs, the kernel built; the forward-only pass of
-      every kind, the gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`.
+      every kind, the gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`,
+      and of `NATIVE_GRADIENT_MIN_BATCH`'s kinds from their batch up.
     - ``"pallas"`` (GPU of the measured family): a pass that `PALLAS_TABLE` gives to the
       persistent kernels for this kind and dtype (no ``matmul_dtype``, an unsharded batch up
       to the table's bound, a hidden size the kernels take and no larger than measured).
@@ -657,7 +663,10 @@ def placements(
         usable = not empty and native.supports(kind, hidden, dtype) and native.available()
         if not usable:
             return modes
-        return ("native", "native" if kind in NATIVE_GRADIENT_KINDS else modes[1])
+        gradient = kind in NATIVE_GRADIENT_KINDS or batch >= NATIVE_GRADIENT_MIN_BATCH.get(
+            kind, math.inf
+        )
+        return ("native", "native" if gradient else modes[1])
     gpu = backend in ("gpu", "cuda") and _measured_gpu()
     limits = PALLAS_TABLE.get((kind, jnp.dtype(dtype).name)) if gpu else None
     if limits is None:

@@ -71,15 +71,16 @@ def enabled() -> bool:
     return os.environ.get("JAXRNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _threads() -> int:
-    value = os.environ.get("JAXRNN_NATIVE_THREADS", "0").strip() or "0"
+def _count(name: str) -> int:
+    """A non-negative integer from the environment variable ``name`` (0 when unset)."""
+    value = os.environ.get(name, "0").strip() or "0"
     try:
-        threads = int(value)
+        count = int(value)
     except ValueError:
-        threads = -1
-    if threads < 0:
-        raise ValueError(f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got {value!r}")
-    return threads
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return count
 
 
 def _compiler() -> str | None:
@@ -220,7 +221,10 @@ def _attributes(kind, reverse):
     return {
         "kind": np.int32(KIND_CODES[kind]),
         "reverse": bool(reverse),
-        "threads": np.int32(_threads()),
+        "threads": np.int32(_count("JAXRNN_NATIVE_THREADS")),
+        # Tests only: run the rows as this many independent groups, one thread each (0: the
+        # kernel's own choice, `row_groups` in the C++).
+        "groups": np.int32(_count("JAXRNN_NATIVE_GROUPS")),
         # Tests only: every thread also computes every chunk not yet published, so that the
         # publication race (one copy wins) runs at every step.
         "duplicate": os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",

@@ -301,9 +301,48 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
   return std::max(1, std::min(n, std::max(1, H / 16)));
 }
 
+// How many independent groups of rows a call runs, one thread each (1: all rows together,
+// the hidden units cut into one chunk per thread). A group needs no other group's h, so its
+// steps take no hand-off between threads, but each thread reads all of W_x and W_h (I = 0:
+// the kernel does not multiply by W_x; the backward loop reads W_hᵀ alone). Groups when all
+// n threads get at least kGroupRows rows (a full row tile of `gemm_acc`) and the weights are
+// at most kGroupWeightBytes. Measured on 2 cores, interleaved, T100 (B16: T256), one chunk
+// per thread against one group per thread, fwd / fwd+bwd: LSTM B16 H128 1.04 / 1.07, GRU
+// B16 H128 1.22 / 1.37, Elman B16 H128 1.67 (fwd), LSTM B64 H128 1.04 / 1.17, GRU B256 H128
+// 1.07 / 1.24, LSTM B16 H256 1.04 / 1.11, LSTM B64 H256 1.04 / 1.08; against them LSTM B8
+// H128 (4 rows a group) 0.80 / 1.00, GRU B8 H128 0.67 / 0.83, LSTM B16 H512 (8 MiB of
+// weights) 0.93 / 0.99, LSTM B64 T128 H512 0.91 / 0.98. `forced` > 0 (tests): that many
+// groups, at most B.
+constexpr int kGroupRows = 8;
+constexpr int64_t kGroupWeightBytes = int64_t{2} << 20;
+
+int row_groups(int forced, int n, int B, int I, int H, int G) {
+  if (forced > 0) return std::min(forced, std::max(B, 1));
+  const int64_t weight_bytes = int64_t{4} * G * H * (I + H);
+  return n > 1 && B >= kGroupRows * n && weight_bytes <= kGroupWeightBytes ? n : 1;
+}
+
+// The first row of group k of `groups` over B rows (group k covers [start(k), start(k + 1))).
+inline int group_start(int k, int groups, int B) {
+  return static_cast<int>(static_cast<int64_t>(B) * k / groups);
+}
+
 // The index of row b (of B = N·inner) at time t among the rows of an (N, T, inner, ·) array.
 inline size_t step_row(int T, int inner, int t, int b) {
   return (static_cast<size_t>(b / inner) * T + t) * inner + b % inner;
+}
+
+// A call's rows may run as several independent groups (`row_groups`): a problem then covers
+// rows [b0, b0 + B) of the arrays. `row_of` is the index of its row b at time t.
+template <class P>
+inline size_t row_of(const P& p, int t, int b) {
+  return step_row(p.T, p.inner, t, p.b0 + b);
+}
+
+// Whether a problem's rows of a step are one block (they lie in one run).
+template <class P>
+inline bool rows_contiguous(const P& p) {
+  return p.b0 % p.inner + p.B <= p.inner;
 }
 
 struct Problem {
@@ -318,6 +357,7 @@ struct Problem {
   // from, and up to four per-kind arrays (`residual_layout`).
   float* h_in;
   float* res[4];
+  int b0 = 0;  // the first row of the call's arrays this problem covers (`row_of`)
 };
 
 // Residual j of a kind goes to output array out[j] at gate column gate[j] (of width H).
@@ -421,7 +461,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
   if (p.projected) {  // the chunk's columns of the projected inputs
     for (int b = 0; b < B; ++b) {
-      const float* row = p.xs + step_row(T, p.inner, t, b) * I + u0;
+      const float* row = p.xs + row_of(p, t, b) * I + u0;
       for (int g = 0; g < G; ++g)
         std::memcpy(zx + static_cast<size_t>(b) * N + g * U, row + static_cast<size_t>(g) * H,
                     U * sizeof(float));
@@ -430,12 +470,13 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
     for (int b = 0; b < B; ++b)
       std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
-    const float* x = p.xs + step_row(T, p.inner, t, 0) * I;  // one run: the step's rows, a block
-    if (p.inner != B) {
-      for (int b = 0; b < B; b += p.inner)
-        std::memcpy(out.x.data() + static_cast<size_t>(b) * I,
-                    p.xs + step_row(T, p.inner, t, b) * I,
-                    static_cast<size_t>(p.inner) * I * sizeof(float));
+    const float* x = p.xs + row_of(p, t, 0) * I;  // one run: the step's rows, a block
+    if (!rows_contiguous(p)) {  // gathered, a run's block at a time
+      for (int b = 0, len; b < B; b += len) {
+        len = std::min(B - b, p.inner - (p.b0 + b) % p.inner);
+        std::memcpy(out.x.data() + static_cast<size_t>(b) * I, p.xs + row_of(p, t, b) * I,
+                    static_cast<size_t>(len) * I * sizeof(float));
+      }
       x = out.x.data();
     }
     gemm_acc(x, I, sh.wx.data() + sh.wx_offset[chunk], N, I, zx, B);
@@ -454,12 +495,12 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     row.y = out.y.data() + local;
     row.res = p.h_in ? out.res.data() + static_cast<size_t>(b) * sh.layout.count * U : nullptr;
     row.U = U;
-    row.take = p.mask == nullptr || p.mask[step_row(T, p.inner, t, b)];
+    row.take = p.mask == nullptr || p.mask[row_of(p, t, b)];
     // Resets zero the carry before a step: the next one's in forward order, this one's
     // (after it) in reverse.
     const int reset_t = p.reverse ? t : t + 1;
     row.zero_after =
-        p.resets != nullptr && reset_t < T && p.resets[step_row(T, p.inner, reset_t, b)];
+        p.resets != nullptr && reset_t < T && p.resets[row_of(p, reset_t, b)];
     fn(row);
   }
 }
@@ -479,14 +520,14 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
     if (lstm) std::memcpy(sh.c_ring.data() + slot + at, out.c.data() + local, U * sizeof(float));
     if (p.h_in == nullptr) continue;
     // The step's input carry: slot s % 2, which no one overwrites before this step is complete.
-    std::memcpy(p.h_in + step_row(p.T, p.inner, t, b) * H + u0,
+    std::memcpy(p.h_in + row_of(p, t, b) * H + u0,
                 sh.h_ring.data() + (s & 1) * BH + at, U * sizeof(float));
   }
   sh.published(chunk, s);
   // The outputs and residuals, which no step reads, from this thread's own buffers: after the
   // publication, while other threads may start the next step.
   for (int b = 0; b < B; ++b) {
-    const size_t row = step_row(p.T, p.inner, t, b), local = static_cast<size_t>(b) * U;
+    const size_t row = row_of(p, t, b), local = static_cast<size_t>(b) * U;
     std::memcpy(p.ys + row * H + u0, out.y.data() + local, U * sizeof(float));
     if (p.h_in == nullptr) continue;
     const float* res = out.res.data() + static_cast<size_t>(b) * layout.count * U;
@@ -533,7 +574,7 @@ constexpr auto kMinHelpWait = std::chrono::microseconds(50);
 
 Local make_local(const Shared& sh, int widest) {
   const Problem& p = sh.p;
-  const bool gather = !p.projected && p.inner != p.B;
+  const bool gather = !p.projected && !rows_contiguous(p);
   return Local(p.B, p.G, widest, p.h_in ? sh.layout.count : 0, gather ? p.B * p.I : 0);
 }
 
@@ -603,6 +644,28 @@ ffi::Error run_threads(const std::shared_ptr<S>& sh, ffi::ThreadPool& pool, int 
   return ffi::Error::Success();
 }
 
+// Runs independent problems (the groups of a call's rows) on as many threads, this one and
+// one pool task per other group: thread k runs group k, then visits the others, where it
+// returns at once if they are done and otherwise shares them as `participate` does (so a pool
+// task that starts late, or never, still cannot stall the call).
+template <class S>
+ffi::Error run_groups(const std::vector<std::shared_ptr<S>>& parts, ffi::ThreadPool& pool) {
+  const int n = static_cast<int>(parts.size());
+  auto all = std::make_shared<std::vector<std::shared_ptr<S>>>(parts);
+  for (int k = 1; k < n; ++k)
+    pool.Schedule([all, k, n] {
+      for (int j = 0; j < n; ++j) participate(*(*all)[(k + j) % n], 0, 1);
+    });
+  for (int j = 0; j < n; ++j) participate(*parts[j], 0, 1);
+  for (const auto& sh : parts) {
+    for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
+      if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+    if (sh->done.load() != static_cast<int64_t>(sh->p.T) * sh->chunks)
+      return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                    ffi::Buffer<ffi::F32> b_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_in,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
@@ -611,7 +674,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                    ffi::ResultBuffer<ffi::F32> c_last, ffi::ResultBuffer<ffi::F32> h_in,
                    ffi::ResultBuffer<ffi::F32> res0, ffi::ResultBuffer<ffi::F32> res1,
                    ffi::ResultBuffer<ffi::F32> res2, ffi::ResultBuffer<ffi::F32> res3,
-                   int32_t kind, bool reverse, int32_t threads, bool duplicate) {
+                   int32_t kind, bool reverse, int32_t threads, bool duplicate,
+                   int32_t forced_groups) {
   auto xd = xs.dimensions();
   auto vd = w_x.dimensions();
   auto wd = w_h.dimensions();
@@ -634,50 +698,68 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
       (resets.element_count() != 0 && resets.element_count() != flags))
     return ffi::Error::InvalidArgument("jaxrnn native kernel: mask/resets must be (N, T, B') or empty");
 
-  auto sh = std::make_shared<Shared>();
-  sh->p = Problem{kind, T, B, I, H, G, inner, projected, reverse, xs.typed_data(),
-                  w_x.typed_data(), b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
-                  mask.element_count() ? mask.typed_data() : nullptr,
-                  resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
-                  nullptr, {nullptr, nullptr, nullptr, nullptr}};
-  sh->layout = residual_layout(kind);
+  Problem base{kind, T, B, I, H, G, inner, projected, reverse, xs.typed_data(),
+               w_x.typed_data(), b_x.typed_data(), w_h.typed_data(), b_in.typed_data(),
+               mask.element_count() ? mask.typed_data() : nullptr,
+               resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
+               nullptr, {nullptr, nullptr, nullptr, nullptr}};
+  const ResidualLayout layout = residual_layout(kind);
   if (h_in->element_count() != 0) {  // the gradient pass: residuals too
-    const ResidualLayout& layout = sh->layout;
     ffi::Result<ffi::Buffer<ffi::F32>>* outs[4] = {&res0, &res1, &res2, &res3};
     if (h_in->element_count() != flags * H)
       return ffi::Error::InvalidArgument("jaxrnn native kernel: h_in must be (N, T, B', H)");
     for (int k = 0; k < 4; ++k) {
       if ((*outs[k])->element_count() != flags * H * layout.width[k])
         return ffi::Error::InvalidArgument("jaxrnn native kernel: residual shapes");
-      sh->p.res[k] = layout.width[k] ? (*outs[k])->typed_data() : nullptr;
+      base.res[k] = layout.width[k] ? (*outs[k])->typed_data() : nullptr;
     }
-    sh->p.h_in = h_in->typed_data();
+    base.h_in = h_in->typed_data();
   }
-  const Problem& p = sh->p;
-  sh->duplicate = duplicate;
-  sh->h_ring.resize(2 * BH);
-  sh->c_ring.resize(2 * BH);
-  std::memcpy(sh->h_ring.data(), h0.typed_data(), BH * sizeof(float));
-  std::memcpy(sh->c_ring.data(), c0.typed_data(), BH * sizeof(float));
-  if (p.resets != nullptr && !reverse && T > 0)  // the first step's reset, before it
-    for (int b = 0; b < B; ++b)
-      if (p.resets[step_row(T, p.inner, 0, b)]) {
-        std::fill_n(sh->h_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
-        std::fill_n(sh->c_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
-      }
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
-  sh->split(n, H);
-  // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
-  // (H, G·U), its biases as (G·U,).
-  if (!projected) pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
-  pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias);
+  const int groups = row_groups(forced_groups, n, B, projected ? 0 : I, H, G);
+  // One problem per group of rows, each cut into chunks of units for the threads that share
+  // it (all n of them when the rows form one group).
+  std::vector<std::shared_ptr<Shared>> parts;
+  for (int k = 0; k < groups; ++k) {
+    auto sh = std::make_shared<Shared>();
+    sh->p = base;
+    sh->p.b0 = group_start(k, groups, B);
+    sh->p.B = group_start(k + 1, groups, B) - sh->p.b0;
+    sh->layout = layout;
+    sh->duplicate = duplicate;
+    const Problem& p = sh->p;
+    const size_t rows_h = static_cast<size_t>(p.B) * H, first = static_cast<size_t>(p.b0) * H;
+    sh->h_ring.resize(2 * rows_h);
+    sh->c_ring.resize(2 * rows_h);
+    std::memcpy(sh->h_ring.data(), h0.typed_data() + first, rows_h * sizeof(float));
+    std::memcpy(sh->c_ring.data(), c0.typed_data() + first, rows_h * sizeof(float));
+    if (p.resets != nullptr && !reverse && T > 0)  // the first step's reset, before it
+      for (int b = 0; b < p.B; ++b)
+        if (p.resets[row_of(p, 0, b)]) {
+          std::fill_n(sh->h_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
+          std::fill_n(sh->c_ring.data() + static_cast<size_t>(b) * H, H, 0.0f);
+        }
+    sh->split(groups > 1 ? 1 : n, H);
+    // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
+    // (H, G·U), its biases as (G·U,).
+    if (!projected) pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x);
+    pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias);
+    parts.push_back(std::move(sh));
+  }
 
-  if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
-  const size_t last = (T & 1) * BH;
-  std::memcpy(h_last->typed_data(), sh->h_ring.data() + last, BH * sizeof(float));
-  std::memcpy(c_last->typed_data(), sh->c_ring.data() + (kind == kLstm ? last : 0),
-              BH * sizeof(float));
+  if (ffi::Error err = groups > 1 ? run_groups(parts, pool) : run_threads(parts[0], pool, n);
+      err.failure())
+    return err;
+  const size_t last = T & 1;
+  for (const auto& sh : parts) {
+    const size_t rows_h = static_cast<size_t>(sh->p.B) * H;
+    const size_t first = static_cast<size_t>(sh->p.b0) * H;
+    std::memcpy(h_last->typed_data() + first, sh->h_ring.data() + last * rows_h,
+                rows_h * sizeof(float));
+    std::memcpy(c_last->typed_data() + first,
+                sh->c_ring.data() + (kind == kLstm ? last * rows_h : 0), rows_h * sizeof(float));
+  }
   return ffi::Error::Success();
 }
 
@@ -710,6 +792,7 @@ struct BackProblem {
   const bool *mask, *resets;
   float* ct_u;            // (T, B, G*H): the cotangent of the loop's input per step
   float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
+  int b0 = 0;             // the first row this problem covers, as in `Problem`
 };
 
 struct BackShared : Chunks {
@@ -811,7 +894,7 @@ void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc)
   if (p.resets != nullptr && !p.reverse) {
     const int t_prev = back_time(p, s - 1);
     for (int b = 0; b < B; ++b)
-      if (p.resets[step_row(p.T, p.inner, t_prev, b)]) {
+      if (p.resets[row_of(p, t_prev, b)]) {
         std::fill_n(lh + b * U, U, 0.0f);
         std::fill_n(lc + b * U, U, 0.0f);
       }
@@ -828,7 +911,7 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
   const auto fn = row_fn<BackwardRow, BackRow>(p.kind);
   const int widths[6] = {p.kind == kLstm ? 4 : 1, 1, 1, 1, 1, 1};
   for (int b = 0; b < B; ++b) {
-    const size_t row = step_row(p.T, p.inner, t, b);
+    const size_t row = row_of(p, t, b);
     if (p.reverse && p.resets != nullptr && p.resets[row]) {  // zeroed after the step
       std::fill_n(lh + b * U, U, 0.0f);
       std::fill_n(lc + b * U, U, 0.0f);
@@ -873,7 +956,7 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
   // The cotangents of the loop's inputs, which no step reads, from this thread's own buffers:
   // after the publication, while other threads may start the next step.
   for (int b = 0; b < B; ++b) {
-    const size_t row = step_row(p.T, p.inner, t, b);
+    const size_t row = row_of(p, t, b);
     const float* v = out.v.data() + static_cast<size_t>(b) * G * U;
     const float* u = out.u.data() + static_cast<size_t>(b) * G * U;
     for (int g = 0; g < G; ++g) {
@@ -913,7 +996,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> resets,
                     ffi::ResultBuffer<ffi::F32> ct_u, ffi::ResultBuffer<ffi::F32> ct_v,
                     ffi::ResultBuffer<ffi::F32> ct_h0, ffi::ResultBuffer<ffi::F32> ct_c0,
-                    int32_t kind, bool reverse, int32_t threads, bool duplicate) {
+                    int32_t kind, bool reverse, int32_t threads, bool duplicate,
+                    int32_t forced_groups) {
   auto yd = ct_ys.dimensions();
   auto wd = w_h.dimensions();
   if (yd.size() != 4 || wd.size() != 2 || kind < kElmanTanh || kind > kGru)
@@ -939,35 +1023,49 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
       (resets.element_count() != 0 && resets.element_count() != flags))
     return ffi::Error::InvalidArgument("jaxrnn native backward: mask/resets must be (N, T, B') or empty");
 
-  auto sh = std::make_shared<BackShared>();
-  BackProblem& p = sh->p;
-  p = BackProblem{kind, T, B, H, G, inner, reverse, ct_ys.typed_data(), {}, w_h.typed_data(),
-                  mask.element_count() ? mask.typed_data() : nullptr,
-                  resets.element_count() ? resets.typed_data() : nullptr, ct_u->typed_data(),
-                  kind == kGru ? ct_v->typed_data() : nullptr};
-  for (int k = 0; k < 6; ++k) p.coef[k] = k < n_coef ? coefs[k]->typed_data() : nullptr;
-  sh->duplicate = duplicate;
-  sh->v_ring.assign(2 * static_cast<size_t>(B) * GH, 0.0f);
-  sh->lh_ring.assign(2 * BH, 0.0f);
-  sh->lc_ring.assign(2 * BH, 0.0f);
-  std::memcpy(sh->lh_ring.data(), ct_h.typed_data(), BH * sizeof(float));
-  if (kind == kLstm) std::memcpy(sh->lc_ring.data(), ct_c.typed_data(), BH * sizeof(float));
+  BackProblem base{kind, T, B, H, G, inner, reverse, ct_ys.typed_data(), {}, w_h.typed_data(),
+                   mask.element_count() ? mask.typed_data() : nullptr,
+                   resets.element_count() ? resets.typed_data() : nullptr, ct_u->typed_data(),
+                   kind == kGru ? ct_v->typed_data() : nullptr};
+  for (int k = 0; k < 6; ++k) base.coef[k] = k < n_coef ? coefs[k]->typed_data() : nullptr;
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
-  sh->split(n, H);
-  pack_transposed(*sh);
-  if (ffi::Error err = run_threads(sh, pool, n); err.failure()) return err;
+  const int groups = row_groups(forced_groups, n, B, 0, H, G);
+  std::vector<std::shared_ptr<BackShared>> parts;  // as in `Forward`
+  for (int k = 0; k < groups; ++k) {
+    auto sh = std::make_shared<BackShared>();
+    sh->p = base;
+    sh->p.b0 = group_start(k, groups, B);
+    sh->p.B = group_start(k + 1, groups, B) - sh->p.b0;
+    sh->duplicate = duplicate;
+    const size_t rows = sh->p.B, first = static_cast<size_t>(sh->p.b0) * H;
+    sh->v_ring.assign(2 * rows * GH, 0.0f);
+    sh->lh_ring.assign(2 * rows * H, 0.0f);
+    sh->lc_ring.assign(2 * rows * H, 0.0f);
+    std::memcpy(sh->lh_ring.data(), ct_h.typed_data() + first, rows * H * sizeof(float));
+    if (kind == kLstm)
+      std::memcpy(sh->lc_ring.data(), ct_c.typed_data() + first, rows * H * sizeof(float));
+    sh->split(groups > 1 ? 1 : n, H);
+    pack_transposed(*sh);
+    parts.push_back(std::move(sh));
+  }
+  if (ffi::Error err = groups > 1 ? run_groups(parts, pool) : run_threads(parts[0], pool, n);
+      err.failure())
+    return err;
   // λ entering the first forward step: the last backward step's matmul and resets.
-  Floats lam(2 * BH);
-  for (int c = 0; c < sh->chunks; ++c) {
-    const int u0 = sh->start[c], U = sh->start[c + 1] - u0;
-    float *lh = lam.data(), *lc = lam.data() + BH;
-    finish_lambda(*sh, c, T, lh, lc);
-    for (int b = 0; b < B; ++b) {
-      std::memcpy(ct_h0->typed_data() + static_cast<size_t>(b) * H + u0, lh + b * U,
-                  U * sizeof(float));
-      std::memcpy(ct_c0->typed_data() + static_cast<size_t>(b) * H + u0, lc + b * U,
-                  U * sizeof(float));
+  for (const auto& sh : parts) {
+    const int rows = sh->p.B, b0 = sh->p.b0;
+    const size_t rows_h = static_cast<size_t>(rows) * H;
+    Floats lam(2 * rows_h);
+    for (int c = 0; c < sh->chunks; ++c) {
+      const int u0 = sh->start[c], U = sh->start[c + 1] - u0;
+      float *lh = lam.data(), *lc = lam.data() + rows_h;
+      finish_lambda(*sh, c, T, lh, lc);
+      for (int b = 0; b < rows; ++b) {
+        const size_t at = static_cast<size_t>(b0 + b) * H + u0;
+        std::memcpy(ct_h0->typed_data() + at, lh + b * U, U * sizeof(float));
+        std::memcpy(ct_c0->typed_data() + at, lc + b * U, U * sizeof(float));
+      }
     }
   }
   return ffi::Error::Success();
@@ -999,7 +1097,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                                   .Attr<int32_t>("kind")
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
-                                  .Attr<bool>("duplicate"));
+                                  .Attr<bool>("duplicate")
+                                  .Attr<int32_t>("groups"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                               ffi::Ffi::Bind()
@@ -1023,4 +1122,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                                   .Attr<int32_t>("kind")
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
-                                  .Attr<bool>("duplicate"));
+                                  .Attr<bool>("duplicate")
+                                  .Attr<int32_t>("groups"));
