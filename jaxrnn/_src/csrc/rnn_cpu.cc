@@ -311,15 +311,23 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
 // B16 H128 1.22 / 1.37, Elman B16 H128 1.67 (fwd), LSTM B64 H128 1.04 / 1.17, GRU B256 H128
 // 1.07 / 1.24, LSTM B16 H256 1.04 / 1.11, LSTM B64 H256 1.04 / 1.08; against them LSTM B8
 // H128 (4 rows a group) 0.80 / 1.00, GRU B8 H128 0.67 / 0.83, LSTM B16 H512 (8 MiB of
-// weights) 0.93 / 0.99, LSTM B64 T128 H512 0.91 / 0.98. `forced` > 0 (tests): that many
-// groups, at most B.
+// weights) 0.93 / 0.99, LSTM B64 T128 H512 0.91 / 0.98. Up to kGroupWeightBytesLarge, from
+// kGroupRowsLarge rows a thread and for the gated cells, which is where the backward loop
+// (W_hᵀ alone) gets them: its kernel alone, LSTM B64 T128 H512 (4 MiB) 1.09, LSTM B256 H512
+// 1.21, GRU B64 H512 1.22; against them LSTM B16 H512 0.93 (8 rows a thread), Elman B64
+// H1024 0.94. `forced` > 0 (tests): that many groups, at most B.
 constexpr int kGroupRows = 8;
 constexpr int64_t kGroupWeightBytes = int64_t{2} << 20;
+constexpr int kGroupRowsLarge = 32;
+constexpr int64_t kGroupWeightBytesLarge = int64_t{4} << 20;
 
 int row_groups(int forced, int n, int B, int I, int H, int G) {
   if (forced > 0) return std::min(forced, std::max(B, 1));
   const int64_t weight_bytes = int64_t{4} * G * H * (I + H);
-  return n > 1 && B >= kGroupRows * n && weight_bytes <= kGroupWeightBytes ? n : 1;
+  const bool small = B >= kGroupRows * n && weight_bytes <= kGroupWeightBytes;
+  const bool large =
+      G > 1 && B >= kGroupRowsLarge * n && weight_bytes <= kGroupWeightBytesLarge;
+  return n > 1 && (small || large) ? n : 1;
 }
 
 // The first row of group k of `groups` over B rows (group k covers [start(k), start(k + 1))).
