@@ -169,6 +169,7 @@ def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
 def test_the_kernel_takes_either_layout(kind, save, reverse, projection):
     """`native.forward` on ``(batch, time, ·)`` arrays (``batch_major``) gives the outputs,
     carry and residuals of the same call on ``(time, batch, ·)``, moved."""
+    assert native.available()  # builds and registers the kernel when this test runs first
     batch, hidden, features = 5, 24, 7
     width = hidden * {"lstm": 4, "gru": 3}.get(kind, 1)
     draw = lambda *shape: jax.random.normal(fresh_key(), shape)  # noqa: E731

@@ -335,6 +335,17 @@ inline int group_start(int k, int groups, int B) {
   return static_cast<int>(static_cast<int64_t>(B) * k / groups);
 }
 
+// The shared state of group k's problem: the call's `base` problem cut to the group's rows.
+template <class S, class P>
+std::shared_ptr<S> group_part(const P& base, int k, int groups, bool duplicate) {
+  auto sh = std::make_shared<S>();
+  sh->p = base;
+  sh->p.b0 = group_start(k, groups, base.B);
+  sh->p.B = group_start(k + 1, groups, base.B) - sh->p.b0;
+  sh->duplicate = duplicate;
+  return sh;
+}
+
 // The index of row b (of B = N·inner) at time t among the rows of an (N, T, inner, ·) array.
 inline size_t step_row(int T, int inner, int t, int b) {
   return (static_cast<size_t>(b / inner) * T + t) * inner + b % inner;
@@ -730,12 +741,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
   // it (all n of them when the rows form one group).
   std::vector<std::shared_ptr<Shared>> parts;
   for (int k = 0; k < groups; ++k) {
-    auto sh = std::make_shared<Shared>();
-    sh->p = base;
-    sh->p.b0 = group_start(k, groups, B);
-    sh->p.B = group_start(k + 1, groups, B) - sh->p.b0;
+    auto sh = group_part<Shared>(base, k, groups, duplicate);
     sh->layout = layout;
-    sh->duplicate = duplicate;
     const Problem& p = sh->p;
     const size_t rows_h = static_cast<size_t>(p.B) * H, first = static_cast<size_t>(p.b0) * H;
     sh->h_ring.resize(2 * rows_h);
@@ -1041,11 +1048,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   const int groups = row_groups(forced_groups, n, B, 0, H, G);
   std::vector<std::shared_ptr<BackShared>> parts;  // as in `Forward`
   for (int k = 0; k < groups; ++k) {
-    auto sh = std::make_shared<BackShared>();
-    sh->p = base;
-    sh->p.b0 = group_start(k, groups, B);
-    sh->p.B = group_start(k + 1, groups, B) - sh->p.b0;
-    sh->duplicate = duplicate;
+    auto sh = group_part<BackShared>(base, k, groups, duplicate);
     const size_t rows = sh->p.B, first = static_cast<size_t>(sh->p.b0) * H;
     sh->v_ring.assign(2 * rows * GH, 0.0f);
     sh->lh_ring.assign(2 * rows * H, 0.0f);
