@@ -24,6 +24,8 @@
 // Threads: the hidden units are cut into one chunk per thread; a chunk's W_x and W_h columns
 // (all gates of its units) are packed once per call, so whoever computes the chunk needs
 // nothing from the other chunks but h_{t-1}. Chunks are published once per step (`Shared`).
+// Where each thread gets enough rows, the rows are cut into groups instead, one thread each,
+// each group one chunk of all units, with no h to exchange (`row_groups`, `run_groups`).
 
 #include <algorithm>
 #include <atomic>
@@ -306,12 +308,14 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
 // steps take no hand-off between threads, but each thread reads all of W_x and W_h (I = 0:
 // the kernel does not multiply by W_x; the backward loop reads W_hᵀ alone). Groups when all
 // n threads get at least kGroupRows rows (a full row tile of `gemm_acc`) and the weights are
-// at most kGroupWeightBytes. Measured on 2 cores, interleaved, T100 (B16: T256), one chunk
-// per thread against one group per thread, fwd / fwd+bwd: LSTM B16 H128 1.04 / 1.07, GRU
-// B16 H128 1.22 / 1.37, Elman B16 H128 1.67 (fwd), LSTM B64 H128 1.04 / 1.17, GRU B256 H128
-// 1.07 / 1.24, LSTM B16 H256 1.04 / 1.11, LSTM B64 H256 1.04 / 1.08; against them LSTM B8
-// H128 (4 rows a group) 0.80 / 1.00, GRU B8 H128 0.67 / 0.83, LSTM B16 H512 (8 MiB of
-// weights) 0.93 / 0.99, LSTM B64 T128 H512 0.91 / 0.98. Up to kGroupWeightBytesLarge, from
+// at most kGroupWeightBytes. Measured on 2 cores (each variant compiled apart, interleaved
+// medians), fwd+bwd, the rows in one group (chunks of units) against the groups: B16 T256
+// H128 LSTM 1.03, GRU 1.34, Elman 1.12; T100: LSTM B64 H128 1.29, GRU B256 H128 1.36, LSTM
+// B16 H256 0.94-1.03, GRU B16 H256 1.05, LSTM B32 H256 1.10, LSTM B64 H256 1.09; the
+// forward-only pass unchanged (0.97-1.02). Against them (with the groups switched at call
+// time, fwd / fwd+bwd): LSTM B8 H128 (4 rows a group) 0.80 / 1.00, GRU B8 H128 0.67 / 0.83,
+// LSTM B16 H512 (8 MiB of weights) 0.93 / 0.99, LSTM B64 T128 H512 0.91 / 0.98. Up to
+// kGroupWeightBytesLarge, from
 // kGroupRowsLarge rows a thread and for the gated cells, which is where the backward loop
 // (W_hᵀ alone) gets them: its kernel alone, LSTM B64 T128 H512 (4 MiB) 1.09, LSTM B256 H512
 // 1.21, GRU B64 H512 1.22; against them LSTM B16 H512 0.93 (8 rows a thread), Elman B64
