@@ -315,11 +315,10 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
 // forward-only pass unchanged (0.97-1.02). Against them (with the groups switched at call
 // time, fwd / fwd+bwd): LSTM B8 H128 (4 rows a group) 0.80 / 1.00, GRU B8 H128 0.67 / 0.83,
 // LSTM B16 H512 (8 MiB of weights) 0.93 / 0.99, LSTM B64 T128 H512 0.91 / 0.98. Up to
-// kGroupWeightBytesLarge, from
-// kGroupRowsLarge rows a thread and for the gated cells, which is where the backward loop
-// (W_hᵀ alone) gets them: its kernel alone, LSTM B64 T128 H512 (4 MiB) 1.09, LSTM B256 H512
-// 1.21, GRU B64 H512 1.22; against them LSTM B16 H512 0.93 (8 rows a thread), Elman B64
-// H1024 0.94. `forced` > 0 (tests): that many groups, at most B.
+// kGroupWeightBytesLarge, from kGroupRowsLarge rows a thread and for the gated cells, which
+// is where the backward loop (W_hᵀ alone) gets them: its kernel alone, LSTM B64 T128 H512
+// (4 MiB) 1.09, LSTM B256 H512 1.21, GRU B64 H512 1.22; against them LSTM B16 H512 0.93 (8
+// rows a thread), Elman B64 H1024 0.94. `forced` > 0 (tests): that many groups, at most B.
 constexpr int kGroupRows = 8;
 constexpr int64_t kGroupWeightBytes = int64_t{2} << 20;
 constexpr int kGroupRowsLarge = 32;
@@ -652,19 +651,25 @@ void participate(S& sh, int k, int n) {
   sh.active.fetch_sub(1, std::memory_order_acq_rel);
 }
 
+// Waits for the threads still inside a call's `participate`: one may be finishing a duplicate
+// and read the inputs, which XLA owns again once the call returns. Then checks that every
+// chunk of every step was published once.
+template <class S>
+ffi::Error settle(const S& sh) {
+  for (int spins = 0; sh.active.load(std::memory_order_acquire) > 0; ++spins)
+    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+  if (sh.done.load() != static_cast<int64_t>(sh.p.T) * sh.chunks)  // once per step each
+    return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
+  return ffi::Error::Success();
+}
+
 // Runs `participate` on n threads (this one and n - 1 pool tasks) until every chunk of every
 // step is published.
 template <class S>
 ffi::Error run_threads(const std::shared_ptr<S>& sh, ffi::ThreadPool& pool, int n) {
   for (int k = 1; k < n; ++k) pool.Schedule([sh, k, n] { participate(*sh, k, n); });
   participate(*sh, 0, n);
-  // A thread still inside may be finishing a duplicate; it may read the inputs, which XLA
-  // owns again once this returns.
-  for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
-    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
-  if (sh->done.load() != static_cast<int64_t>(sh->p.T) * sh->chunks)  // once per step each
-    return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
-  return ffi::Error::Success();
+  return settle(*sh);
 }
 
 // Runs independent problems (the groups of a call's rows) on as many threads, this one and
@@ -680,12 +685,8 @@ ffi::Error run_groups(const std::vector<std::shared_ptr<S>>& parts, ffi::ThreadP
       for (int j = 0; j < n; ++j) participate(*(*all)[(k + j) % n], 0, 1);
     });
   for (int j = 0; j < n; ++j) participate(*parts[j], 0, 1);
-  for (const auto& sh : parts) {
-    for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
-      if (spins < 1000) cpu_relax(); else std::this_thread::yield();
-    if (sh->done.load() != static_cast<int64_t>(sh->p.T) * sh->chunks)
-      return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
-  }
+  for (const auto& sh : parts)
+    if (ffi::Error err = settle(*sh); err.failure()) return err;
   return ffi::Error::Success();
 }
 
