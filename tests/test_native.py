@@ -246,6 +246,40 @@ def _derivatives_equal_xla(cell_name, mode, monkeypatch):
     assert_trees_close(actual[1], jvp, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_the_backward_kernel_writes_over_its_residual(cell_name):
+    """The backward kernel's input cotangent takes the buffer of the residual as wide as it
+    (`native.RESIDUAL_WIDTHS`), so the gradient pass allocates one sequence array less."""
+    cell = FAST_CELLS[cell_name](16)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (8, TIME, INPUT_SIZE))
+    grad = jax.grad(lambda p, x: jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x)[0])), argnums=(0, 1))
+    text = jax.jit(grad).lower(params, xs).compile().as_text()
+    calls = [line for line in text.splitlines() if native.TARGET_BACKWARD in line]
+    assert len(calls) == 1 and "output_to_operand_aliasing={{0}: (3, {})}" in calls[0]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_one_residual_feeds_two_backward_calls(cell_name, jit, monkeypatch):
+    """Two backward calls on the same residuals (a vjp applied twice, in one jitted function
+    or eagerly): the buffer the first writes over is not the second's input."""
+    cell = FAST_CELLS[cell_name](16)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (3, TIME, INPUT_SIZE))
+    cts = jax.random.normal(fresh_key(), (2, 3, TIME, 16))
+
+    def twice(p, x, cts):
+        _, pullback = jax.vjp(lambda p, x: jaxrnn.unroll(cell, p, x)[0], p, x)
+        return pullback(cts[0]), pullback(cts[1])
+
+    run = jax.jit(twice) if jit else twice
+    actual = run(params, xs, cts)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    expected = jax.jit(lambda *a: twice(*a))(params, xs, cts)
+    assert_trees_close(actual, expected, rtol=2e-5, atol=2e-5)
+
+
 # Sizes and thread counts: one thread with scalar code only (5), exactly one vector (16),
 # uneven chunks (40 on 2, 50 on 3), more threads than cores (48 on 3, 64 on 4), and the
 # defaults (auto threads) at sizes that take one (5) and two (130) threads; no bias.

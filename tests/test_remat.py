@@ -63,14 +63,14 @@ def test_remat_lowers_compiled_memory():
     cell = jaxrnn.lstm(64, proj_size=48)
     plain, sqrt_t = _temp_bytes(cell, None), _temp_bytes(cell, True)
     assert sqrt_t < 0.8 * plain, (plain, sqrt_t)
-    # Against the GRU's fast path too (measured: 14.8 MB -> 10.7 MB).
-    gru = jaxrnn.gru(64)
-    assert _temp_bytes(gru, True) < 0.8 * _temp_bytes(gru, None)
 
 
-def test_lstm_fast_path_needs_no_more_memory_than_remat():
-    # The LSTM's fast path stores only the gate derivatives (measured: 13.8 MB, as remat).
-    cell = jaxrnn.lstm(64)
+@pytest.mark.parametrize("factory", [jaxrnn.lstm, jaxrnn.gru])
+def test_gated_fast_paths_need_no_more_memory_than_remat(factory):
+    # The LSTM's fast path stores only the gate derivatives, the GRU's [r, z, n] and hn, and
+    # the backward kernel writes its cotangent over the widest of them (measured: LSTM 9.6 MB
+    # against 13.8 with remat; GRU 10.6 against 10.7).
+    cell = factory(64)
     assert _temp_bytes(cell, None) <= 1.05 * _temp_bytes(cell, True)
 
 

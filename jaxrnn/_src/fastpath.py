@@ -181,21 +181,33 @@ def _gru_primal(xw, hw, carry):
     z = jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     h_new = (1.0 - z) * n + z * h
-    return (h_new,), h_new, (r, z, n, hn)
+    # r, z, n as one array: the native backward kernel writes its input cotangent over it.
+    return (h_new,), h_new, (jnp.concatenate([r, z, n], axis=-1), hn)
 
 
 def _gru_coefficients(inputs):
-    r, z, n, hn, h_in = inputs
-    return r * (1 - r), hn, r, z * (1 - z) * (h_in - n), (1 - z) * (1 - n * n), z
+    """The GRU tangent's coefficients from ``([r, z, n], hn, h_in)``: ``(c_x, c_h, z)``, where
+    ``dh_new = Σ_gates (c_x·dx + c_h·dhw) + z·dh`` (`_gru_tangent`). With ``a = (1-z)(1-n²)``
+    (the slope through ``n``): ``c_x = [a·hn·r(1-r), z(1-z)(h_in-n), a]`` and ``c_h`` the
+    same but ``a·r`` in the n gate (the reset gate scales the recurrent part alone)."""
+    rzn, hn, h_in = inputs
+    r, z, n = _gates(rzn, 3)
+    a = (1 - z) * (1 - n * n)
+    through_r = a * hn * r * (1 - r)
+    z_slope = z * (1 - z) * (h_in - n)
+    c_x = jnp.concatenate([through_r, z_slope, a], axis=-1)
+    c_h = jnp.concatenate([through_r, z_slope, a * r], axis=-1)
+    return c_x, c_h, z
 
 
 def _gru_tangent(dx, dhw, dcarry, coef):
+    # The three gates' terms summed through a reshape, not cut apart: the transpose then
+    # broadcasts instead of concatenating. (XLA:CPU in jax 0.10.2 miscompiled the transposed
+    # loop with the cut version in float64 at some sizes, e.g. batch 4, H 5.)
     (dh,) = dcarry
-    r_slope, hn, r, z_slope, n_slope, z = coef
-    dxr, dxz, dxn = jnp.split(dx, 3, axis=-1)
-    dhr, dhz, dhn = jnp.split(dhw, 3, axis=-1)
-    dr = r_slope * (dxr + dhr)
-    dh_new = n_slope * (dxn + dr * hn + r * dhn) + z_slope * (dxz + dhz) + z * dh
+    c_x, c_h, z = coef
+    terms = c_x * dx + c_h * dhw
+    dh_new = terms.reshape(*terms.shape[:-1], 3, -1).sum(axis=-2) + z * dh
     return (dh_new,), dh_new
 
 

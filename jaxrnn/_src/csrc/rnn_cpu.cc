@@ -392,8 +392,8 @@ ResidualLayout residual_layout(int kind) {
   switch (kind) {
     case kLstm:  // (slopes of i, f, g, o as one (T, B, 4H) array; f; o·tanh'(c))
       return {6, {0, 0, 0, 0, 1, 2}, {0, 1, 2, 3, 0, 0}, {4, 1, 1, 0}};
-    case kGru:  // (r, z, n, hn)
-      return {4, {0, 1, 2, 3}, {0, 0, 0, 0}, {1, 1, 1, 1}};
+    case kGru:  // (r, z, n as one (T, B, 3H) array; hn)
+      return {4, {0, 0, 0, 1}, {0, 1, 2, 0}, {3, 1, 0, 0}};
     default:  // (h,)
       return {1, {0}, {0}, {1, 0, 0, 0}};
   }
@@ -806,11 +806,14 @@ struct BackProblem {
   bool reverse;
   const float* ct_ys;     // (T, B, H)
   const float* coef[6];   // elman (h,); lstm (slopes (T, B, 4H), f, o·tanh'(c)); gru
-                          // (r, z, n, hn, h_in); (T, B, H) unless noted. The Elman and
-                          // GRU steps make their coefficients from these residuals.
+                          // ([r, z, n] (T, B, 3H), hn, h_in); (T, B, H) unless noted. The
+                          // Elman and GRU steps make their coefficients from these residuals.
   const float* w_h;       // (H, G*H)
   const bool *mask, *resets;
-  float* ct_u;            // (T, B, G*H): the cotangent of the loop's input per step
+  float* ct_u;            // (T, B, G*H): the cotangent of the loop's input per step. It may
+                          // be coef[0]'s buffer (native.backward aliases them): each element
+                          // is read at its step before the chunk's publication writes it, and
+                          // a duplicate copy reading it later loses the publication.
   float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
   int b0 = 0;             // the first row this problem covers, as in `Problem`
 };
@@ -835,7 +838,8 @@ BackLocal make_local(const BackShared& sh, int widest) {
 
 struct BackRow {
   const float *lh, *lc, *ct_y;  // λ of this chunk's units (after the matmul), ct_ys[t]
-  const float* coef[6];         // at this row and unit 0 of the chunk (lstm slopes: gate stride H)
+  const float* coef[6];  // at this row and unit 0 of the chunk (coef[0] of the LSTM and GRU:
+                         // gate stride H)
   float *v, *u, *lh_out, *lc_out;  // v, u: gate g of unit j at [g*U + j]
   int U, H;
   bool take;
@@ -868,11 +872,11 @@ inline void back_units(const BackRow& w, int j) {
     store(w.lc_out + j, load<V>(w.coef[1] + j) * gc + pass_c);
     store(w.lh_out + j, pass_h);
   } else {
-    // The tangent's coefficients from the residuals (r, z, n, hn, h_in), as fastpath's
+    // The tangent's coefficients from the residuals ([r, z, n], hn, h_in), as fastpath's
     // _gru_coefficients: r(1 - r), z(1 - z)(h_in - n), (1 - z)(1 - n²).
-    const V r = load<V>(w.coef[0] + j), z = load<V>(w.coef[1] + j);
-    const V n = load<V>(w.coef[2] + j), hn = load<V>(w.coef[3] + j);
-    const V h_in = load<V>(w.coef[4] + j);
+    const float* rzn = w.coef[0];
+    const V r = load<V>(rzn + j), z = load<V>(rzn + w.H + j), n = load<V>(rzn + 2 * w.H + j);
+    const V hn = load<V>(w.coef[1] + j), h_in = load<V>(w.coef[2] + j);
     const V a = (1.0f - z) * (1.0f - n * n) * g;
     const V vr = r * (1.0f - r) * hn * a;
     const V vz = z * (1.0f - z) * (h_in - n) * g;
@@ -929,7 +933,7 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
   float *lh = out.lh_in.data(), *lc = out.lc_in.data();
   finish_lambda(sh, chunk, s, lh, lc);
   const auto fn = row_fn<BackwardRow, BackRow>(p.kind);
-  const int widths[6] = {p.kind == kLstm ? 4 : 1, 1, 1, 1, 1, 1};
+  const int widths[6] = {p.kind == kLstm ? 4 : (p.kind == kGru ? 3 : 1), 1, 1, 1, 1, 1};
   for (int b = 0; b < B; ++b) {
     const size_t row = row_of(p, t, b);
     if (p.reverse && p.resets != nullptr && p.resets[row]) {  // zeroed after the step
@@ -1028,14 +1032,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
   const size_t BH = static_cast<size_t>(B) * H, flags = static_cast<size_t>(T) * B;
   const size_t GH = static_cast<size_t>(G) * H;
-  const int n_coef = kind == kLstm ? 3 : (kind == kGru ? 5 : 1);
+  const bool gated = kind == kLstm || kind == kGru;  // coef[0] holds all gates: (T, B, G·H)
+  const int n_coef = gated ? 3 : 1;
   const ffi::Buffer<ffi::F32>* coefs[6] = {&coef0, &coef1, &coef2, &coef3, &coef4, &coef5};
   bool ok = wd[0] == H && wd[1] == static_cast<int64_t>(GH) && ct_h.element_count() == BH &&
             ct_c.element_count() == BH && ct_u->element_count() == flags * GH &&
             ct_v->element_count() == (kind == kGru ? flags * GH : 0) &&
             ct_h0->element_count() == BH && ct_c0->element_count() == BH;
   for (int k = 0; k < 6; ++k) {
-    const size_t want = k >= n_coef ? 0 : flags * H * (kind == kLstm && k == 0 ? 4 : 1);
+    const size_t want = k >= n_coef ? 0 : flags * H * (k == 0 && gated ? G : 1);
     ok = ok && coefs[k]->element_count() == want;
   }
   if (!ok) return ffi::Error::InvalidArgument("jaxrnn native backward: inconsistent shapes");
