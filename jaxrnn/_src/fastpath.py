@@ -181,33 +181,47 @@ def _gru_primal(xw, hw, carry):
     z = jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     h_new = (1.0 - z) * n + z * h
-    # r, z, n as one array: the native backward kernel writes its input cotangent over it.
-    return (h_new,), h_new, (jnp.concatenate([r, z, n], axis=-1), hn)
+    return (h_new,), h_new, (r, z, n, hn)
 
 
 def _gru_coefficients(inputs):
-    """The GRU tangent's coefficients from ``([r, z, n], hn, h_in)``: ``(c_x, c_h, z)``, where
-    ``dh_new = Σ_gates (c_x·dx + c_h·dhw) + z·dh`` (`_gru_tangent`). With ``a = (1-z)(1-n²)``
-    (the slope through ``n``): ``c_x = [a·hn·r(1-r), z(1-z)(h_in-n), a]`` and ``c_h`` the
-    same but ``a·r`` in the n gate (the reset gate scales the recurrent part alone)."""
-    rzn, hn, h_in = inputs
-    r, z, n = _gates(rzn, 3)
+    """The GRU tangent's coefficients (`_gru_tangent`) from ``(r, z, n, hn, h_in)`` (XLA's
+    loop) or ``([r, z, n], hn, h_in)`` (the native kernel's layout, `_native_residuals`).
+
+    With ``a = (1-z)(1-n²)``, the slope through ``n``: ``(r(1-r), hn, r, z(1-z)(h_in-n), a,
+    z)``. In float64 instead ``(c_x, c_h, z)`` with ``c_x = [a·hn·r(1-r), z(1-z)(h_in-n),
+    a]`` and ``c_h`` the same but ``a·r`` in the n gate (the reset gate scales the recurrent
+    part alone): XLA:CPU (jax 0.10.2) miscompiled the transposed loop of the first form in
+    float64 (batch 4, H 5: weight gradients off by up to 40%; no mismatch in float32 over 160
+    sizes), and the second form, correct there, is slower (B16 T256 H128 fwd+bwd on XLA's
+    loops: 37 against 24 ms)."""
+    *rzn, hn, h_in = inputs
+    r, z, n = rzn if len(rzn) == 3 else _gates(rzn[0], 3)
     a = (1 - z) * (1 - n * n)
-    through_r = a * hn * r * (1 - r)
     z_slope = z * (1 - z) * (h_in - n)
+    if z.dtype != jnp.float64:
+        return r * (1 - r), hn, r, z_slope, a, z
+    through_r = a * hn * r * (1 - r)
     c_x = jnp.concatenate([through_r, z_slope, a], axis=-1)
     c_h = jnp.concatenate([through_r, z_slope, a * r], axis=-1)
     return c_x, c_h, z
 
 
 def _gru_tangent(dx, dhw, dcarry, coef):
-    # The three gates' terms summed through a reshape, not cut apart: the transpose then
-    # broadcasts instead of concatenating. (XLA:CPU in jax 0.10.2 miscompiled the transposed
-    # loop with the cut version in float64 at some sizes, e.g. batch 4, H 5.)
+    """``dh_new = a(dx_n + dr·hn + r·dh_n) + z(1-z)(h_in-n)(dx_z + dh_z) + z·dh``, ``dr =
+    r(1-r)(dx_r + dh_r)``; or, from float64's coefficients, ``Σ_gates (c_x·dx + c_h·dhw) +
+    z·dh`` (`_gru_coefficients`)."""
     (dh,) = dcarry
-    c_x, c_h, z = coef
-    terms = c_x * dx + c_h * dhw
-    dh_new = terms.reshape(*terms.shape[:-1], 3, -1).sum(axis=-2) + z * dh
+    if len(coef) == 3:
+        c_x, c_h, z = coef
+        terms = jnp.split(c_x * dx + c_h * dhw, 3, axis=-1)
+        dh_new = terms[0] + terms[1] + terms[2] + z * dh
+        return (dh_new,), dh_new
+    r_slope, hn, r, z_slope, n_slope, z = coef
+    dxr, dxz, dxn = jnp.split(dx, 3, axis=-1)
+    dhr, dhz, dhn = jnp.split(dhw, 3, axis=-1)
+    dr = r_slope * (dxr + dhr)
+    dh_new = n_slope * (dxn + dr * hn + r * dhn) + z_slope * (dxz + dhz) + z * dh
     return (dh_new,), dh_new
 
 
@@ -467,7 +481,24 @@ def _kernel_primal_jvp(static, save, primals, tangents):
     two and more reach here (the first order is `_recurrence`'s linear rule), which keeps the
     kernel's outputs and residuals differentiable to any order."""
     xla = (*static[:3], projection_modes(static[0]), *static[4:])
-    return jax.jvp(lambda *a: _primal_scan(xla, *a, save=save), primals, tangents)
+    native_layout = static[0] if (static[3][1] if save else static[3][0]) == "native" else None
+
+    def xla_scan(*args):
+        carry, (ys, extra) = _primal_scan(xla, *args, save=save)
+        if extra is not None and native_layout is not None:
+            extra = (extra[0], _native_residuals(native_layout, extra[1]))
+        return carry, (ys, extra)
+
+    return jax.jvp(xla_scan, primals, tangents)
+
+
+def _native_residuals(kind, res):
+    """XLA's loop's residuals in the native kernel's layout (`native.RESIDUAL_WIDTHS`): the
+    GRU's ``(r, z, n, hn)`` as ``([r, z, n], hn)``, the others' unchanged."""
+    if kind != "gru":
+        return res
+    r, z, n, hn = res
+    return jnp.concatenate([r, z, n], axis=-1), hn
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

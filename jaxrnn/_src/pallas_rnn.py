@@ -689,7 +689,7 @@ def primal_scan(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, sav
         c_in = _entering(cs, run.leaves[1], fresh)
         res = fastpath.lstm_residuals(i, f, g, o, c_in, jnp.tanh(cs))
     elif kind == "gru":
-        res = tuple(jnp.split(saved[0], [3 * hidden], axis=-1))  # ([r, z, n], hn)
+        res = tuple(jnp.split(saved[0], 4, axis=-1))
     else:
         res = (hs,)
     stacked = (unflat(run.seq(h_in)), tuple(unflat(run.seq(a)) for a in res))
