@@ -11,6 +11,7 @@ from _parallel_reference import random_flags
 from conftest import assert_trees_close
 
 import jaxrnn
+from jaxrnn._src import fastpath
 from jaxrnn._src import remat as remat_lib
 
 
@@ -65,13 +66,23 @@ def test_remat_lowers_compiled_memory():
     assert sqrt_t < 0.8 * plain, (plain, sqrt_t)
 
 
-@pytest.mark.parametrize("factory", [jaxrnn.lstm, jaxrnn.gru])
-def test_gated_fast_paths_need_no_more_memory_than_remat(factory):
-    # The LSTM's fast path stores only the gate derivatives, the GRU's [r, z, n] and hn, and
-    # the backward kernel writes its cotangent over the widest of them (measured: LSTM 9.6 MB
-    # against 13.8 with remat; GRU 10.6 against 10.7).
-    cell = factory(64)
+def test_lstm_fast_path_needs_no_more_memory_than_remat():
+    # The LSTM's fast path stores only the gate derivatives (measured on XLA's loops: 13.8 MB,
+    # as remat; on the native kernels 9.6 MB, their backward loop writing its cotangent over
+    # the gate derivatives).
+    cell = jaxrnn.lstm(64)
     assert _temp_bytes(cell, None) <= 1.05 * _temp_bytes(cell, True)
+
+
+def test_gru_fast_path_memory_against_remat():
+    # On the native kernels the backward loop writes its cotangent over [r, z, n] (measured:
+    # 10.6 MB against 10.7 with remat); on XLA's loops remat saves (14.8 MB -> 10.7 MB).
+    cell = jaxrnn.gru(64)
+    fast, remat = _temp_bytes(cell, None), _temp_bytes(cell, True)
+    if fastpath.placements("gru", 4, 64, jnp.float32)[1] == "native":
+        assert fast <= 1.05 * remat, (fast, remat)
+    else:
+        assert remat < 0.8 * fast, (fast, remat)
 
 
 def test_bad_remat():
