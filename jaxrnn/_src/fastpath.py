@@ -376,11 +376,17 @@ def _fused_weights(kind, w_x, b_x, w_h, b_in):
     return w, jnp.concatenate([bx[0] + bh[0], bx[1] + bh[1], bx[2], bh[2]])
 
 
+def _placement(static, save):
+    """Where a pass's primal runs: ``static``'s placement for the gradient pass (``save``) or
+    the forward-only pass (`placements`)."""
+    return static[3][1] if save else static[3][0]
+
+
 def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
     kind, reverse, unroll, proj, md, _ = static
     primal = _RECURRENCES[kind][0]
     n_gates = _N_GATES[kind]
-    placement = proj[1] if save else proj[0]
+    placement = _placement(static, save)
 
     if placement in ("pallas", "native"):  # a kernel: the same outputs and residuals
         return _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets)
@@ -462,8 +468,8 @@ def _native_primal(
 def _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
     """`_primal_scan` on a kernel: the native CPU kernel (`native`) or the persistent Pallas
     kernel (`pallas_rnn.primal_scan`, GPU), as `placements` chose for the pass."""
-    kind, reverse, _, proj, _, batch_major = static
-    if (proj[1] if save else proj[0]) == "native":
+    kind, reverse, _, _, _, batch_major = static
+    if _placement(static, save) == "native":
         return _native_primal(
             kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major
         )
@@ -481,12 +487,12 @@ def _kernel_primal_jvp(static, save, primals, tangents):
     two and more reach here (the first order is `_recurrence`'s linear rule), which keeps the
     kernel's outputs and residuals differentiable to any order."""
     xla = (*static[:3], projection_modes(static[0]), *static[4:])
-    native_layout = static[0] if (static[3][1] if save else static[3][0]) == "native" else None
+    native = _placement(static, save) == "native"
 
     def xla_scan(*args):
         carry, (ys, extra) = _primal_scan(xla, *args, save=save)
-        if extra is not None and native_layout is not None:
-            extra = (extra[0], _native_residuals(native_layout, extra[1]))
+        if save and native:  # the residuals in the kernel's layout
+            extra = (extra[0], _native_residuals(static[0], extra[1]))
         return carry, (ys, extra)
 
     return jax.jvp(xla_scan, primals, tangents)

@@ -933,7 +933,7 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
   float *lh = out.lh_in.data(), *lc = out.lc_in.data();
   finish_lambda(sh, chunk, s, lh, lc);
   const auto fn = row_fn<BackwardRow, BackRow>(p.kind);
-  const int widths[6] = {p.kind == kLstm ? 4 : (p.kind == kGru ? 3 : 1), 1, 1, 1, 1, 1};
+  const int widths[6] = {G, 1, 1, 1, 1, 1};  // coef[0]: all gates (the Elman's one)
   for (int b = 0; b < B; ++b) {
     const size_t row = row_of(p, t, b);
     if (p.reverse && p.resets != nullptr && p.resets[row]) {  // zeroed after the step
@@ -1032,15 +1032,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   const int G = kind == kLstm ? 4 : (kind == kGru ? 3 : 1);
   const size_t BH = static_cast<size_t>(B) * H, flags = static_cast<size_t>(T) * B;
   const size_t GH = static_cast<size_t>(G) * H;
-  const bool gated = kind == kLstm || kind == kGru;  // coef[0] holds all gates: (T, B, G·H)
-  const int n_coef = gated ? 3 : 1;
+  const int n_coef = G > 1 ? 3 : 1;
   const ffi::Buffer<ffi::F32>* coefs[6] = {&coef0, &coef1, &coef2, &coef3, &coef4, &coef5};
   bool ok = wd[0] == H && wd[1] == static_cast<int64_t>(GH) && ct_h.element_count() == BH &&
             ct_c.element_count() == BH && ct_u->element_count() == flags * GH &&
             ct_v->element_count() == (kind == kGru ? flags * GH : 0) &&
             ct_h0->element_count() == BH && ct_c0->element_count() == BH;
   for (int k = 0; k < 6; ++k) {
-    const size_t want = k >= n_coef ? 0 : flags * H * (k == 0 && gated ? G : 1);
+    const size_t want = k >= n_coef ? 0 : flags * H * (k == 0 ? G : 1);  // coef[0]: all gates
     ok = ok && coefs[k]->element_count() == want;
   }
   if (!ok) return ffi::Error::InvalidArgument("jaxrnn native backward: inconsistent shapes");
