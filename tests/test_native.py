@@ -280,6 +280,54 @@ def test_one_residual_feeds_two_backward_calls(cell_name, jit, monkeypatch):
     assert_trees_close(actual, expected, rtol=2e-5, atol=2e-5)
 
 
+def _transparent_huge_pages():
+    """The system's transparent-huge-page mode ("always", "madvise", "never"), or None."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    found = re.search(r"\[(\w+)\]", text)
+    return found and found.group(1)
+
+
+def _thp_faults():
+    """Page faults the whole system has served with a huge page so far (/proc/vmstat)."""
+    with open("/proc/vmstat") as stats:
+        return next(int(line.split()[1]) for line in stats if line.startswith("thp_fault_alloc "))
+
+
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_huge_page_advice_leaves_results_unchanged(cell_name, monkeypatch):
+    """Both kernels with and without the advice under their large results (each at least
+    4 MiB here): bit for bit the same, forward and gradients."""
+    cell = FAST_CELLS[cell_name](128)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (64, 160, INPUT_SIZE))
+    outs = {}
+    for advice in ("1", "0"):
+        monkeypatch.setenv("JAXRNN_NATIVE_HUGEPAGES", advice)
+        outs[advice] = forward(cell, params, xs), _grads(cell, params, xs, None)
+    jax.tree.map(np.testing.assert_array_equal, outs["1"], outs["0"])
+
+
+@pytest.mark.skipif(
+    _transparent_huge_pages() not in ("madvise", "always"),
+    reason="the system does not give transparent huge pages",
+)
+def test_fresh_large_results_get_huge_pages(monkeypatch):
+    """LSTM B128 T128 H256: the gate slopes, 64 MiB, lie in memory mapped afresh (glibc maps
+    every block past 32 MiB), and their faults take huge pages where the system allows."""
+    cell = jaxrnn.lstm(256)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (128, 128, INPUT_SIZE))
+    loss = lambda p, x: jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x)[0]))  # noqa: E731
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(grads(params, xs))
+    before = _thp_faults()
+    jax.block_until_ready(grads(params, xs))
+    assert _thp_faults() - before >= 16  # 32 of the 64 MiB at least, in 2 MiB pages
+
+
 # Sizes and thread counts: one thread with scalar code only (5), exactly one vector (16),
 # uneven chunks (40 on 2, 50 on 3), more threads than cores (48 on 3, 64 on 4), and the
 # defaults (auto threads) at sizes that take one (5) and two (130) threads; no bias.

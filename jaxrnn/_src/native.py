@@ -231,6 +231,9 @@ def _attributes(kind, reverse):
         # Tests only: every thread also computes every chunk not yet published, so that the
         # publication race (one copy wins) runs at every step.
         "duplicate": os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",
+        # Transparent huge pages under large fresh result buffers (`advise_huge_pages` in the
+        # C++); JAXRNN_NATIVE_HUGEPAGES=0 leaves them to the system's default.
+        "huge_pages": os.environ.get("JAXRNN_NATIVE_HUGEPAGES") != "0",
     }
 
 
