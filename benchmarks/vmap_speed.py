@@ -5,6 +5,9 @@ For each cell ``kind:n:batch:time:hidden`` the same ``n·batch`` sequences run a
 round, shuffled; median of ``--reps``). Passes: the forward pass; the gradient of
 ``sum(sin(outputs))`` over the whole batch against ``vmap(grad)`` (per-example gradients) and
 against ``grad`` of a vmapped loss. Ratios are vmapped time / batched time (1.0: no cost).
+An ensemble (``ensemble_fwd``, ``ensemble_grad``: ``vmap`` over ``n`` sets of weights, each
+member its own batch) is timed against the one batch with shared weights, as are the same
+members run one after another by ``lax.map`` (``..._loop``: one kernel call per member).
 
 Usage::
 
@@ -27,6 +30,8 @@ from speed import time_interleaved
 import jaxrnn
 
 CELLS = ["lstm:4:4:256:128", "lstm:16:1:256:128", "gru:4:4:256:128"]
+PASSES = ("fwd", "per_example_grad", "grad_of_vmap", "ensemble_fwd", "ensemble_fwd_loop",
+          "ensemble_grad", "ensemble_grad_loop")  # fmt: skip
 FACTORIES = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}
 
 
@@ -48,6 +53,14 @@ def runners(kind: str, n: int, batch: int, time_: int, hidden: int) -> dict:
     def loss(run):
         return lambda p, x: jnp.sum(jnp.sin(run(p, x)))
 
+    members = jax.vmap(lambda k: cell.init(k, hidden))(jax.random.split(jax.random.PRNGKey(2), n))
+
+    def ensemble(p, x):
+        return jax.vmap(one)(p, x)
+
+    def looped(p, x):
+        return jax.lax.map(lambda a: one(*a), (p, x))
+
     fns = {
         "fwd": (batched, vmapped),
         "per_example_grad": (
@@ -59,11 +72,17 @@ def runners(kind: str, n: int, batch: int, time_: int, hidden: int) -> dict:
             jax.grad(loss(vmapped), argnums=(0, 1)),
         ),
     }
+    grad_of = lambda run: jax.grad(loss(run), argnums=(0, 1))  # noqa: E731
+    fns["ensemble_fwd"] = (batched, ensemble)
+    fns["ensemble_fwd_loop"] = (batched, looped)
+    fns["ensemble_grad"] = (grad_of(batched), grad_of(ensemble))
+    fns["ensemble_grad_loop"] = (grad_of(batched), grad_of(looped))
     out = {}
     for name, pair in fns.items():
         for label, fn in zip(("batched", "vmapped"), pair):
-            compiled = jax.jit(fn).lower(params, xs).compile()
-            out[f"{name}/{label}"] = lambda c=compiled: jax.block_until_ready(c(params, xs))
+            p = members if label == "vmapped" and name.startswith("ensemble") else params
+            compiled = jax.jit(fn).lower(p, xs).compile()
+            out[f"{name}/{label}"] = lambda c=compiled, p=p: jax.block_until_ready(c(p, xs))
     return out
 
 
@@ -85,7 +104,7 @@ def main(argv=None):
         n, batch, time_, hidden = (int(d) for d in dims)
         times = time_interleaved(runners(kind, n, batch, time_, hidden), args.reps, rng)
         median = {name: statistics.median(wall) * 1e3 for name, (wall, _) in times.items()}
-        for pass_ in ("fwd", "per_example_grad", "grad_of_vmap"):
+        for pass_ in PASSES:
             one, vm = median[f"{pass_}/batched"], median[f"{pass_}/vmapped"]
             rows.append(dict(cell=spec, pass_=pass_, batched_ms=one, vmapped_ms=vm, ratio=vm / one))
             print(f"| {kind} {n} × {batch}, {time_}, {hidden} | {pass_} | {one:.2f} | {vm:.2f} "

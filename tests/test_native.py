@@ -579,19 +579,120 @@ def test_vmap_over_the_initial_carry_alone():
         assert_trees_close(_example(actual, i), expected)
 
 
-def test_vmap_over_weights_runs_the_kernel_per_member():
-    """An ensemble (batched weights): the kernel takes one set of weights, so it runs once per
-    member, in a loop."""
-    cell = jaxrnn.gru(24)
-    params = jax.vmap(lambda k: cell.init(k, INPUT_SIZE))(jax.random.split(fresh_key(), 3))
-    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
-    fn = jax.vmap(lambda p: jaxrnn.unroll(cell, p, xs)[0])
-    targets, loops = _hlo(fn, params)
-    assert targets == [native.TARGET] and loops == 1
-    actual = jax.jit(fn)(params)
+def _ensemble(cell, members):
+    """``members`` sets of weights, drawn apart, stacked on a leading axis."""
+    keys = jax.random.split(fresh_key(), members)
+    return jax.vmap(lambda k: cell.init(k, INPUT_SIZE))(keys)
+
+
+@pytest.mark.parametrize("mode", VMAP_MODES)
+@pytest.mark.parametrize("name", MAIN)
+def test_an_ensemble_runs_the_kernel_once(name, mode):
+    """Batched weights (an ensemble under `vmap`): one kernel call over every member, no loop
+    around it, each member's outputs those of the specification with its own weights."""
+    cell = FAST_CELLS[name](16)
+    params = _ensemble(cell, 3)
+    xs, carry, arrays, static = _stacked_inputs(cell, mode)
+
+    def run(params, xs, carry, arrays):
+        return jaxrnn.unroll(cell, params, xs, carry, **arrays, **static)
+
+    fn = jax.vmap(run, in_axes=(0, 0, None if carry is None else 0, 0))
+    assert _hlo(fn, params, xs, carry, arrays) == ([native.TARGET], 0)
+    actual = jax.jit(fn)(params, xs, carry, arrays)
+    spec = {k: v for k, v in static.items() if k != "unroll"}
     for i in range(3):
-        expected = reference_unroll(cell, _example(params, i), xs)[0]
-        np.testing.assert_allclose(actual[i], expected, rtol=1e-5, atol=1e-5)
+        expected = reference_unroll(
+            cell, _example(params, i), xs[i], _example(carry, i), **_example(arrays, i), **spec
+        )
+        assert_trees_close(_example(actual, i), expected)
+
+
+@pytest.mark.parametrize("mode", VMAP_MODES)
+@pytest.mark.parametrize("name", MAIN)
+def test_ensemble_gradients_run_both_kernels_once(monkeypatch, name, mode):
+    """The gradient of an ensemble's summed loss: the forward and the backward kernel each run
+    once over every member, equal to XLA's loops."""
+    cell = FAST_CELLS[name](16)
+    params = _ensemble(cell, 3)
+    xs, carry, arrays, static = _stacked_inputs(cell, mode)
+
+    def loss(params, xs, carry, arrays):
+        member = lambda p, x, c, a: fast_loss(cell, p, x, c, {**a, **static})  # noqa: E731
+        axes = (0, 0, None if carry is None else 0, 0)
+        return jnp.sum(jax.vmap(member, in_axes=axes)(params, xs, carry, arrays) ** 2)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2))
+    args = (params, xs, carry, arrays)
+    assert _hlo(fn, *args) == ([native.TARGET, native.TARGET_BACKWARD], 0)
+    actual = jax.jit(fn)(*args)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert_trees_close(actual, jax.jit(fn)(*args), rtol=2e-5, atol=2e-5)
+
+
+# Members against threads (`spread_members` in the C++): fewer members than threads (one after
+# another, each on every thread), as many, more (whole problems per thread: 5 members of 6 rows
+# as 10 groups; of 9 rows one after another, not cut under 8 rows; 3 of 18 rows as 6 groups),
+# one member, one thread; with forced groups of rows in each member; with forced duplication.
+@pytest.mark.parametrize(
+    "members, runs, threads, env",
+    [(2, 2, 3, {}), (2, 2, 2, {}), (5, 2, 2, {}), (5, 3, 2, {}), (3, 6, 2, {}), (1, 2, 2, {}),
+     (4, 2, 1, {}), (3, 2, 2, {"JAXRNN_NATIVE_GROUPS": "2"}),
+     (2, 2, 3, {"JAXRNN_NATIVE_GROUPS": "2"}), (3, 2, 2, {"JAXRNN_NATIVE_DUPLICATE": "1"})],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman_tanh"])
+def test_ensembles_over_members_and_threads(name, members, runs, threads, env, monkeypatch):
+    """Outputs and gradients of an ensemble (40 units, runs of 3 rows per member, lengths)
+    against XLA's loops, over how its members meet the threads."""
+    cell = FAST_CELLS[name](40)
+    params = _ensemble(cell, members)
+    xs = jax.random.normal(fresh_key(), (members, runs, 3, TIME, INPUT_SIZE))
+    lengths = jax.random.randint(fresh_key(), (members, runs, 3), 0, TIME + 1)
+
+    def member(p, x, n):
+        return jax.vmap(lambda x, n: fast_loss(cell, p, x, None, {"seq_lengths": n}))(x, n)
+
+    def both(params, xs, lengths):
+        losses = jax.vmap(member)(params, xs, lengths)
+        return losses, jax.grad(lambda p, x: jnp.sum(jax.vmap(member)(p, x, lengths)),
+                                argnums=(0, 1))(params, xs)  # fmt: skip
+
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _hlo(both, params, xs, lengths) == (
+        [native.TARGET, native.TARGET, native.TARGET_BACKWARD],
+        0,
+    )
+    actual = jax.jit(both)(params, xs, lengths)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert_trees_close(actual, jax.jit(both)(params, xs, lengths), rtol=2e-5, atol=2e-5)
+
+
+def test_an_ensemble_over_shared_inputs_and_nested():
+    """Batched weights with unbatched inputs (every member reads the same sequences), and an
+    ensemble of ensembles (nested `vmap` over weights): one call, each member's outputs."""
+    cell = jaxrnn.lstm(24)
+    params = _ensemble(cell, 6)
+    xs = jax.random.normal(fresh_key(), (2, TIME, INPUT_SIZE))
+    shared = jax.vmap(lambda p: jaxrnn.unroll(cell, p, xs)[0])
+    assert _hlo(shared, params) == ([native.TARGET], 0)
+    nested = jax.vmap(jax.vmap(lambda p, x: jaxrnn.unroll(cell, p, x)[0]))
+    grid = jax.tree_util.tree_map(lambda a: a.reshape(2, 3, *a.shape[1:]), params)
+    many = jax.random.normal(fresh_key(), (2, 3, 2, TIME, INPUT_SIZE))
+    assert _hlo(nested, grid, many) == ([native.TARGET], 0)
+    ys, ys_nested = jax.jit(shared)(params), jax.jit(nested)(grid, many)
+    for i in range(6):
+        member = _example(params, i)
+        np.testing.assert_allclose(
+            ys[i], reference_unroll(cell, member, xs)[0], rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            ys_nested[i // 3, i % 3],
+            reference_unroll(cell, member, many[i // 3, i % 3])[0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_vmap_over_no_examples():

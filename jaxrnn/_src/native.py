@@ -237,19 +237,21 @@ def _attributes(kind, reverse):
     }
 
 
-def _batched_call(target, out_shapes, attributes, shared, aliases=None):
+def _batched_call(target, out_shapes, attributes, weights, aliases=None):
     """The FFI call of ``target``, with a batching rule that runs the kernel once.
 
     The kernels take their per-step arrays as ``(N, time, B', ...)``, ``N`` runs of the
     sequence of ``B'`` rows each, and their carries as ``(N·B', ...)``: ``out_shapes(N, time,
-    B')`` gives the results from the first operand's shape. Under ``vmap`` with the operands
-    flagged in ``shared`` (the weights) unbatched, the vmapped axis merges into the leading
-    axis of every other operand (broadcast where unbatched) by a reshape, the kernel runs once
-    over all examples and the results are split again: no transposes. A batched weight leaves
-    one call per example, as ``vmap_method="sequential"`` does. (XLA's ``ffi_call`` has no
-    batching method that merges the vmapped axis into an axis of our choice.)
-    ``aliases``: ``{operand: result}``, operands whose buffer a result takes (``ffi_call``'s
-    ``input_output_aliases``).
+    B')`` gives the results from the first operand's shape. ``weights`` gives, per operand,
+    the rank of a weight (``None``: not a weight). Under ``vmap`` the vmapped axis merges into
+    the leading axis of every other operand (broadcast where unbatched) by a reshape, the
+    kernel runs once over all examples and the results are split again: no transposes. With
+    the weights unbatched, every example shares them. A batched weight (an ensemble) gives
+    every weight a leading axis of ``E`` members (broadcast where unbatched; merged with one
+    it has already under nested ``vmap``), and the kernel runs each member's ``N / E`` runs
+    with its own weights. (XLA's ``ffi_call`` has no batching method that merges the vmapped
+    axis into an axis of our choice.) ``aliases``: ``{operand: result}``, operands whose
+    buffer a result takes (``ffi_call``'s ``input_output_aliases``).
     """
 
     def kernel(*args):
@@ -267,15 +269,16 @@ def _batched_call(target, out_shapes, attributes, shared, aliases=None):
                        for a, b in zip(args, in_batched)]  # fmt: skip
             outs = jax.eval_shape(kernel, *structs)
             return [jnp.zeros((0, *o.shape), o.dtype) for o in outs], [True] * len(outs)
-        if any(b and w for b, w in zip(in_batched, shared)):
-            args = [a if b else jnp.broadcast_to(a, (size, *a.shape))
-                    for a, b in zip(args, in_batched)]  # fmt: skip
-            outs = jax.lax.map(lambda a: call(*a), args)
-            return outs, [True] * len(outs)
+        members = any(
+            r is not None and (b or a.ndim > r) for a, b, r in zip(args, in_batched, weights)
+        )
         merged = []
-        for a, b, w in zip(args, in_batched, shared):
-            if not (w or a.size == 0):  # weights (unbatched) and empty operands stay
-                a = a if b else jnp.broadcast_to(a, (size, *a.shape))
+        for a, b, r in zip(args, in_batched, weights):
+            if r is None and a.size == 0 or r is not None and not members:
+                merged.append(a)  # empty operands and shared weights stay
+                continue
+            a = a if b else jnp.broadcast_to(a, (size, *a.shape))
+            if r is None or a.ndim > r + 1:  # runs, or members already: merged
                 a = a.reshape(size * a.shape[1], *a.shape[2:])
             merged.append(a)
         outs = call(*merged)
@@ -327,7 +330,7 @@ def forward(
         out += [(*step, widths[k] * hidden) if k < len(widths) else (0,) for k in range(4)]
         return [jax.ShapeDtypeStruct(shape, f32) for shape in out]
 
-    weights = (False, True, True, True, True, False, False, False, False)
+    weights = (None, 2, 1, 2, 1, None, None, None, None)  # w_x, b_x, w_h, b_in
     call = _batched_call(TARGET, out_shapes, _attributes(kind, reverse), weights)
     ys, h, c, h_in, *res = call(
         runs(xs),
@@ -376,7 +379,7 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
 
     ct_h = ct_carry[0]
     ct_c = ct_carry[1] if len(ct_carry) > 1 else jnp.zeros_like(ct_h)
-    weights = (False,) * 9 + (True, False, False)
+    weights = (None,) * 9 + (2, None, None)  # w_h
     # ct_u is written over coef[0] (operand 3), as wide and read element by element before
     # the kernel writes it: the gradient pass allocates one sequence array less. Measured on
     # 2 cores, fwd+bwd, interleaved, without / with: LSTM B64 T100 H128 1.21 (the gradient's
