@@ -73,17 +73,20 @@ def test_both_passes_run_the_kernel():
     assert fastpath.placements("lstm", 2, 8, jnp.float32, backend="cpu") == ("native", "native")
 
 
-def test_the_elman_gradient_pass_keeps_xla_below_a_batch_of_8(monkeypatch):
+def test_the_elman_gradient_pass_keeps_xla_below_a_batch_of_8_and_256_units(monkeypatch):
     monkeypatch.setattr(fastpath, "NATIVE_GRADIENT_KINDS", SHIPPED_GRADIENT_KINDS)
     assert SHIPPED_GRADIENT_KINDS == ("lstm", "gru")
     assert fastpath.NATIVE_GRADIENT_MIN_BATCH == {"elman_tanh": 8, "elman_relu": 8}
+    assert fastpath.NATIVE_GRADIENT_MIN_HIDDEN == {"elman_tanh": 256, "elman_relu": 256}
     for kind in ("elman_tanh", "elman_relu"):
-        assert fastpath.placements(kind, 7, 8, jnp.float32, backend="cpu") == ("native", "hoisted")
-        assert fastpath.placements(kind, 8, 8, jnp.float32, backend="cpu") == ("native", "native")
-    cell = jaxrnn.elman(8)
-    params = cell.init(fresh_key(), 3)
+        for batch, hidden, gradient in ((7, 8, "hoisted"), (8, 8, "native"),
+                                        (7, 255, "hoisted"), (1, 256, "native")):  # fmt: skip
+            placement = fastpath.placements(kind, batch, hidden, jnp.float32, backend="cpu")
+            assert placement == ("native", gradient)
     grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x)[0]))
-    for batch, on_kernels in ((2, False), (8, True)):
+    for batch, hidden, on_kernels in ((2, 8, False), (8, 8, True), (2, 256, True)):
+        cell = jaxrnn.elman(hidden)
+        params = cell.init(fresh_key(), 3)
         xs = jax.random.normal(fresh_key(), (batch, 5, 3))
         text = jax.jit(grad).lower(params, xs).as_text()
         assert (native.TARGET in text and native.TARGET_BACKWARD in text) == on_kernels

@@ -668,13 +668,18 @@ PALLAS_TABLE: dict[tuple[str, str], tuple[int, int, int]] = {
 # primal only / native primal and backward loop: LSTM 43.1 (34.6) / 32.7 (28.8) / 29.7
 # (24.8); GRU 32.5 (27.2) / 26.4 (23.6) / 23.0 (20.5).
 NATIVE_GRADIENT_KINDS = ("lstm", "gru")
-# The kinds whose gradient pass runs on the native kernels from this batch up, XLA's loops
-# below it. The Elman step is one small matmul: at a small batch the kernels' per-step
-# hand-off between threads costs what they save; from 16 rows on 2 cores the kernels run
-# the rows as independent groups, with no hand-off. Interleaved, fwd+bwd T100, XLA's loops
-# against the kernels: B1 H128 0.89, B2 0.85, B4 0.86, B8 1.06-1.08, B16 (T256) 1.15, B64
-# 1.21, B256 1.20; B4 H512 1.01, B8 0.98, B16 1.04; B64 H1024 0.995.
+# The kinds whose gradient pass runs on the native kernels from this batch, or from this
+# hidden size, up; XLA's loops below both. The Elman step is one small matmul: at a small
+# batch and hidden size the kernels' per-step costs match what they save; from 16 rows on 2
+# cores the kernels run the rows as independent groups, with no hand-off. Interleaved,
+# fwd+bwd T100, XLA's loops against the kernels. On a 2-core AMD EPYC (Zen 4): B1 H128 0.89,
+# B2 0.85, B4 0.86, B8 1.06-1.08, B16 (T256) 1.15, B64 1.21, B256 1.20; B4 H512 1.01, B8
+# 0.98, B16 1.04; B64 H1024 0.995. On a 2-core Intel Xeon (Sapphire Rapids), after the
+# kernel's 4-row tiles and one-row sums across four panels: B1 H128 1.02, B2 0.98, B4 0.91,
+# B8 0.95-0.97, B16 1.27; B1 H256 0.96, B2 1.04, B4 1.08; B1 H512 1.21, B4 1.48; B1 H1024
+# 1.78.
 NATIVE_GRADIENT_MIN_BATCH = {"elman_tanh": 8, "elman_relu": 8}
+NATIVE_GRADIENT_MIN_HIDDEN = {"elman_tanh": 256, "elman_relu": 256}
 
 
 def _measured_gpu() -> bool:
@@ -695,7 +700,8 @@ def placements(
     - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype``,
       an unsharded batch, non-``empty`` inputs, the kernel built; the forward-only pass of
       every kind, the gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`,
-      and of `NATIVE_GRADIENT_MIN_BATCH`'s kinds from their batch up.
+      and of `NATIVE_GRADIENT_MIN_BATCH`'s kinds from their batch or
+      `NATIVE_GRADIENT_MIN_HIDDEN`'s hidden size up.
     - ``"pallas"`` (GPU of the measured family): a pass that `PALLAS_TABLE` gives to the
       persistent kernels for this kind and dtype (no ``matmul_dtype``, an unsharded batch up
       to the table's bound, a hidden size the kernels take and no larger than measured).
@@ -712,8 +718,10 @@ def placements(
         usable = not empty and native.supports(kind, hidden, dtype) and native.available()
         if not usable:
             return modes
-        gradient = kind in NATIVE_GRADIENT_KINDS or batch >= NATIVE_GRADIENT_MIN_BATCH.get(
-            kind, math.inf
+        gradient = (
+            kind in NATIVE_GRADIENT_KINDS
+            or batch >= NATIVE_GRADIENT_MIN_BATCH.get(kind, math.inf)
+            or hidden >= NATIVE_GRADIENT_MIN_HIDDEN.get(kind, math.inf)
         )
         return ("native", "native" if gradient else modes[1])
     gpu = backend in ("gpu", "cuda") and _measured_gpu()
