@@ -381,16 +381,28 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
 // kGroupWeightBytesLarge, from kGroupRowsLarge rows a thread and for the gated cells, which
 // is where the backward loop (W_hᵀ alone) gets them: its kernel alone, LSTM B64 T128 H512
 // (4 MiB) 1.09, LSTM B256 H512 1.21, GRU B64 H512 1.22; against them LSTM B16 H512 0.93 (8
-// rows a thread), Elman B64 H1024 0.94. `forced` > 0 (tests): that many groups, at most B.
+// rows a thread), Elman B64 H1024 0.94. With the 4-row tiles of `panel`, also from
+// kGroupRowsSmall rows a thread where the weights are at most kGroupWeightBytesSmall;
+// measured on a 2-core Intel Xeon (Sapphire Rapids), T100, groups of 4 rows against chunks
+// of units, fwd / fwd+bwd: LSTM B8 H128 1.12 / 1.15, GRU B8 H128 1.04 / 1.17, Elman B8 H128
+// 1.38 / 1.08, Elman B8 H256 1.20 / 1.07, LSTM B8 H160 0.96 / 1.11, GRU B8 H192 0.98 / 1.07;
+// past it LSTM B8 H256 (2 MiB) 0.73 / 0.92, B12 0.71 / 0.89; at 2 rows a thread GRU B4 H128
+// 0.85 / 1.07. `forced` > 0 (tests): that many groups, at most B.
 constexpr int kGroupRows = 8;
 constexpr int64_t kGroupWeightBytes = int64_t{2} << 20;
 constexpr int kGroupRowsLarge = 32;
 constexpr int64_t kGroupWeightBytesLarge = int64_t{4} << 20;
+constexpr int kGroupRowsSmall = 4;
+constexpr int64_t kGroupWeightBytesSmall = int64_t{1} << 20;
 
 int row_groups(int forced, int n, int B, int I, int H, int G) {
   if (forced > 0) return std::min(forced, std::max(B, 1));
   const int64_t weight_bytes = int64_t{4} * G * H * (I + H);
-  const bool small = B >= kGroupRows * n && weight_bytes <= kGroupWeightBytes;
+  // The 4-row groups count the weights as if the input were H wide, as measured, whatever
+  // the call reads (the backward loop W_hᵀ alone: LSTM B8 H256 fwd+bwd 0.91 with its groups).
+  const int64_t square_bytes = int64_t{8} * G * H * H;
+  const bool small = (B >= kGroupRows * n && weight_bytes <= kGroupWeightBytes) ||
+                     (B >= kGroupRowsSmall * n && square_bytes <= kGroupWeightBytesSmall);
   const bool large =
       G > 1 && B >= kGroupRowsLarge * n && weight_bytes <= kGroupWeightBytesLarge;
   return n > 1 && (small || large) ? n : 1;
