@@ -123,12 +123,29 @@ def _hoisted(text):
 
 
 def test_the_shipped_hoisting_table():
-    """At a small batch with a large ``W_x``; not at ``H = 128``, nor at a larger batch."""
+    """At a small batch with a large ``W_x``; not at ``H = 128``, nor at a larger batch; from
+    a smaller ``W_x`` where a core's L2 holds 2 MiB."""
+    assert native.HOIST_TABLE == native._hoist_table()
     assert native.hoists(1, 1024, 1024, 4) and native.hoists(16, 1024, 1024, 4)
-    assert not native.hoists(64, 1024, 1024, 4)
-    assert native.hoists(4, 512, 512, 4) and not native.hoists(8, 512, 512, 4)
-    assert native.hoists(4, 512, 512, 1) and not native.hoists(8, 1024, 1024, 1)
+    assert not native.hoists(64, 1024, 1024, 4) and not native.hoists(32, 512, 512, 4)
+    assert native.hoists(4, 512, 512, 4) and native.hoists(4, 512, 512, 1)
+    assert not native.hoists(8, 256, 256, 4)
     assert not any(native.hoists(b, 128, 128, 4) for b in (1, 4, 16))
+    large_l2 = native.HOIST_TABLE == native.HOIST_TABLES["l2_2mib"]
+    assert native.hoists(8, 512, 512, 4) == large_l2
+    assert native.hoists(16, 512, 512, 3) == large_l2
+    assert native.hoists(8, 1024, 1024, 1) == large_l2
+
+
+def test_the_l2_size_is_read(monkeypatch):
+    l2 = native._l2_bytes()
+    assert l2 is None or l2 >= 64 << 10
+    monkeypatch.setattr(native, "_l2_bytes", lambda: 2 << 20)
+    assert native._hoist_table() == native.HOIST_TABLES["l2_2mib"]
+    monkeypatch.setattr(native, "_l2_bytes", lambda: 1 << 20)
+    assert native._hoist_table() == native.HOIST_TABLES["l2_under_2mib"]
+    monkeypatch.setattr(native, "_l2_bytes", lambda: None)
+    assert native._hoist_table() == native.HOIST_TABLES["l2_under_2mib"]
 
 
 # Every runner mode for the main cells, at a hidden size of 40 on two threads: two chunks of

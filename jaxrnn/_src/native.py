@@ -198,13 +198,45 @@ RESIDUAL_WIDTHS = {"elman_tanh": (1,), "elman_relu": (1,), "lstm": (4, 1, 1), "g
 # Where the input projection runs before the kernel: ``(W_x elements at least, batch at
 # most)``, the first row that matches decides. In each step the kernel multiplies the step's
 # ``x_t`` by all of ``W_x`` again; at a small batch that reads ``W_x`` (from L2, or from L3
-# when it is larger than a core's 2 MiB) for a few multiply-adds per element, where one
-# matmul over all steps is bound by the FLOPs. Measured on the 2-core CPU (forward, T=100,
-# input size H; in-kernel time / hoisted time): LSTM B1 H1024 3.07 (the gradient pass 1.87),
-# B8 H1024 1.70, B16 H1024 1.14, B64 H1024 0.92; LSTM B4 H512 1.31, B8 H512 0.95, B16 H512
-# 0.92; LSTM B4 H256 1.97, B8 H256 0.86; LSTM B1 H128 0.92, B4 H128 0.99; GRU B1 H1024 2.13,
-# B16 H1024 1.17; GRU B4 H512 1.28, B8 H512 0.94; Elman B4 H1024 1.40, B8 H1024 0.97.
-HOIST_TABLE = ((1 << 21, 16), (1 << 17, 4))
+# when a thread's share of the weights is larger than its core's L2) for a few multiply-adds
+# per element, where one matmul over all steps is bound by the FLOPs. One table per size of
+# L2 (`_l2_bytes`): hoisted, the kernel streams ``W_h`` alone, whose share fits in a 2 MiB
+# L2 where ``[W_x; W_h]``'s does not. Measured (forward, T=100, input size H; in-kernel time
+# / hoisted time): on a 2-core AMD EPYC (Zen 4, 1 MiB of L2 a core): LSTM B1 H1024 3.07 (the
+# gradient pass 1.87), B8 H1024 1.70, B16 H1024 1.14, B64 H1024 0.92; LSTM B4 H512 1.31, B8
+# H512 0.95, B16 H512 0.92; LSTM B4 H256 1.97, B8 H256 0.86; LSTM B1 H128 0.92, B4 H128
+# 0.99; GRU B1 H1024 2.13, B16 H1024 1.17; GRU B4 H512 1.28, B8 H512 0.94; Elman B4 H1024
+# 1.40, B8 H1024 0.97. On a 2-core Intel Xeon (Sapphire Rapids, 2 MiB), forward /
+# forward+backward: LSTM B8 H512 1.39 / 1.23, B16 H512 1.10 / 1.12, B32 H512 0.83 / 0.97;
+# LSTM B16 H384 1.08 / 1.06; LSTM B8 H256 0.91 / 1.03, B4 H256 0.98 / 1.20; GRU B8 H512
+# 1.33 / 1.21, B16 H512 1.16 / 1.11; Elman B8 H1024 1.33 / 1.16, B16 H1024 1.16 / 1.11; LSTM
+# B1 H1024 1.76 / 1.46, B8 H1024 1.21 / 1.20.
+HOIST_TABLES = {
+    "l2_under_2mib": ((1 << 21, 16), (1 << 17, 4)),
+    "l2_2mib": ((1 << 19, 16), (1 << 17, 4)),
+}
+
+
+def _l2_bytes() -> int | None:
+    """The first CPU's L2 cache in bytes (Linux's sysfs), or None where unknown."""
+    base = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _hoist_table():
+    l2 = _l2_bytes()
+    return HOIST_TABLES["l2_2mib" if l2 is not None and l2 >= 2 << 20 else "l2_under_2mib"]
+
+
+HOIST_TABLE = _hoist_table()
 
 
 def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
