@@ -29,8 +29,8 @@ It enters through `linear` (a linear primitive with a transpose of its own), so 
 and derivatives of every order keep XLA's loops; derivatives of the kernels' own outputs
 (order two and more) are those of XLA's scan. Under ``vmap`` both kernels run once over all
 examples: they take their per-step arrays as ``(runs, time, batch, ·)``, and the vmapped axis
-merges into the runs by a reshape (`_batched_call`), unless the weights are batched (one call
-per example then).
+merges into the runs by a reshape (`_batched_call`). Batched weights (an ensemble) take a
+leading axis of members, each member's runs computed with its own.
 
 It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
 or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under

@@ -19,7 +19,9 @@
 //
 // Batch: the per-step arrays are (N, T, B', ·): N runs of the sequence (the examples of a
 // jax.vmap; else one), each B' rows wide, so that a vmapped call needs no transposes. The kernel
-// runs their B = N·B' rows together (`step_row`); carries are (B, ·).
+// runs their B = N·B' rows together (`step_row`); carries are (B, ·). Weights (w_x, b_x, w_h,
+// b_in) may have a leading axis of E members (an ensemble under jax.vmap): member m's weights
+// then compute the runs [m·N/E, (m+1)·N/E) (`run_members`).
 //
 // Threads: the hidden units are cut into one chunk per thread; a chunk's W_x and W_h columns
 // (all gates of its units) are packed once per call, so whoever computes the chunk needs
