@@ -232,6 +232,8 @@ def _l2_bytes() -> int | None:
 
 
 def _hoist_table():
+    """This machine's row of `HOIST_TABLES`, by the size of its L2 (a smaller one where
+    unknown)."""
     l2 = _l2_bytes()
     return HOIST_TABLES["l2_2mib" if l2 is not None and l2 >= 2 << 20 else "l2_under_2mib"]
 

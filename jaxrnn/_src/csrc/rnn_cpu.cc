@@ -771,7 +771,8 @@ ffi::Error run_groups(const std::vector<std::shared_ptr<S>>& parts, ffi::ThreadP
 // the next free thread; a thread with none left shares those still running, as
 // `run_groups` does.
 template <class S>
-ffi::Error run_parts(const std::vector<std::shared_ptr<S>>& parts, ffi::ThreadPool& pool, int n) {
+ffi::Error run_parts(const std::vector<std::shared_ptr<S>>& parts, ffi::ThreadPool& pool,
+                     int n) {
   auto all = std::make_shared<std::vector<std::shared_ptr<S>>>(parts);
   auto next = std::make_shared<std::atomic<int>>(0);
   auto work = [all, next] {
@@ -928,7 +929,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     }
   }
 
-  if (ffi::Error err = run_members(parts, members, groups, spread, pool, n); err.failure()) return err;
+  if (ffi::Error err = run_members(parts, members, groups, spread, pool, n); err.failure())
+    return err;
   const size_t last = T & 1;
   for (const auto& sh : parts) {
     const size_t rows_h = static_cast<size_t>(sh->p.B) * H;
@@ -1241,7 +1243,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
       parts.push_back(std::move(sh));
     }
   }
-  if (ffi::Error err = run_members(parts, members, groups, spread, pool, n); err.failure()) return err;
+  if (ffi::Error err = run_members(parts, members, groups, spread, pool, n); err.failure())
+    return err;
   // λ entering the first forward step: the last backward step's matmul and resets.
   for (const auto& sh : parts) {
     const int rows = sh->p.B, b0 = sh->p.b0;
