@@ -84,7 +84,8 @@ def test_host_devices_is_cpu_only(tmp_path):
 
 
 def test_vmap_speed_reports_every_pass(tmp_path):
-    """``benchmarks/vmap_speed.py`` runs and reports its three passes per cell."""
+    """``benchmarks/vmap_speed.py`` runs and reports its passes per cell: the three of a
+    shared-weight `vmap` and the ensemble's four (one call, and a loop over members)."""
     out = tmp_path / "vmap.json"
     script = SPEED.with_name("vmap_speed.py")
     proc = subprocess.run(
@@ -95,6 +96,10 @@ def test_vmap_speed_reports_every_pass(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(out.read_text())["results"]
-    assert [r["pass_"] for r in rows] == ["fwd", "per_example_grad", "grad_of_vmap"]
+    assert [r["pass_"] for r in rows] == [
+        "fwd", "per_example_grad", "grad_of_vmap", "ensemble_fwd", "ensemble_fwd_loop",
+        "ensemble_grad", "ensemble_grad_loop",
+    ]  # fmt: skip
     assert all(r["batched_ms"] > 0 and r["vmapped_ms"] > 0 for r in rows)
     assert "| gru 2 × 1, 5, 8 | grad_of_vmap |" in proc.stdout
+    assert "| gru 2 × 1, 5, 8 | ensemble_grad_loop |" in proc.stdout
