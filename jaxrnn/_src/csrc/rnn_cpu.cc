@@ -798,12 +798,19 @@ ffi::Error run_parts(const std::vector<std::shared_ptr<S>>& parts, ffi::ThreadPo
 // Otherwise the members run one after another, each on all threads. Measured on 2 cores,
 // against one call per member, LSTM T256 H128 forward: 3 members of 16 rows as 3 problems
 // 0.84, as 6 1.21; GRU 5 members of 8 rows as 10 problems of 4 rows 0.81.
-inline int spread_groups(int members, int n) { return n / std::gcd(members, n); }
+// The plan: whether the members spread over the threads, and each member's groups of rows
+// (`row_groups` over its rows where they do not; tests may force a count).
+struct MemberPlan {
+  bool spread;
+  int groups;
+};
 
-inline bool spread_members(int members, int n, int rows) {
-  if (members <= 1 || members < n) return false;
-  const int groups = spread_groups(members, n);
-  return groups == 1 || rows < kGroupRows || rows / groups >= kGroupRows;
+inline MemberPlan plan_members(int forced, int members, int n, int rows, int I, int H, int G) {
+  const int cut = n / std::gcd(members, n);
+  const bool spread = members > 1 && members >= n &&
+                      (cut == 1 || rows < kGroupRows || rows / cut >= kGroupRows);
+  if (!spread) return {false, row_groups(forced, n, rows, I, H, G)};
+  return {true, std::max(1, std::min(forced > 0 ? forced : cut, rows))};
 }
 
 template <class S>
@@ -817,15 +824,6 @@ ffi::Error run_members(const std::vector<std::shared_ptr<S>>& parts, int members
     if (err.failure()) return err;
   }
   return ffi::Error::Success();
-}
-
-// Groups of rows per member: `row_groups` over a member's rows, or `spread_groups` where the
-// members spread over the threads; tests may force a count.
-inline int member_groups(int forced, bool spread, int members, int n, int rows, int I, int H,
-                         int G) {
-  if (!spread) return row_groups(forced, n, rows, I, H, G);
-  const int groups = forced > 0 ? forced : spread_groups(members, n);
-  return std::max(1, std::min(groups, rows));
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
@@ -890,8 +888,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
   const int rows = B / members, x_rows = projected ? 0 : I;
-  const bool spread = spread_members(members, n, rows);
-  const int groups = member_groups(forced_groups, spread, members, n, rows, x_rows, H, G);
+  const auto [spread, groups] = plan_members(forced_groups, members, n, rows, x_rows, H, G);
   const bool whole = spread || groups > 1;  // one thread per problem
   // One problem per member and group of rows, each cut into chunks of units for the threads
   // that share it (all n of them when a member's rows form one group and the members do not
@@ -1215,13 +1212,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                    resets.element_count() ? resets.typed_data() : nullptr, ct_u->typed_data(),
                    kind == kGru ? ct_v->typed_data() : nullptr};
   for (int k = 0; k < 6; ++k) base.coef[k] = k < n_coef ? coefs[k]->typed_data() : nullptr;
-  // ct_u takes coef[0]'s buffer (written by the forward kernel); ct_v is new.
+  // ct_u takes coef[0]'s buffer (written by the forward kernel; the Elman's, ct_ys's); ct_v is
+  // new.
   if (huge_pages && base.ct_v != nullptr) advise_huge_pages(base.ct_v, flags * GH);
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
   const int rows_m = B / members;
-  const bool spread = spread_members(members, n, rows_m);
-  const int groups = member_groups(forced_groups, spread, members, n, rows_m, 0, H, G);
+  const auto [spread, groups] = plan_members(forced_groups, members, n, rows_m, 0, H, G);
   const bool whole = spread || groups > 1;
   std::vector<std::shared_ptr<BackShared>> parts;  // as in `Forward`
   for (int m = 0; m < members; ++m) {
