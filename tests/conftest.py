@@ -238,3 +238,17 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
         actual,
         expected,
     )
+
+
+def assert_sums_close(actual, expected, rtol=2e-5, atol=2e-5, scale=2e-6):
+    """`assert_trees_close` for arrays of float32 sums over many terms added in another order
+    (a weight gradient summed over steps and rows): each element may also be off by ``scale``
+    times the largest magnitude in its expected array, the rounding of sums of that size, which
+    an element that nearly cancels shows against its own small value."""
+
+    def check(a, e):
+        e = np.asarray(e)
+        bound = atol + scale * float(np.max(np.abs(e), initial=0.0))
+        np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=bound)
+
+    jax.tree_util.tree_map(check, actual, expected)

@@ -427,18 +427,16 @@ def _native_primal(
     """`_primal_scan` on the native CPU kernel (`native.forward`), the batch dims flattened
     into one.
 
-    With ``batch_major`` the forward-only pass gives the kernel its sequences batch-major,
-    ``(batch, time, ·)``, and takes its outputs so: the caller's own layout, whose moves to
+    With ``batch_major`` the kernel takes its sequences batch-major, ``(batch, time, ·)``,
+    and gives its outputs (and residuals) so: the caller's own layout, whose moves to
     time-major and back then cancel. Measured on 2 cores, B16 T256 H128 forward: the two
-    transposes cost 0.17-0.37 ms against a kernel of 2.1 (Elman) to 6.8 ms (LSTM). The
-    gradient pass keeps time-major rows (its residuals feed XLA's time-major matmuls).
+    transposes cost 0.17-0.37 ms against a kernel of 2.1 (Elman) to 6.8 ms (LSTM).
     """
     from jaxrnn._src import native
 
     time, *batch, features = xs.shape
     hidden = w_h.shape[0]
     flat = tuple(a.reshape(-1, hidden) for a in carry)
-    batch_major = batch_major and not save
     if batch_major:  # (batch, time, ·): the flags and the sequences moved back
         flags = [None if f is None else jnp.moveaxis(f, 0, -1).reshape(-1, time)
                  for f in (mask, resets)]  # fmt: skip
@@ -452,14 +450,21 @@ def _native_primal(
         # The input projection as one matmul over all steps: the kernel then reads its rows.
         xs = _project(xs, w_x, b_x)
         w_x = b_x = None
+    # Without a mask, the Elman's one residual, h, is its output: taken from ys, not written
+    # again (and the backward kernel then writes its result over the cotangent of ys instead,
+    # `native.backward`).
+    outputs = save and mask is None and kind.startswith("elman")
     ys, flat, *saved = native.forward(
-        kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save, batch_major=batch_major
-    )
+        kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save, batch_major=batch_major,
+        residuals=not outputs,
+    )  # fmt: skip
     carry = tuple(a.reshape(*batch, hidden) for a in flat)
-    if batch_major:
-        ys = jnp.moveaxis(ys.reshape(*batch, time, hidden), -2, 0)
-        return carry, (ys, None)
-    unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
+    if outputs:
+        saved = [(saved[0][0], (ys,))]
+    if batch_major:  # back to time-major, which the caller's move to batch-major cancels
+        unflat = lambda a: jnp.moveaxis(a.reshape(*batch, time, a.shape[-1]), -2, 0)  # noqa: E731
+    else:
+        unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
     extra = jax.tree_util.tree_map(unflat, saved[0]) if save else None
     return carry, (unflat(ys), extra)
 
@@ -529,27 +534,35 @@ def _recurrence_jvp(static, primals, tangents):
         static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save=True
     )
     inputs = _coefficient_inputs(kind, res, h_in)
-    # Every weight and input term for all steps at once, outside the loop: one matmul each.
-    dxw = _matmul(dxs, w_x, md, tangent="a") + _weight_matmul(xs, dw_x, md)
+    native = static[3][1] == "native"
+    batch_major = static[5] and native
+    # Every weight and input term for all steps at once, outside the loop: one matmul each,
+    # row by row. For a batch-major caller on the native kernels, in its layout: the matmuls
+    # of reverse mode (the input and weight gradients) then read the caller's inputs and the
+    # backward kernel's batch-major result as they are, and the input gradient comes out in
+    # the caller's layout (every move between the layouts cancels).
+    to_rows = (lambda a: jnp.moveaxis(a, 0, -2)) if batch_major else (lambda a: a)  # noqa: E731
+    to_time = (lambda a: jnp.moveaxis(a, -2, 0)) if batch_major else (lambda a: a)  # noqa: E731
+    dxw = _matmul(to_rows(dxs), w_x, md, tangent="a") + _weight_matmul(to_rows(xs), dw_x, md)
     if b_x is not None:
         dxw = dxw + db_x
-    dhw = _weight_matmul(h_in, dw_h, md)
+    dhw = _weight_matmul(to_rows(h_in), dw_h, md)
     if b_in is not None:
         dhw = dhw + db_in
     if kind == "gru":
-        us = (dxw, dhw)  # the GRU's reset gate multiplies the recurrent part alone
+        us = (to_time(dxw), to_time(dhw))  # the GRU's reset gate scales the recurrent part
     else:
-        us = (dxw + dhw,)  # additive gates: merged, saving an add per step
+        us = (to_time(dxw + dhw),)  # additive gates: merged, saving an add per step
     flags = tuple(f for f in (mask, resets) if f is not None)
     loop = functools.partial(
         _tangent_loop, kind=kind, reverse=reverse, unroll=unroll, md=md,
         n_coef=len(inputs), n_u=len(us), flags=(mask is not None, resets is not None),
     )  # fmt: skip
     nonlin, lin = (*inputs, w_h, *flags), (*us, *dcarry)
-    if static[3][1] == "native":
+    if native:
         # The native kernel transposes the loop (the backward loop of reverse mode, also under
         # vmap); the loop itself and its derivatives stay XLA's (`linear`).
-        transpose = functools.partial(_native_tangent_transpose, loop)
+        transpose = functools.partial(_native_tangent_transpose, loop, batch_major=batch_major)
         dys, *dcarry_out = linear.apply(loop, transpose, nonlin, lin)
     else:
         dys, *dcarry_out = loop(nonlin, lin)
@@ -593,27 +606,36 @@ def _tangent_loop(nonlin, lin, *, kind, reverse, unroll, md, n_coef, n_u, flags)
     return (dys, *dcarry_out)
 
 
-def _native_tangent_transpose(loop, nonlin, cts):
+def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
     """`_tangent_loop`'s transpose on the native kernel (`native.backward`), the batch dims
-    flattened into one: ``cts = (ct_dys, *ct_dcarry_out)`` -> the cotangents of ``lin``."""
+    flattened into one: ``cts = (ct_dys, *ct_dcarry_out)`` -> the cotangents of ``lin``.
+    With ``batch_major`` the kernel reads and writes the per-step arrays batch-major, as
+    `_native_primal` gave them (the moves between the layouts cancel)."""
     from jaxrnn._src import native
 
     kind, n_coef, n_u = loop.keywords["kind"], loop.keywords["n_coef"], loop.keywords["n_u"]
     inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
     ct_dys, *ct_carry = cts
     time, *batch, hidden = ct_dys.shape
-    flat = lambda a: a.reshape(time, -1, a.shape[-1])  # noqa: E731
+    if batch_major:  # (time, *batch, ·) -> (batch, time, ·) and back
+        flat = lambda a: jnp.moveaxis(a, 0, -2).reshape(-1, time, a.shape[-1])  # noqa: E731
+        flags = lambda f: jnp.moveaxis(f, 0, -1).reshape(-1, time)  # noqa: E731
+        unflat = lambda a: jnp.moveaxis(a.reshape(*batch, time, a.shape[-1]), -2, 0)  # noqa: E731
+    else:
+        flat = lambda a: a.reshape(time, -1, a.shape[-1])  # noqa: E731
+        flags = lambda f: f.reshape(time, -1)  # noqa: E731
+        unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
     ct_u, ct_v, ct_carry0 = native.backward(
         kind,
         flat(ct_dys),
         tuple(a.reshape(-1, hidden) for a in ct_carry),
         tuple(flat(c) for c in inputs),
         w_h,
-        None if mask is None else mask.reshape(time, -1),
-        None if resets is None else resets.reshape(time, -1),
+        None if mask is None else flags(mask),
+        None if resets is None else flags(resets),
         loop.keywords["reverse"],
+        batch_major=batch_major,
     )
-    unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
     us = (unflat(ct_u),) if n_u == 1 else (unflat(ct_u), unflat(ct_v))
     return (*us, *(a.reshape(*batch, hidden) for a in ct_carry0))
 

@@ -330,8 +330,9 @@ def _runs(a):
 
 
 def forward(
-    kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False, batch_major=False
-):
+    kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False, batch_major=False,
+    residuals=True,
+):  # fmt: skip
     """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
 
     ``w_x: (features, gates·H)``, ``w_h: (H, gates·H)``; ``b_x`` the input-side bias (for the
@@ -341,7 +342,8 @@ def forward(
     ``(h,)`` or ``(h, c)`` of ``(batch, H)``; ``mask``/``resets``: ``(time, batch)`` bool or
     ``None``. Returns ``(ys, carry)``, and with ``save`` ``(ys, carry, (h_in, residuals))``:
     the carry's ``h`` entering each step and the kind's residuals (`RESIDUAL_WIDTHS`), each
-    ``(time, batch, ·)``.
+    ``(time, batch, ·)``; with ``residuals=False`` the residuals are ``()`` (not written: the
+    Elman's caller takes its ``h`` from ``ys``).
 
     With ``batch_major`` every per-step array is ``(batch, time, ·)`` instead (``mask`` and
     ``resets`` ``(batch, time)``), inputs and outputs: the kernel runs each sequence as a run
@@ -355,7 +357,7 @@ def forward(
     zeros = jnp.zeros((width,), f32)
     h0 = carry[0]
     c0 = carry[1] if len(carry) > 1 else h0
-    widths = RESIDUAL_WIDTHS[kind] if save else ()
+    widths = RESIDUAL_WIDTHS[kind] if save and residuals else ()
 
     def out_shapes(runs, time, batch):
         step = (runs, time, batch)
@@ -390,7 +392,7 @@ def forward(
 COEFFICIENTS = {"elman_tanh": 1, "elman_relu": 1, "lstm": 3, "gru": 3}
 
 
-def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
+def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_major=False):
     """The transpose of `fastpath`'s tangent loop: the backward loop of the gradient pass.
 
     ``ct_ys: (time, batch, H)`` and ``ct_carry`` (``(h,)`` or ``(h, c)`` of ``(batch, H)``)
@@ -398,12 +400,15 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
     coefficients are made from (`COEFFICIENTS`), ``w_h: (H, gates·H)``. Returns ``(ct_u,
     ct_v, ct_carry0)``: the cotangents of the loop's per-step input ``(time, batch,
     gates·H)``, of the GRU's separate recurrent input (``None`` for the other kinds) and of
-    the initial carry. ``ct_u`` takes the buffer of ``coef[0]``.
+    the initial carry. ``ct_u`` takes the buffer of ``coef[0]`` (the Elman's, of ``ct_ys``).
+    With ``batch_major`` every per-step array is ``(batch, time, ·)`` instead, inputs and
+    outputs (``mask`` and ``resets`` ``(batch, time)``), as in `forward`.
     """
     hidden, width = w_h.shape
     f32 = jnp.float32
     empty = jnp.zeros((0,), f32)
-    coef = [_runs(c) for c in coef] + [empty] * (6 - len(coef))
+    runs = (lambda a: None if a is None else a[:, :, None]) if batch_major else _runs
+    coef = [runs(c) for c in coef] + [empty] * (6 - len(coef))
     gru = kind == "gru"
 
     def out_shapes(runs, time, batch):
@@ -423,11 +428,13 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse):
     # away (the residual is read again later, or is a jitted function's argument), it copies
     # it first.
     call = _batched_call(
-        TARGET_BACKWARD, out_shapes, _attributes(kind, reverse), weights, aliases={3: 0}
-    )
+        TARGET_BACKWARD, out_shapes, _attributes(kind, reverse), weights,
+        aliases={0 if kind.startswith("elman") else 3: 0},
+    )  # fmt: skip
     ct_u, ct_v, ct_h0, ct_c0 = call(
-        _runs(ct_ys), ct_h, ct_c, *coef, w_h, *_flags(_runs(mask), _runs(resets))
+        runs(ct_ys), ct_h, ct_c, *coef, w_h, *_flags(runs(mask), runs(resets))
     )
-    ct_u, ct_v = ct_u[0], ct_v[0] if gru else None
+    rows = (lambda a: a[:, :, 0]) if batch_major else (lambda a: a[0])
+    ct_u, ct_v = rows(ct_u), rows(ct_v) if gru else None
     ct_carry0 = (ct_h0, ct_c0) if len(ct_carry) > 1 else (ct_h0,)
     return ct_u, ct_v, ct_carry0

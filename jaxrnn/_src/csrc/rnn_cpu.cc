@@ -15,7 +15,8 @@
 //
 // A masked step holds the carry and outputs zeros; a reset zeroes the carry before the step
 // (after it when running in reverse). For the gradient pass it also writes the residuals of
-// fastpath's linear JVP rule: the carry h entering each step and the per-kind arrays.
+// fastpath's linear JVP rule: the carry h entering each step and the per-kind arrays (the
+// Elman's, h, unless the caller takes it from the outputs).
 //
 // Batch: the per-step arrays are (N, T, B', ·): N runs of the sequence (the examples of a
 // jax.vmap; else one), each B' rows wide, so that a vmapped call needs no transposes. The kernel
@@ -452,8 +453,8 @@ struct Problem {
   const float *xs, *w_x, *b_x, *w_h, *b_in;
   const bool *mask, *resets;  // (N, T, inner) or null
   float* ys;
-  // The gradient pass's residuals, or null: h_in (N, T, inner, H), the carry each step starts
-  // from, and up to four per-kind arrays (`residual_layout`).
+  // The gradient pass's residuals, each null where not asked for: h_in (N, T, inner, H), the
+  // carry each step starts from, and up to four per-kind arrays (`residual_layout`).
   float* h_in;
   float* res[4];
   int b0 = 0;  // the first row of the call's arrays this problem covers (`row_of`)
@@ -592,7 +593,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     row.h_out = out.h.data() + local;
     row.c_out = out.c.data() + local;
     row.y = out.y.data() + local;
-    row.res = p.h_in ? out.res.data() + static_cast<size_t>(b) * sh.layout.count * U : nullptr;
+    row.res = p.res[0] ? out.res.data() + static_cast<size_t>(b) * sh.layout.count * U : nullptr;
     row.U = U;
     row.take = p.mask == nullptr || p.mask[row_of(p, t, b)];
     // Resets zero the carry before a step: the next one's in forward order, this one's
@@ -628,7 +629,7 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   for (int b = 0; b < B; ++b) {
     const size_t row = row_of(p, t, b), local = static_cast<size_t>(b) * U;
     std::memcpy(p.ys + row * H + u0, out.y.data() + local, U * sizeof(float));
-    if (p.h_in == nullptr) continue;
+    if (p.res[0] == nullptr) continue;
     const float* res = out.res.data() + static_cast<size_t>(b) * layout.count * U;
     for (int j = 0; j < layout.count; ++j) {
       const int k = layout.out[j], width = layout.width[k] * H;
@@ -674,7 +675,7 @@ constexpr auto kMinHelpWait = std::chrono::microseconds(50);
 Local make_local(const Shared& sh, int widest) {
   const Problem& p = sh.p;
   const bool gather = !p.projected && !rows_contiguous(p);
-  return Local(p.B, p.G, widest, p.h_in ? sh.layout.count : 0, gather ? p.B * p.I : 0);
+  return Local(p.B, p.G, widest, p.res[0] ? sh.layout.count : 0, gather ? p.B * p.I : 0);
 }
 
 // Thread k of n works on its own chunks first (k, k + n, ...), then on the others. `S` is the
@@ -868,15 +869,17 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
                nullptr, {nullptr, nullptr, nullptr, nullptr}};
   const ResidualLayout layout = residual_layout(kind);
-  if (h_in->element_count() != 0) {  // the gradient pass: residuals too
+  if (res0->element_count() != 0) {  // the gradient pass: residuals, unless empty
     ffi::Result<ffi::Buffer<ffi::F32>>* outs[4] = {&res0, &res1, &res2, &res3};
-    if (h_in->element_count() != flags * H)
-      return ffi::Error::InvalidArgument("jaxrnn native kernel: h_in must be (N, T, B', H)");
     for (int k = 0; k < 4; ++k) {
       if ((*outs[k])->element_count() != flags * H * layout.width[k])
         return ffi::Error::InvalidArgument("jaxrnn native kernel: residual shapes");
       base.res[k] = layout.width[k] ? (*outs[k])->typed_data() : nullptr;
     }
+  }
+  if (h_in->element_count() != 0) {  // the gradient pass: h_in, unless empty
+    if (h_in->element_count() != flags * H)
+      return ffi::Error::InvalidArgument("jaxrnn native kernel: h_in must be (N, T, B', H)");
     base.h_in = h_in->typed_data();
   }
   if (huge_pages) {
