@@ -168,10 +168,13 @@ def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, project
 
 # Batch-major callers (the default) and time-major ones: the forward pass's kernel reads and
 # writes the caller's layout, so XLA cancels the runner's moves to time-major and back.
-@pytest.mark.parametrize(
-    "mode", ["batch_major", "two_batch_dims", "mask", "everything", "no_batch", "time_major",
-             "everything_time_major_reverse"],
-)  # fmt: skip
+LAYOUT_MODES = [
+    "batch_major", "two_batch_dims", "mask", "everything", "no_batch", "time_major",
+    "everything_time_major_reverse",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
     cell = FAST_CELLS[cell_name](40)
@@ -189,10 +192,7 @@ def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
 # only copies left of sequence arrays are the weight gradients' transposed operands (rank 2)
 # and, for the Elman cell, the loss's cotangent (`cos`) fused with the copy that the backward
 # kernel's writing over it asks for.
-@pytest.mark.parametrize(
-    "mode", ["batch_major", "two_batch_dims", "mask", "everything", "no_batch", "time_major",
-             "everything_time_major_reverse"],
-)  # fmt: skip
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_the_gradient_pass_moves_no_sequence(cell_name, mode, projection):
     cell = FAST_CELLS[cell_name](40)
