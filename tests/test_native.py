@@ -174,14 +174,19 @@ LAYOUT_MODES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", LAYOUT_MODES)
-@pytest.mark.parametrize("cell_name", MAIN)
-def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
+def _layout_case(cell_name, mode):
+    """``unroll`` of a main cell in a runner mode, and its ``(params, xs, carry)``."""
     cell = FAST_CELLS[cell_name](40)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, mode)
-    run = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
-    text = run.lower(params, xs, carry).compile().as_text()
+    return (lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs)), (params, xs, carry)
+
+
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
+    run, args = _layout_case(cell_name, mode)
+    text = jax.jit(run).lower(*args).compile().as_text()
     assert native.TARGET in text
     moves = re.findall(r"= f32\[[^\]]*\]\{[^}]*\} (?:transpose|copy)\(", text)
     assert not moves, moves
@@ -195,15 +200,9 @@ def test_the_forward_pass_moves_no_sequence(cell_name, mode, projection):
 @pytest.mark.parametrize("mode", LAYOUT_MODES)
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_the_gradient_pass_moves_no_sequence(cell_name, mode, projection):
-    cell = FAST_CELLS[cell_name](40)
-    params = cell.init(fresh_key(), INPUT_SIZE)
-    xs, carry, kwargs = mode_inputs(cell, mode)
-
-    def loss(p, x, c):
-        return jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x, c, **kwargs)[0]))
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    text = grad.lower(params, xs, carry).compile().as_text()
+    run, args = _layout_case(cell_name, mode)
+    grad = jax.grad(lambda *a: jnp.sum(jnp.sin(run(*a)[0])), argnums=(0, 1, 2))
+    text = jax.jit(grad).lower(*args).compile().as_text()
     entry = text[text.index("\nENTRY") :]
     assert native.TARGET in entry and native.TARGET_BACKWARD in entry
     moves = re.findall(r"%(\w*(?:transpose|copy)\w*) = f32\[(\d+(?:,\d+){2,})\]", entry)
