@@ -426,7 +426,9 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_majo
     # 1.085, B16 T256 H128 1.04, B64 T128 H512 1.04; GRU B256 T100 H128 1.10, B16 T256 H128
     # 1.055, B64 T128 H512 1.03; Elman B64 T100 H128 1.03. Where XLA cannot give the buffer
     # away (the residual is read again later, or is a jitted function's argument), it copies
-    # it first.
+    # it first. The Elman's ct_u is written over ct_ys (operand 0, as wide) instead: its
+    # residual may be the outputs themselves (`fastpath._native_primal`), which the caller
+    # may still read.
     call = _batched_call(
         TARGET_BACKWARD, out_shapes, _attributes(kind, reverse), weights,
         aliases={0 if kind.startswith("elman") else 3: 0},
