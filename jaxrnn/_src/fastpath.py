@@ -437,15 +437,10 @@ def _native_primal(
     time, *batch, features = xs.shape
     hidden = w_h.shape[0]
     flat = tuple(a.reshape(-1, hidden) for a in carry)
-    if batch_major:  # (batch, time, ·): the flags and the sequences moved back
-        flags = [None if f is None else jnp.moveaxis(f, 0, -1).reshape(-1, time)
-                 for f in (mask, resets)]  # fmt: skip
-        xs = jnp.moveaxis(xs, 0, -2).reshape(-1, time, features)
-        rows = xs.shape[0]
-    else:
-        flags = [None if f is None else f.reshape(time, -1) for f in (mask, resets)]
-        xs = xs.reshape(time, -1, features)
-        rows = xs.shape[1]
+    to_kernel, flag_to_kernel, from_kernel = _kernel_layout(batch_major, time, batch)
+    flags = [None if f is None else flag_to_kernel(f) for f in (mask, resets)]
+    xs = to_kernel(xs)
+    rows = xs.shape[0 if batch_major else 1]
     if native.hoists(rows, features, hidden, w_h.shape[1] // hidden):
         # The input projection as one matmul over all steps: the kernel then reads its rows.
         xs = _project(xs, w_x, b_x)
@@ -461,12 +456,27 @@ def _native_primal(
     carry = tuple(a.reshape(*batch, hidden) for a in flat)
     if outputs:
         saved = [(saved[0][0], (ys,))]
-    if batch_major:  # back to time-major, which the caller's move to batch-major cancels
-        unflat = lambda a: jnp.moveaxis(a.reshape(*batch, time, a.shape[-1]), -2, 0)  # noqa: E731
-    else:
-        unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
-    extra = jax.tree_util.tree_map(unflat, saved[0]) if save else None
-    return carry, (unflat(ys), extra)
+    extra = jax.tree_util.tree_map(from_kernel, saved[0]) if save else None
+    return carry, (from_kernel(ys), extra)
+
+
+def _kernel_layout(batch_major, time, batch):
+    """``(to_kernel, flag_to_kernel, from_kernel)`` between the fast path's time-major
+    per-step arrays ``(time, *batch, ·)`` (flags ``(time, *batch)``) and the native kernels'
+    layout with the batch dims flattened: ``(time, rows, ·)``, or with ``batch_major``
+    ``(rows, time, ·)`` (flags ``(rows, time)``), the caller's own layout, so that the moves
+    to time-major and back cancel."""
+    if batch_major:
+        return (
+            lambda a: jnp.moveaxis(a, 0, -2).reshape(-1, time, a.shape[-1]),
+            lambda f: jnp.moveaxis(f, 0, -1).reshape(-1, time),
+            lambda a: jnp.moveaxis(a.reshape(*batch, time, a.shape[-1]), -2, 0),
+        )
+    return (
+        lambda a: a.reshape(time, -1, a.shape[-1]),
+        lambda f: f.reshape(time, -1),
+        lambda a: a.reshape(time, *batch, a.shape[-1]),
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -617,14 +627,7 @@ def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
     inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
     ct_dys, *ct_carry = cts
     time, *batch, hidden = ct_dys.shape
-    if batch_major:  # (time, *batch, ·) -> (batch, time, ·) and back
-        flat = lambda a: jnp.moveaxis(a, 0, -2).reshape(-1, time, a.shape[-1])  # noqa: E731
-        flags = lambda f: jnp.moveaxis(f, 0, -1).reshape(-1, time)  # noqa: E731
-        unflat = lambda a: jnp.moveaxis(a.reshape(*batch, time, a.shape[-1]), -2, 0)  # noqa: E731
-    else:
-        flat = lambda a: a.reshape(time, -1, a.shape[-1])  # noqa: E731
-        flags = lambda f: f.reshape(time, -1)  # noqa: E731
-        unflat = lambda a: a.reshape(time, *batch, a.shape[-1])  # noqa: E731
+    flat, flags, unflat = _kernel_layout(batch_major, time, batch)
     ct_u, ct_v, ct_carry0 = native.backward(
         kind,
         flat(ct_dys),

@@ -329,6 +329,15 @@ def _runs(a):
     return None if a is None else a[None]
 
 
+def _layout(batch_major):
+    """``(runs, rows)``: a per-step array in the kernels' layout ``(runs, time, rows per run,
+    ...)`` and back. Time-major ``(time, batch, ...)`` is one run of all rows (`_runs`);
+    batch-major ``(batch, time, ...)`` one run per row. ``None`` stays."""
+    if batch_major:
+        return (lambda a: None if a is None else a[:, :, None]), (lambda a: a[:, :, 0])
+    return _runs, (lambda a: a[0])
+
+
 def forward(
     kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False, batch_major=False,
     residuals=True,
@@ -350,9 +359,7 @@ def forward(
     of one row, with no transposes.
     """
     hidden, width = w_h.shape
-    # The kernel's per-step layout (runs, time, rows per run, ·): one run, or one per row.
-    runs = (lambda a: None if a is None else a[:, :, None]) if batch_major else _runs
-    rows = (lambda a: a[:, :, 0]) if batch_major else (lambda a: a[0])
+    runs, rows = _layout(batch_major)
     f32 = jnp.float32
     zeros = jnp.zeros((width,), f32)
     h0 = carry[0]
@@ -407,7 +414,7 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_majo
     hidden, width = w_h.shape
     f32 = jnp.float32
     empty = jnp.zeros((0,), f32)
-    runs = (lambda a: None if a is None else a[:, :, None]) if batch_major else _runs
+    runs, rows = _layout(batch_major)
     coef = [runs(c) for c in coef] + [empty] * (6 - len(coef))
     gru = kind == "gru"
 
@@ -436,7 +443,6 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_majo
     ct_u, ct_v, ct_h0, ct_c0 = call(
         runs(ct_ys), ct_h, ct_c, *coef, w_h, *_flags(runs(mask), runs(resets))
     )
-    rows = (lambda a: a[:, :, 0]) if batch_major else (lambda a: a[0])
     ct_u, ct_v = rows(ct_u), rows(ct_v) if gru else None
     ct_carry0 = (ct_h0, ct_c0) if len(ct_carry) > 1 else (ct_h0,)
     return ct_u, ct_v, ct_carry0
