@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.extend.core import jaxprs_in_params
 
 from jaxrnn._src import linear
 
@@ -198,3 +199,83 @@ def test_vmapped_derivatives_of_every_order_equal_plain_jax(args):
         got = total(with_kernel)(params, xs, d)
         assert CALLS
         _close(got, total(plain)(params, xs, d))
+
+
+# ``leading``: a weight term ``a @ dW`` over the rows of ``a``, as the fast path's tangent rule
+# has one, whose transpose ``aᵀ · ct`` sums over all of them.
+def rows_times(nonlin, lin):
+    ((a,), (w,)) = nonlin, lin
+    return (a @ w,)
+
+
+def rows_times_t(nonlin, cts):
+    CALLS.append(1)
+    ((a,), (ct,)) = nonlin, cts
+    return (jnp.tensordot(a, ct, axes=(tuple(range(a.ndim - 1)),) * 2),)
+
+
+def _weight_term(leading):
+    """``sum(sin(tanh(x) @ W))`` through a ``custom_jvp`` whose tangent rule applies the
+    weight term ``tanh(x) @ dW`` with `linear.apply` (or as plain JAX: ``None``)."""
+
+    @jax.custom_jvp
+    def f(x, w):
+        return jnp.tanh(x) @ w
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        x, w = primals
+        dx, dw = tangents
+        a = jnp.tanh(x)
+        if leading is None:
+            term = a @ dw
+        else:
+            (term,) = linear.apply(rows_times, rows_times_t, (a,), (dw,), leading=leading)
+        return a @ w, term + ((1.0 - a**2) * dx) @ w
+
+    return lambda w, x: jnp.sum(jnp.sin(f(x, w)))
+
+
+def _transposed_outputs(fn, *args):
+    """The output shapes of every transposed linear primitive in ``fn``'s jaxpr."""
+    shapes = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "jaxrnn_linear" and eqn.params["transposed"]:
+                shapes.extend(v.aval.shape for v in eqn.outvars)
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("leading", [False, True])
+def test_leading_folds_a_vmapped_axis_into_the_rows(leading):
+    """Under ``vmap`` with a shared ``dW``, ``leading=True`` takes the examples as more rows
+    of ``a``: the gradient of a vmapped loss transposes once into one ``dW``-shaped array
+    (without it, one per example, summed afterwards). Values, per-example gradients, nested
+    ``vmap`` and second derivatives equal plain JAX either way."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.PRNGKey(np.random.randint(1 << 30)), 2)
+        w = jax.random.normal(keys[0], (H, 4), jnp.float64)
+        xs = jax.random.normal(keys[1], (2, 3, T, B, H), jnp.float64)
+        mine, ref = _weight_term(leading), _weight_term(None)
+
+        def total(loss):
+            return jax.grad(lambda w, x: jnp.sum(jax.vmap(loss, (None, 0))(w, x)))
+
+        CALLS.clear()
+        _close(total(mine)(w, xs[0]), total(ref)(w, xs[0]))
+        assert CALLS
+        expected = [w.shape] if leading else [(3, *w.shape)]
+        assert _transposed_outputs(total(mine), w, xs[0]) == expected
+        nested = lambda loss: total(lambda w, x: jnp.sum(jax.vmap(loss, (None, 0))(w, x)))  # noqa: E731
+        _close(nested(mine)(w, xs), nested(ref)(w, xs))
+        per_example = lambda loss: jax.vmap(jax.grad(loss), (None, 0))  # noqa: E731
+        _close(per_example(mine)(w, xs[0]), per_example(ref)(w, xs[0]))
+        hess = lambda loss: jax.hessian(lambda w: jnp.sum(jax.vmap(loss, (None, 0))(w, xs[0])))  # noqa: E731
+        _close(hess(mine)(w), hess(ref)(w))
+        fwd = lambda loss: jax.jvp(lambda x: jax.vmap(loss, (None, 0))(w, x), (xs[0],), (xs[1],))  # noqa: E731
+        _close(fwd(mine), fwd(ref))

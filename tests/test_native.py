@@ -807,10 +807,13 @@ def test_per_example_gradients_run_both_kernels_once(monkeypatch, name, mode):
     assert_trees_close(actual, jax.jit(fn)(*args), rtol=2e-5, atol=2e-5)
 
 
-def test_gradient_of_a_vmapped_loss_and_vmapped_second_order(monkeypatch):
-    """``grad(vmap)`` runs both kernels once too; ``vmap`` of a Hessian-vector product
-    (forward over reverse, through the batched linear primitive) equals XLA's."""
-    cell = jaxrnn.lstm(24)
+@pytest.mark.parametrize("name", MAIN)
+def test_gradient_of_a_vmapped_loss_and_vmapped_second_order(monkeypatch, name):
+    """``grad(vmap)`` runs both kernels once too, and its weight gradients are each one
+    matmul over all examples' rows (`linear`'s ``leading`` fold), not a batched matmul per
+    example summed afterwards; ``vmap`` of a Hessian-vector product (forward over reverse,
+    through the batched linear primitive) equals XLA's."""
+    cell = FAST_CELLS[name](24)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs = jax.random.normal(fresh_key(), (4, 3, TIME, INPUT_SIZE))
     v = jax.random.normal(fresh_key(), xs.shape[1:])
@@ -820,6 +823,10 @@ def test_gradient_of_a_vmapped_loss_and_vmapped_second_order(monkeypatch):
 
     grad_of_vmap = jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)))
     assert _hlo(grad_of_vmap, params, xs) == ([native.TARGET, native.TARGET_BACKWARD], 0)
+    text = jax.jit(grad_of_vmap).lower(params, xs).compile().as_text()
+    dots = re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} dot\([^\n]*", text)
+    assert len(dots) >= 2, dots  # dW_x and dW_h
+    assert not [d for d in dots if "batch_dims" in d], dots
 
     def hvp(p, x):
         ones = jax.tree_util.tree_map(jnp.ones_like, p)

@@ -346,7 +346,7 @@ def _weight_matmul(a, dw, matmul_dtype):
         or a.size >= WEIGHT_TRANSPOSE_LIMIT
     ):
         return _matmul(a, dw, matmul_dtype, tangent="w")
-    (out,) = linear.apply(_weight_product, _weight_product_t, (a,), (dw,))
+    (out,) = linear.apply(_weight_product, _weight_product_t, (a,), (dw,), leading=True)
     return out
 
 

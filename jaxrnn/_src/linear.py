@@ -17,7 +17,12 @@ inputs, as the fast path's residuals do). Here:
   that of ``fn`` or of ``jax.linear_transpose(fn)``, in plain JAX;
 - under ``vmap`` it is the same primitive again, on ``fn`` and ``fn_t`` vmapped: a batched
   transpose still runs ``fn_t`` (whose own batching rule may run it once for all examples,
-  as the native kernel's does), and a batched primitive differentiates as above.
+  as the native kernel's does), and a batched primitive differentiates as above;
+- with ``leading=True`` (``fn`` maps over the leading axes of ``nonlin``, and ``fn_t`` sums
+  over them, as ``a @ W`` over the rows of ``a`` does), ``vmap`` with every ``lin`` operand
+  unbatched folds the vmapped axis into those leading axes instead: the transpose then
+  computes one cotangent for the shared ``lin`` (one matmul over all examples' rows) rather
+  than one per example, summed afterwards.
 
 So ``fn_t`` only has to be the transpose of ``fn`` at the given ``nonlin``, and needs no
 derivatives of its own; the tests check it against ``jax.linear_transpose(fn)``.
@@ -35,17 +40,19 @@ _linear_p = Primitive("jaxrnn_linear")
 _linear_p.multiple_results = True
 
 
-def apply(fn, fn_t, nonlin, lin) -> tuple:
+def apply(fn, fn_t, nonlin, lin, *, leading=False) -> tuple:
     """``fn(nonlin, lin)`` (a tuple of arrays), transposed by ``fn_t(nonlin, cts)``.
 
     ``fn`` and ``fn_t`` take and return tuples of arrays and must be hashable (functions or
-    ``functools.partial`` objects); ``fn`` is linear in ``lin``.
+    ``functools.partial`` objects); ``fn`` is linear in ``lin``. ``leading``: ``fn`` maps
+    over any leading axes that all ``nonlin`` operands share (its outputs gain them too) and
+    ``fn_t`` sums ``lin``'s cotangents over them (see the module's docstring).
     """
     nonlin, lin = tuple(nonlin), tuple(lin)
     lin_avals = tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in lin)
     out = _linear_p.bind(
         *nonlin, *lin, fn=fn, fn_t=fn_t, n_nonlin=len(nonlin), lin_avals=lin_avals,
-        transposed=False,
+        transposed=False, leading=bool(leading),
     )  # fmt: skip
     return tuple(out)
 
@@ -65,14 +72,14 @@ def _plain(fn, lin_avals, transposed, **_):
     return _plain_transpose(fn, lin_avals) if transposed else fn
 
 
-def _impl(*args, fn, fn_t, n_nonlin, lin_avals, transposed):
-    del lin_avals
+def _impl(*args, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
+    del lin_avals, leading
     run = fn_t if transposed else fn
     return tuple(run(tuple(args[:n_nonlin]), tuple(args[n_nonlin:])))
 
 
-def _abstract_eval(*avals, fn, fn_t, n_nonlin, lin_avals, transposed):
-    del fn_t
+def _abstract_eval(*avals, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
+    del fn_t, leading
     if transposed:
         return [ShapedArray(shape, dtype) for shape, dtype in lin_avals]
     nonlin, lin = avals[:n_nonlin], avals[n_nonlin:]
@@ -101,14 +108,14 @@ def _jvp(primals, tangents, **params):
     return list(out), list(out_t)
 
 
-def _transpose(cts, *args, fn, fn_t, n_nonlin, lin_avals, transposed):
+def _transpose(cts, *args, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
     nonlin, lin = args[:n_nonlin], args[n_nonlin:]
     if any(ad.is_undefined_primal(a) for a in nonlin):
         raise NotImplementedError("jaxrnn linear primitive: transposed in a non-linear operand")
     cts = [ad.instantiate_zeros(ct) for ct in cts]
     out = _linear_p.bind(
         *nonlin, *cts, fn=fn, fn_t=fn_t, n_nonlin=n_nonlin, lin_avals=lin_avals,
-        transposed=not transposed,
+        transposed=not transposed, leading=leading,
     )  # fmt: skip
     # A known linear operand (a zero tangent made concrete) adds a constant: no cotangent.
     return [None] * n_nonlin + [o if ad.is_undefined_primal(a) else None for o, a in zip(out, lin)]
@@ -136,12 +143,25 @@ class _Vmapped:
         return hash((self.f, self.nonlin_axes))
 
 
-def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed):
+def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
     """The same primitive on the vmapped functions, so that a batched transpose still runs
     ``fn_t`` (once, vmapped) and a batched primitive is still differentiable in plain JAX.
     Unbatched linear operands are broadcast: the transpose then gives every example its own
-    cotangent, which the caller's ``vmap`` sums where the operand was shared."""
+    cotangent, which the caller's ``vmap`` sums where the operand was shared. With
+    ``leading`` and every linear operand unbatched, the same ``fn`` takes the vmapped axis as
+    one more leading axis of ``nonlin`` (the unbatched ones broadcast), and the shared
+    operand's cotangent stays one array."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if leading and not transposed and all(d is None for d in dims[n_nonlin:]):
+        nonlin = [
+            jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+            for a, d in zip(args[:n_nonlin], dims[:n_nonlin])
+        ]
+        out = _linear_p.bind(
+            *nonlin, *args[n_nonlin:], fn=fn, fn_t=fn_t, n_nonlin=n_nonlin,
+            lin_avals=lin_avals, transposed=False, leading=True,
+        )  # fmt: skip
+        return list(out), [0] * len(out)
     nonlin, axes = [], []
     for a, d in zip(args[:n_nonlin], dims[:n_nonlin]):
         batched = d is not None
@@ -155,7 +175,7 @@ def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed):
     out = _linear_p.bind(
         *nonlin, *lin, fn=_Vmapped(fn, axes), fn_t=_Vmapped(fn_t, axes), n_nonlin=n_nonlin,
         lin_avals=tuple(((size, *shape), dtype) for shape, dtype in lin_avals),
-        transposed=transposed,
+        transposed=transposed, leading=False,
     )  # fmt: skip
     return list(out), [0] * len(out)
 
