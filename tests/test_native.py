@@ -166,6 +166,31 @@ def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, project
     assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
 
 
+# Weights too large to stay in L2, which the kernels' matmuls prefetch block by block
+# (`gemm_acc`, from 1 MiB of a chunk's weights): LSTM and GRU of 530 units on two threads,
+# chunks of 256 and 274 units (32-column panels, then 8 columns left over, or for the GRU a
+# 16-column panel and 6), inputs of 301 (k-blocks of 256 and 45), 13 rows (row tiles of 8, 4
+# and 1); the forward pass equals the loop over `step`, the gradient XLA's loops.
+@pytest.mark.parametrize("projection", ["in_kernel", "hoisted"])
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_weights_larger_than_a_cache(cell_name, projection, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),) if projection == "hoisted" else ())
+    cell = FAST_CELLS[cell_name](530)
+    params = cell.init(fresh_key(), 301)
+    xs = jax.random.normal(fresh_key(), (13, 3, 301))
+    carry = random_carry(cell, (13,))
+    run = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c))
+    assert _hoisted(run.lower(params, xs, carry).as_text()) == (projection == "hoisted")
+    assert_trees_close(run(params, xs, carry), reference_unroll(cell, params, xs, carry))
+    grad = jax.jit(jax.grad(lambda *a: fast_loss(cell, *a, {}), argnums=(0, 1, 2)))
+    assert _hlo(grad, params, xs, carry)[0] == [native.TARGET, native.TARGET_BACKWARD]
+    actual = grad(params, xs, carry)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    expected = jax.jit(jax.grad(lambda *a: fast_loss(cell, *a, {}), argnums=(0, 1, 2)))
+    assert_trees_close(actual, expected(params, xs, carry), rtol=2e-5, atol=2e-5)
+
+
 # Batch-major callers (the default) and time-major ones: the forward pass's kernel reads and
 # writes the caller's layout, so XLA cancels the runner's moves to time-major and back.
 LAYOUT_MODES = [
