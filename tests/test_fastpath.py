@@ -135,7 +135,9 @@ def test_check_grads_order_2(cell_name):
         params = cell.init(fresh_key(), INPUT_SIZE, dtype=jnp.float64)
         xs, carry, kwargs = mode_inputs(cell, "everything_time_major_reverse", dtype=jnp.float64)
         f = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
-        check_grads(f, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-4)
+        # eps=1e-6, as in test_unroll: the default step's second-order truncation error
+        # reached the 1e-5 tolerance on some random draws (LSTM, reverse over reverse: 4e-5).
+        check_grads(f, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-6)
 
 
 @pytest.mark.parametrize("cell_name", MAIN_CELLS)

@@ -306,7 +306,9 @@ def test_unroll_on_the_kernels_keeps_forward_mode(cell_name, on_the_kernels):
         xs, carry, kwargs = mode_inputs(cell, "everything", dtype=jnp.float64)
         kwargs.pop("unroll", None)
         g = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))
-        check_grads(g, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-4)
+        # eps=1e-6, as in test_unroll: the default step's second-order truncation error
+        # reached the 1e-5 tolerance on some random draws (LSTM, reverse over reverse: 4e-5).
+        check_grads(g, (params, xs, carry), order=2, modes=("fwd", "rev"), eps=1e-6)
 
 
 @pytest.mark.parametrize(
