@@ -209,35 +209,35 @@ inline void tile(const float* h, int ldh, const float* W, int K, float* z, int l
 template <int NV, bool kPrefetch>
 inline void panel(const float* h, int ldh, const float* W, int K, float* z, int ldz, int B,
                   const char* pf, int pf_lines) {
-  const int tiles = B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2);
-  const int share = tiles > 0 ? (pf_lines + tiles - 1) / tiles : 0;
-  int b = 0, done = 0;
-  auto next = [&](int rows) {  // the tile's share: its first line and how many
-    const int lines = std::min(share, pf_lines - done);
-    const char* at = pf + 64 * static_cast<size_t>(done);
-    done += lines;
-    b += rows;
-    return std::make_pair(at, lines);
+  int share = 0, done = 0;
+  if constexpr (kPrefetch) {
+    const int tiles = B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2);
+    share = tiles > 0 ? (pf_lines + tiles - 1) / tiles : 0;
+  }
+  auto lines = [&] {  // the next tile's share of the lines: its first one and how many
+    const int n = std::min(share, pf_lines - done);
+    const char* p = pf + 64 * static_cast<size_t>(done);
+    done += n;
+    return std::make_pair(p, n);
   };
-  for (; b + 8 <= B;) {
-    const int at = b;
-    auto [p, n] = next(8);
-    tile<8, NV, kPrefetch>(h + at * ldh, ldh, W, K, z + at * ldz, ldz, p, n);
+  int b = 0;
+  for (; b + 8 <= B; b += 8) {
+    auto [p, n] = lines();
+    tile<8, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
   }
   if (b + 4 <= B) {
-    const int at = b;
-    auto [p, n] = next(4);
-    tile<4, NV, kPrefetch>(h + at * ldh, ldh, W, K, z + at * ldz, ldz, p, n);
+    auto [p, n] = lines();
+    tile<4, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
+    b += 4;
   }
   if (b + 2 <= B) {
-    const int at = b;
-    auto [p, n] = next(2);
-    tile<2, NV, kPrefetch>(h + at * ldh, ldh, W, K, z + at * ldz, ldz, p, n);
+    auto [p, n] = lines();
+    tile<2, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
+    b += 2;
   }
   if (b < B) {
-    const int at = b;
-    auto [p, n] = next(1);
-    tile<1, NV, kPrefetch>(h + at * ldh, ldh, W, K, z + at * ldz, ldz, p, n);
+    auto [p, n] = lines();
+    tile<1, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
   }
 }
 
