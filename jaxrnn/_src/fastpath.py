@@ -29,7 +29,8 @@ an elementwise fusion runs its sigmoid/tanh several times slower (LSTM B16 H128,
 us against 15 us per step for the gate nonlinearities). The tangent rule hoists the
 projection's tangent either way.
 
-On CPU (float32, no ``matmul_dtype``, an unsharded batch) the primal loop of both passes runs
+On CPU (float32, no ``matmul_dtype`` or bfloat16 on a CPU with AMX, an unsharded batch) the
+primal loop of both passes runs
 instead in the native kernel (`native`: the time loop as one FFI call on all cores), which
 also writes the residuals; the tangent rule and its transpose stay in XLA (`placements`).
 
@@ -422,8 +423,9 @@ def _primal_scan(static, xs, w_x, b_x, w_h, b_in, carry, mask, resets, save):
 
 
 def _native_primal(
-    kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major=False
-):
+    kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major=False,
+    md=None,
+):  # fmt: skip
     """`_primal_scan` on the native CPU kernel (`native.forward`), the batch dims flattened
     into one.
 
@@ -441,7 +443,9 @@ def _native_primal(
     flags = [None if f is None else flag_to_kernel(f) for f in (mask, resets)]
     xs = to_kernel(xs)
     rows = xs.shape[0 if batch_major else 1]
-    if native.hoists(rows, features, hidden, w_h.shape[1] // hidden):
+    # With ``md`` (bfloat16 on AMX tiles) the kernel's own per-step projection is cheap: never
+    # hoisted.
+    if md is None and native.hoists(rows, features, hidden, w_h.shape[1] // hidden):
         # The input projection as one matmul over all steps: the kernel then reads its rows.
         xs = _project(xs, w_x, b_x)
         w_x = b_x = None
@@ -451,7 +455,7 @@ def _native_primal(
     outputs = save and mask is None and kind.startswith("elman")
     ys, flat, *saved = native.forward(
         kind, xs, w_x, b_x, w_h, b_in, flat, *flags, reverse, save, batch_major=batch_major,
-        residuals=not outputs,
+        residuals=not outputs, bf16=md is not None,
     )  # fmt: skip
     carry = tuple(a.reshape(*batch, hidden) for a in flat)
     if outputs:
@@ -483,10 +487,10 @@ def _kernel_layout(batch_major, time, batch):
 def _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
     """`_primal_scan` on a kernel: the native CPU kernel (`native`) or the persistent Pallas
     kernel (`pallas_rnn.primal_scan`, GPU), as `placements` chose for the pass."""
-    kind, reverse, _, _, _, batch_major = static
+    kind, reverse, _, _, md, batch_major = static
     if _placement(static, save) == "native":
         return _native_primal(
-            kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major
+            kind, reverse, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets, batch_major, md
         )
     from jaxrnn._src import pallas_rnn
 
@@ -627,6 +631,9 @@ def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
     inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
     ct_dys, *ct_carry = cts
     time, *batch, hidden = ct_dys.shape
+    md = loop.keywords["md"]
+    if md is not None:  # the loop multiplies by W_h cast to md, in float32 (`_dot`)
+        w_h = w_h.astype(md).astype(w_h.dtype)
     flat, flags, unflat = _kernel_layout(batch_major, time, batch)
     ct_u, ct_v, ct_carry0 = native.backward(
         kind,
@@ -722,11 +729,12 @@ def placements(
     """`projection_modes`, with a kernel where one runs a pass (it computes the primal, and in
     the gradient pass its residuals; the native one also the backward loop):
 
-    - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype``,
-      an unsharded batch, non-``empty`` inputs, the kernel built; the forward-only pass of
-      every kind, the gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`,
-      and of `NATIVE_GRADIENT_MIN_BATCH`'s kinds from their batch or
-      `NATIVE_GRADIENT_MIN_HIDDEN`'s hidden size up.
+    - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype`` or
+      bfloat16 where the kernel has AMX tiles (`native.bf16_available`), an unsharded batch,
+      non-``empty`` inputs, the kernel built; the forward-only pass of every kind, the
+      gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`, and of
+      `NATIVE_GRADIENT_MIN_BATCH`'s kinds from their batch or `NATIVE_GRADIENT_MIN_HIDDEN`'s
+      hidden size up.
     - ``"pallas"`` (GPU of the measured family): a pass that `PALLAS_TABLE` gives to the
       persistent kernels for this kind and dtype (no ``matmul_dtype``, an unsharded batch up
       to the table's bound, a hidden size the kernels take and no larger than measured).
@@ -735,12 +743,15 @@ def placements(
     working."""
     backend = backend or jax.default_backend()
     modes = projection_modes(kind, backend)
-    if matmul_dtype is not None or sharded:
+    if sharded:
         return modes
     if backend == "cpu":
         from jaxrnn._src import native
 
         usable = not empty and native.supports(kind, hidden, dtype) and native.available()
+        if matmul_dtype is not None:
+            bf16 = jnp.dtype(matmul_dtype) == jnp.bfloat16
+            usable = usable and bf16 and native.bf16_available()
         if not usable:
             return modes
         gradient = (
@@ -749,6 +760,8 @@ def placements(
             or hidden >= NATIVE_GRADIENT_MIN_HIDDEN.get(kind, math.inf)
         )
         return ("native", "native" if gradient else modes[1])
+    if matmul_dtype is not None:
+        return modes
     gpu = backend in ("gpu", "cuda") and _measured_gpu()
     limits = PALLAS_TABLE.get((kind, jnp.dtype(dtype).name)) if gpu else None
     if limits is None:

@@ -17,10 +17,14 @@ one are published. A chunk still unpublished after twice the time a chunk takes 
 the other threads too (its thread may be late, or preempted); the first copy wins. So no
 thread waits for another to start or to resume.
 
-The fast path (`fastpath.placements`) runs it on CPU in float32 without ``matmul_dtype``, on
-an unsharded batch, in both passes: the forward-only pass takes the outputs and final carry;
-the gradient pass also the residuals of the linear JVP rule (``h`` entering each step and the
-per-kind arrays of `RESIDUAL_WIDTHS`). The gradient pass's backward loop is a second kernel
+The fast path (`fastpath.placements`) runs it on CPU in float32, without ``matmul_dtype`` or
+with ``matmul_dtype=bfloat16`` where the CPU has AMX tiles (`bf16_available`: the forward
+kernel's matmuls then multiply bfloat16 operands on the tiles and sum in float32, its input
+projection always in the kernel; the backward kernel multiplies by ``W_h`` rounded to bfloat16,
+its cotangents float32), on an unsharded batch, in both passes: the forward-only pass takes
+the outputs and final carry; the gradient pass also the residuals of the linear JVP rule
+(``h`` entering each step and the per-kind arrays of `RESIDUAL_WIDTHS`). The gradient pass's
+backward loop is a second kernel
 (`backward`): the transpose of that rule's tangent loop, with the same chunks of units, each
 step finishing ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
 Its input cotangent takes the buffer of the residual of the same width (each element is
@@ -177,6 +181,14 @@ def _load() -> bool:
         )
         return False
     return True
+
+
+@functools.cache
+def bf16_available() -> bool:
+    """Whether the forward kernel can run ``matmul_dtype=bfloat16``'s matmuls: the kernel is
+    available and was compiled for a CPU with AMX tiles (Intel Sapphire Rapids and later), and
+    the OS grants them. Where not, ``matmul_dtype`` keeps XLA's loop."""
+    return available() and bool(_LIBRARIES[TARGET].jaxrnn_amx_available())
 
 
 def supports(kind: str, hidden: int, dtype) -> bool:
@@ -342,7 +354,7 @@ def _layout(batch_major):
 
 def forward(
     kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save=False, batch_major=False,
-    residuals=True,
+    residuals=True, bf16=False,
 ):  # fmt: skip
     """The recurrence over ``xs: (time, batch, features)``, as `fastpath`'s scan computes it.
 
@@ -359,6 +371,9 @@ def forward(
     With ``batch_major`` every per-step array is ``(batch, time, ·)`` instead (``mask`` and
     ``resets`` ``(batch, time)``), inputs and outputs: the kernel runs each sequence as a run
     of one row, with no transposes.
+
+    With ``bf16`` the matmuls multiply the operands rounded to bfloat16 and sum the products
+    in float32, on AMX tiles (`bf16_available`): ``matmul_dtype=bfloat16``.
     """
     hidden, width = w_h.shape
     runs, rows = _layout(batch_major)
@@ -376,7 +391,8 @@ def forward(
         return [jax.ShapeDtypeStruct(shape, f32) for shape in out]
 
     weights = (None, 2, 1, 2, 1, None, None, None, None)  # w_x, b_x, w_h, b_in
-    call = _batched_call(TARGET, out_shapes, _attributes(kind, reverse), weights)
+    attributes = {**_attributes(kind, reverse), "bf16": bool(bf16)}
+    call = _batched_call(TARGET, out_shapes, attributes, weights)
     ys, h, c, h_in, *res = call(
         runs(xs),
         jnp.zeros((0, width), f32) if w_x is None else w_x,

@@ -1,0 +1,194 @@
+"""``matmul_dtype=bfloat16`` on the native CPU kernel: its matmuls on AMX tiles.
+
+Where the CPU has AMX (`native.bf16_available`), ``jaxrnn.unroll(..., matmul_dtype=
+jnp.bfloat16)`` runs the forward kernel with bfloat16 operands summed in float32, and the
+backward kernel with ``W_h`` rounded to bfloat16 (the tangent rule's ``_dot``). XLA's loop with
+the same ``matmul_dtype`` is the reference: it is tested against a loop over ``cell.step`` with
+rounded operands in ``test_fastpath.py``. The two sum the same exact products in another
+order, so they agree to float32 rounding, except where that rounding moves an ``h`` across a
+bfloat16 rounding boundary: that element of the next step's operand then differs by one
+bfloat16 step (2^-8 relative), and so its outputs by up to about 1e-3. Hence the checks: every
+element within a bfloat16-sized tolerance, and almost all of them within float32's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FAST_CELLS, INPUT_SIZE, fast_loss, fresh_key, mode_inputs, random_carry
+
+import jaxrnn
+from jaxrnn._src import fastpath, native
+
+if jax.default_backend() != "cpu" or native._compiler() is None:
+    pytest.skip(
+        "the native kernel needs the CPU backend and a C++ compiler", allow_module_level=True
+    )
+
+MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
+BF16 = jnp.bfloat16
+needs_amx = pytest.mark.skipif(
+    not native.bf16_available(), reason="this CPU has no AMX tiles (or the OS denies them)"
+)
+
+
+@pytest.fixture(autouse=True)
+def every_gradient_on_the_kernels(monkeypatch):
+    monkeypatch.setattr(fastpath, "NATIVE_GRADIENT_KINDS", tuple(native.KIND_CODES))
+
+
+def _close_to_bf16_rounding(actual, expected, float32, worst=3e-3, share=0.05):
+    """``actual`` (the kernel's) against ``expected`` (XLA's, both with bfloat16 operands):
+    every element within ``worst`` (relative to the array's scale), and on average within
+    ``share`` of the distance between ``expected`` and ``float32`` (the same function with
+    float32 matmuls). An operand left unrounded, or rounded twice, moves every element by
+    about as much as float32 matmuls do; a bfloat16 rounding that float32 rounding moved
+    changes one element, and those downstream of it."""
+    leaves = [jax.tree_util.tree_leaves(t) for t in (actual, expected, float32)]
+    for a, e, f in zip(*leaves):
+        a, e, f = (np.asarray(x, np.float64) for x in (a, e, f))
+        assert a.shape == e.shape
+        if a.size == 0:
+            continue
+        scale = max(1.0, float(np.max(np.abs(e))))
+        error = float(np.max(np.abs(a - e))) / scale
+        assert error <= worst, f"max error {error:.3g} > {worst}"
+        mean, rounding = float(np.mean(np.abs(a - e))), float(np.mean(np.abs(f - e)))
+        assert mean <= share * rounding + 1e-7 * scale, (
+            f"mean error {mean:.3g}, against {rounding:.3g} from bfloat16 rounding"
+        )
+
+
+def _lowered(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def _on_both(monkeypatch, make, *args):
+    """``make(matmul_dtype)`` jitted with bfloat16 on the native kernel, then (freshly
+    traced) on XLA's loop, then with float32 matmuls: the three results, after checking
+    where the first two ran."""
+    fn = make(BF16)
+    assert native.TARGET in _lowered(fn, *args)
+    actual = jax.jit(fn)(*args)
+    with monkeypatch.context() as m:
+        m.setenv("JAXRNN_NATIVE", "0")
+        fn = make(BF16)
+        assert native.TARGET not in _lowered(fn, *args)
+        expected = jax.jit(fn)(*args)
+    return actual, expected, jax.jit(make(None))(*args)
+
+
+def test_placement_follows_amx(monkeypatch):
+    expected = "native" if native.bf16_available() else "hoisted"
+    for kind in MAIN:
+        placement = fastpath.placements(kind, 4, 8, jnp.float32, matmul_dtype=BF16, backend="cpu")
+        assert placement[0] == expected
+    # float16 operands have no kernel: XLA's loop.
+    placement = fastpath.placements("lstm", 4, 8, jnp.float32, matmul_dtype=jnp.float16)
+    assert "native" not in placement
+    monkeypatch.setattr(native, "bf16_available", lambda: False)
+    placement = fastpath.placements("lstm", 4, 8, jnp.float32, matmul_dtype=BF16, backend="cpu")
+    assert "native" not in placement
+
+
+MODES = (
+    "batch_major", "time_major", "no_batch", "two_batch_dims", "reverse", "seq_lengths",
+    "mask_reverse", "resets", "everything", "everything_time_major_reverse",
+)  # fmt: skip
+
+
+@needs_amx
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    cell = FAST_CELLS[cell_name](40)
+    params = cell.init(fresh_key(), 33)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    xs = jnp.concatenate([xs] * 11, axis=-1)[..., :33]  # 33 inputs: one past a tile's 32
+    kwargs.pop("unroll", None)
+
+    def make(md):
+        return lambda p, x, c: jaxrnn.unroll(cell, p, x, c, matmul_dtype=md, **kwargs)
+
+    actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
+    _close_to_bf16_rounding(actual, expected, float32)
+    # The operands really were rounded: float32 matmuls give other outputs.
+    assert float(jnp.max(jnp.abs(float32[0] - actual[0]))) > 1e-4
+
+
+@needs_amx
+@pytest.mark.parametrize("mode", ["batch_major", "everything", "everything_time_major_reverse"])
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
+    """The gradient pass (both kernels, with ``W_h`` rounded for the backward one) and forward
+    mode, against XLA's loop with the same ``matmul_dtype``."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    cell = FAST_CELLS[cell_name](40)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    carry = random_carry(cell, xs.shape[:-2] if not kwargs.get("time_major") else xs.shape[1:-1])
+    tangents = tuple(
+        jax.tree_util.tree_map(lambda a: jnp.cos(3.0 * a), a) for a in (params, xs, carry)
+    )
+
+    def make(md):
+        loss = lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": md})  # noqa: E731
+
+        def both(p, x, c):
+            grads = jax.grad(loss, argnums=(0, 1, 2))(p, x, c)
+            return grads, jax.jvp(loss, (p, x, c), tangents)
+
+        return both
+
+    grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": BF16}))
+    assert native.TARGET_BACKWARD in _lowered(grad, params, xs, carry)
+    actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
+    _close_to_bf16_rounding(actual, expected, float32)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "hidden, threads, batch", [(5, 0, 9), (16, 1, 33), (40, 2, 9), (50, 3, 17), (130, 0, 40)]
+)
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_bf16_kernel_over_sizes_and_threads(cell_name, hidden, threads, batch, monkeypatch):
+    """Sizes off the tiles' 16 rows, 16 columns and 32 inputs, uneven chunks of units, more
+    threads than cores, with masked steps and resets; forward and gradient."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    cell = FAST_CELLS[cell_name](hidden)
+    params = cell.init(fresh_key(), 7)
+    time = 6
+    xs = jax.random.normal(fresh_key(), (batch, time, 7))
+    carry = random_carry(cell, (batch,))
+    kwargs = {
+        "seq_lengths": jax.random.randint(fresh_key(), (batch,), 0, time + 1),
+        "resets": jax.random.bernoulli(fresh_key(), 0.3, (batch, time)),
+    }
+
+    def make(md):
+        def both(p, x, c):
+            out = jaxrnn.unroll(cell, p, x, c, matmul_dtype=md, **kwargs)
+            loss = lambda *a: fast_loss(cell, *a, {**kwargs, "matmul_dtype": md})  # noqa: E731
+            return out, jax.grad(loss, argnums=(0, 1, 2))(p, x, c)
+
+        return both
+
+    actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
+    _close_to_bf16_rounding(actual, expected, float32)
+
+
+@needs_amx
+def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
+    """vmapped over examples (the runs merge into one call) and over weights (members)."""
+    cell = jaxrnn.lstm(24)
+    members = jax.vmap(lambda k: cell.init(k, 5))(jax.random.split(fresh_key(), 3))
+    xs = jax.random.normal(fresh_key(), (3, 4, 6, 5))
+
+    def make(md):
+        return jax.vmap(lambda p, x: jaxrnn.unroll(cell, p, x, matmul_dtype=md)[0])
+
+    actual, expected, float32 = _on_both(monkeypatch, make, members, xs)
+    _close_to_bf16_rounding(actual, expected, float32)
