@@ -192,3 +192,42 @@ def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
 
     actual, expected, float32 = _on_both(monkeypatch, make, members, xs)
     _close_to_bf16_rounding(actual, expected, float32)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "hidden, threads, groups", [(40, 2, 0), (40, 2, 1), (130, 0, 0), (5, 1, 0), (40, 2, 4)]
+)
+@pytest.mark.parametrize("kind", sorted(native.KIND_CODES))
+def test_the_backward_kernel_on_tiles_is_float32s(kind, hidden, threads, groups, monkeypatch):
+    """The backward kernel's bf16 mode against its float32 one, on the same cotangents and
+    bfloat16-valued ``W_h``: the tiles multiply the float32 ``ct_v`` as three exact bfloat16
+    parts, so the two agree to float32 rounding (at most 1.5e-6 of scale over 12 seeds; with
+    the third part dropped, these tests fail). 33 rows: groups of 16 and 17 rows, or all of them in
+    chunks of units (16 and 24 at H = 40), take the tiles; 4 groups of 8 rows do not (the
+    float32 matmul on the same values)."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", str(groups))
+    time, batch = 7, 33
+    gates = native.RESIDUAL_WIDTHS[kind][0]
+    width = {"lstm": 4, "gru": 3}.get(kind, 1) * hidden
+    w_h = jax.random.normal(fresh_key(), (hidden, width)) / hidden**0.5
+    w_h = w_h.astype(BF16).astype(jnp.float32)
+    ct_ys = jax.random.normal(fresh_key(), (time, batch, hidden))
+    ct_carry = tuple(jax.random.normal(fresh_key(), (batch, hidden)) for _ in range(2))
+    ct_carry = ct_carry if kind == "lstm" else ct_carry[:1]
+    widths = [gates, 1, 1][: native.COEFFICIENTS[kind]]
+    coef = tuple(
+        jax.random.uniform(fresh_key(), (time, batch, w * hidden), minval=-1, maxval=1)
+        for w in widths
+    )
+    resets = jax.random.bernoulli(fresh_key(), 0.3, (time, batch))
+
+    def run(bf16):
+        fn = lambda *a: native.backward(kind, *a, None, resets, False, bf16=bf16)  # noqa: E731
+        return jax.jit(fn)(ct_ys, ct_carry, coef, w_h)
+
+    tiles, floats = run(True), run(False)
+    for a, e in zip(jax.tree_util.tree_leaves(tiles), jax.tree_util.tree_leaves(floats)):
+        scale = max(1.0, float(jnp.max(jnp.abs(e))))
+        assert float(jnp.max(jnp.abs(a - e))) <= 3e-6 * scale

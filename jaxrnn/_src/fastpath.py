@@ -632,7 +632,7 @@ def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
     ct_dys, *ct_carry = cts
     time, *batch, hidden = ct_dys.shape
     md = loop.keywords["md"]
-    if md is not None:  # the loop multiplies by W_h cast to md, in float32 (`_dot`)
+    if md is not None:  # the loop multiplies by W_h cast to md (bfloat16), in float32 (`_dot`)
         w_h = w_h.astype(md).astype(w_h.dtype)
     flat, flags, unflat = _kernel_layout(batch_major, time, batch)
     ct_u, ct_v, ct_carry0 = native.backward(
@@ -645,6 +645,7 @@ def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
         None if resets is None else flags(resets),
         loop.keywords["reverse"],
         batch_major=batch_major,
+        bf16=md is not None,
     )
     us = (unflat(ct_u),) if n_u == 1 else (unflat(ct_u), unflat(ct_v))
     return (*us, *(a.reshape(*batch, hidden) for a in ct_carry0))

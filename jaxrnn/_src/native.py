@@ -417,7 +417,9 @@ def forward(
 COEFFICIENTS = {"elman_tanh": 1, "elman_relu": 1, "lstm": 3, "gru": 3}
 
 
-def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_major=False):
+def backward(
+    kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_major=False, bf16=False
+):
     """The transpose of `fastpath`'s tangent loop: the backward loop of the gradient pass.
 
     ``ct_ys: (time, batch, H)`` and ``ct_carry`` (``(h,)`` or ``(h, c)`` of ``(batch, H)``)
@@ -428,6 +430,11 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_majo
     the initial carry. ``ct_u`` takes the buffer of ``coef[0]`` (the Elman's, of ``ct_ys``).
     With ``batch_major`` every per-step array is ``(batch, time, ·)`` instead, inputs and
     outputs (``mask`` and ``resets`` ``(batch, time)``), as in `forward`.
+
+    With ``bf16`` ``w_h`` holds bfloat16 values (``matmul_dtype=bfloat16``'s tangent loop
+    multiplies by it so, in float32), and the kernel multiplies ``ct_v W_hᵀ`` on AMX tiles:
+    ``ct_v`` as the sum of three bfloat16 parts (its top, middle and low 8 bits), each product
+    exact, so the result is float32's.
     """
     hidden, width = w_h.shape
     f32 = jnp.float32
@@ -455,7 +462,7 @@ def backward(kind, ct_ys, ct_carry, coef, w_h, mask, resets, reverse, batch_majo
     # residual may be the outputs themselves (`fastpath._native_primal`), which the caller
     # may still read.
     call = _batched_call(
-        TARGET_BACKWARD, out_shapes, _attributes(kind, reverse), weights,
+        TARGET_BACKWARD, out_shapes, {**_attributes(kind, reverse), "bf16": bool(bf16)}, weights,
         aliases={0 if kind.startswith("elman") else 3: 0},
     )  # fmt: skip
     ct_u, ct_v, ct_h0, ct_c0 = call(

@@ -414,6 +414,78 @@ void to_bf16_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out) {
   }
 }
 
+// A float32 x as three bfloat16 parts whose sum is x exactly: x's top, middle and low 8 bits
+// of significand, each cut off toward zero (x - p1 and (x - p1) - p2 are exact in float32, and
+// the last has at most 8 bits). So a float32 operand times a bfloat16 one is three tile
+// products summed in float32 (`gemm_bf16`), each product exact: the backward kernel's
+// ct_v W_hᵀ in bf16 mode. Infinities and NaN go whole into the first part.
+inline void split3(float x, uint16_t* p1, uint16_t* p2, uint16_t* p3) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const bool special = (u & 0x7f800000u) == 0x7f800000u;
+  const uint32_t hi = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : u >> 16;
+  *p1 = static_cast<uint16_t>(hi);
+  const uint32_t hi_bits = hi << 16;
+  float top, r1, r2;
+  std::memcpy(&top, &hi_bits, 4);
+  r1 = special ? 0.0f : x - top;
+  std::memcpy(&u, &r1, 4);
+  *p2 = static_cast<uint16_t>(u >> 16);
+  const uint32_t mid_bits = (u >> 16) << 16;
+  float mid;
+  std::memcpy(&mid, &mid_bits, 4);
+  r2 = r1 - mid;
+  std::memcpy(&u, &r2, 4);
+  *p3 = static_cast<uint16_t>(u >> 16);
+}
+
+// n floats as three rows of parts (`split3`), 16 at a time with AVX-512.
+inline void split3_row(const float* src, uint16_t* d1, uint16_t* d2, uint16_t* d3, int n) {
+  int k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512i expo = _mm512_set1_epi32(0x7f800000), abs = _mm512_set1_epi32(0x7fffffff);
+  const __m512i qnan = _mm512_set1_epi32(0x7fc0), high = _mm512_set1_epi32(-65536);
+  for (; k + 16 <= n; k += 16) {
+    const __m512i u = _mm512_loadu_si512(src + k);
+    const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, expo), expo);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), expo);
+    const __m512i hi = _mm512_mask_mov_epi32(_mm512_srli_epi32(u, 16), nan, qnan);
+    const __m512 x = _mm512_castsi512_ps(u);
+    const __m512 top = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+    const __m512 r1 = _mm512_maskz_sub_ps(static_cast<__mmask16>(~special), x, top);
+    const __m512i u1 = _mm512_castps_si512(r1);
+    const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(_mm512_and_si512(u1, high)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d1 + k), _mm512_cvtepi32_epi16(hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d2 + k),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u1, 16)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d3 + k),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r2), 16)));
+  }
+#endif
+  for (; k < n; ++k) split3(src[k], d1 + k, d2 + k, d3 + k);
+}
+
+// Rows [0, B) of a float32 matrix as the three parts (`split3`), each a left operand of
+// `gemm_bf16` as `to_bf16_rows` lays it out, `size` elements apart.
+template <class RowFn>
+void split3_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out, size_t size) {
+  for (int k0 = 0; k0 < Kp; k0 += kBlock16) {
+    const int kn = std::min(kBlock16, Kp - k0), real = std::clamp(K - k0, 0, kn);
+    for (int q = 0; q < 3; ++q) {
+      uint16_t* block = out + q * size + static_cast<size_t>(k0) * Bp;
+      for (int b = 0; b < B; ++b)
+        std::fill(block + static_cast<size_t>(b) * kn + real, block + static_cast<size_t>(b + 1) * kn,
+                  uint16_t{0});
+      std::fill(block + static_cast<size_t>(B) * kn, block + static_cast<size_t>(Bp) * kn,
+                uint16_t{0});
+    }
+    for (int b = 0; b < B; ++b) {
+      const size_t at = static_cast<size_t>(k0) * Bp + static_cast<size_t>(b) * kn;
+      split3_row(row(b) + k0, out + at, out + size + at, out + 2 * size + at, real);
+    }
+  }
+}
+
 #ifdef JAXRNN_AMX
 // Linux gives a process the tiles' 8 KiB of state only once asked (arch_prctl).
 bool amx_ready() {
@@ -1272,24 +1344,37 @@ struct BackProblem {
                           // a duplicate copy reading it later loses the publication.
   float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
   int b0 = 0;             // the first row this problem covers, as in `Problem`
+  bool bf16 = false;      // W_h is bfloat16: ct_v W_hᵀ on AMX tiles, ct_v in three parts
+                          // (from 16 rows; below, the float32 matmul gives the same)
 };
 
 struct BackShared : Chunks {
   BackProblem p;
   std::vector<size_t> wt_offset;
   Floats wt;  // per chunk: W_hᵀ's columns of its units, packed
+  Halves wt16;  // bf16: the same, packed for `gemm_bf16` instead
   Floats v_ring, lh_ring, lc_ring;  // (2, B, G*H), (2, B, H), (2, B, H)
 };
 
+// The row stride of λ entering a step (`BackLocal`'s lh_in, lc_in) for a chunk of U units: in
+// bf16 mode the tiles' columns, 16, with rows rounded up to 16 too.
+inline int lambda_stride(const BackProblem& p, int U) { return p.bf16 ? round_up(U, 16) : U; }
+
 struct BackLocal {
-  Floats lh_in, lc_in;  // λ entering the step: (B, U) each
+  Floats lh_in, lc_in;  // λ entering the step: (B, U) each (`lambda_stride`)
   Floats lh, lc, v, u;  // (B, U), (B, U), (B, G*U), (B, G*U)
-  BackLocal(int B, int G, int U)
-      : lh_in(B * U), lc_in(B * U), lh(B * U), lc(B * U), v(B * G * U), u(B * G * U) {}
+  Halves parts;         // bf16: ct_v's three parts (`split3_rows`)
+  BackLocal(int B, int G, int U, bool bf16 = false, int H = 0)
+      : lh(B * U), lc(B * U), v(B * G * U), u(B * G * U) {
+    const size_t rows = bf16 ? round_up(B, 16) : B, ldl = bf16 ? round_up(U, 16) : U;
+    lh_in.assign(rows * ldl, 0.0f);
+    lc_in.assign(rows * ldl, 0.0f);
+    if (bf16) parts.resize(3 * rows * round_up(G * H, 32));
+  }
 };
 
 BackLocal make_local(const BackShared& sh, int widest) {
-  return BackLocal(sh.p.B, sh.p.G, widest);
+  return BackLocal(sh.p.B, sh.p.G, widest, sh.p.bf16, sh.p.H);
 }
 
 struct BackRow {
@@ -1359,24 +1444,35 @@ inline int back_time(const BackProblem& p, int s) { return p.reverse ? s : p.T -
 // λ of a chunk's units entering backward step s: what the chunk left in the rings (the
 // pass-through, the GRU's z g, λ_c) plus step s - 1's ct_v W_hᵀ, zeroed where the forward
 // loop reset the carry before step s - 1's time.
-void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc) {
+// lh and lc have rows of stride `lambda_stride`; in bf16 mode `parts` takes ct_v's parts.
+void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc,
+                   uint16_t* parts) {
   const BackProblem& p = sh.p;
   const int B = p.B, H = p.H, GH = p.G * H, u0 = sh.start[chunk];
-  const int U = sh.start[chunk + 1] - u0;
+  const int U = sh.start[chunk + 1] - u0, ldl = lambda_stride(p, U);
   const size_t slot = static_cast<size_t>(s & 1);
   for (int b = 0; b < B; ++b) {
-    std::memcpy(lh + b * U, sh.lh_ring.data() + (slot * B + b) * H + u0, U * sizeof(float));
-    std::memcpy(lc + b * U, sh.lc_ring.data() + (slot * B + b) * H + u0, U * sizeof(float));
+    std::memcpy(lh + b * ldl, sh.lh_ring.data() + (slot * B + b) * H + u0, U * sizeof(float));
+    std::memcpy(lc + b * ldl, sh.lc_ring.data() + (slot * B + b) * H + u0, U * sizeof(float));
   }
   if (s == 0) return;
-  gemm_acc(sh.v_ring.data() + slot * B * GH, GH, sh.wt.data() + sh.wt_offset[chunk], U, GH, lh,
-           B);
+  const float* v = sh.v_ring.data() + slot * B * GH;
+  if (p.bf16) {
+    const int Bp = round_up(B, 16), Kp = round_up(GH, 32);
+    const size_t size = static_cast<size_t>(Bp) * Kp;
+    split3_rows([&](int b) { return v + static_cast<size_t>(b) * GH; }, B, GH, Bp, Kp, parts,
+                size);
+    for (int q = 0; q < 3; ++q)
+      gemm_bf16(parts + q * size, Kp, sh.wt16.data() + sh.wt_offset[chunk], ldl, lh, ldl, Bp);
+  } else {
+    gemm_acc(v, GH, sh.wt.data() + sh.wt_offset[chunk], U, GH, lh, B);
+  }
   if (p.resets != nullptr && !p.reverse) {
     const int t_prev = back_time(p, s - 1);
     for (int b = 0; b < B; ++b)
       if (p.resets[row_of(p, t_prev, b)]) {
-        std::fill_n(lh + b * U, U, 0.0f);
-        std::fill_n(lc + b * U, U, 0.0f);
+        std::fill_n(lh + b * ldl, U, 0.0f);
+        std::fill_n(lc + b * ldl, U, 0.0f);
       }
   }
 }
@@ -1387,18 +1483,19 @@ void step_chunk(const BackShared& sh, int chunk, int s, BackLocal& out) {
   const int U = sh.start[chunk + 1] - u0;
   const int t = back_time(p, s);
   float *lh = out.lh_in.data(), *lc = out.lc_in.data();
-  finish_lambda(sh, chunk, s, lh, lc);
+  const int ldl = lambda_stride(p, U);
+  finish_lambda(sh, chunk, s, lh, lc, out.parts.data());
   const auto fn = row_fn<BackwardRow, BackRow>(p.kind);
   const int widths[6] = {G, 1, 1, 1, 1, 1};  // coef[0]: all gates (the Elman's one)
   for (int b = 0; b < B; ++b) {
     const size_t row = row_of(p, t, b);
     if (p.reverse && p.resets != nullptr && p.resets[row]) {  // zeroed after the step
-      std::fill_n(lh + b * U, U, 0.0f);
-      std::fill_n(lc + b * U, U, 0.0f);
+      std::fill_n(lh + b * ldl, U, 0.0f);
+      std::fill_n(lc + b * ldl, U, 0.0f);
     }
     BackRow w;
-    w.lh = lh + b * U;
-    w.lc = lc + b * U;
+    w.lh = lh + b * ldl;
+    w.lc = lc + b * ldl;
     w.ct_y = p.ct_ys + row * H + u0;
     for (int k = 0; k < 6; ++k)
       w.coef[k] = p.coef[k] ? p.coef[k] + row * widths[k] * H + u0 : nullptr;
@@ -1447,11 +1544,30 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
   }
 }
 
-// Per chunk, the (G·H, U) block of W_hᵀ for its units, in the panels of `gemm_acc`.
+// Per chunk, the (G·H, U) block of W_hᵀ for its units, in the panels of `gemm_acc` (in bf16
+// mode as `gemm_bf16` takes it).
 void pack_transposed(BackShared& sh) {
   const int H = sh.p.H, GH = sh.p.G * H;
-  sh.wt.resize(static_cast<size_t>(GH) * H);
   sh.wt_offset.resize(sh.chunks);
+  if (sh.p.bf16) {
+    const int Kp = round_up(GH, 32);
+    size_t size = 0;
+    for (int c = 0; c < sh.chunks; ++c)
+      size += static_cast<size_t>(Kp) * round_up(sh.start[c + 1] - sh.start[c], 16);
+    sh.wt16.assign(size, 0);
+    for (int c = 0, offset = 0; c < sh.chunks; ++c) {
+      const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
+      sh.wt_offset[c] = offset;
+      uint16_t* block = sh.wt16.data() + offset;
+      for (int j = 0; j < U; ++j) {
+        const float* row = sh.p.w_h + static_cast<size_t>(u0 + j) * GH;
+        for (int k = 0; k < GH; ++k) block[vnni_index(k, j, Kp)] = to_bf16(row[k]);
+      }
+      offset += Kp * round_up(U, 16);
+    }
+    return;
+  }
+  sh.wt.resize(static_cast<size_t>(GH) * H);
   for (int c = 0, columns = 0; c < sh.chunks; ++c) {
     const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
     sh.wt_offset[c] = static_cast<size_t>(columns) * GH;
@@ -1477,7 +1593,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                     ffi::ResultBuffer<ffi::F32> ct_u, ffi::ResultBuffer<ffi::F32> ct_v,
                     ffi::ResultBuffer<ffi::F32> ct_h0, ffi::ResultBuffer<ffi::F32> ct_c0,
                     int32_t kind, bool reverse, int32_t threads, bool duplicate,
-                    int32_t forced_groups, bool huge_pages) {
+                    int32_t forced_groups, bool huge_pages, bool bf16) {
+  if (bf16 && !amx_ready())
+    return ffi::Error::InvalidArgument(
+        "jaxrnn native backward: bf16 matmuls need AMX (jaxrnn_amx_available() is 0)");
   auto yd = ct_ys.dimensions();
   auto wd = w_h.dimensions();
   const size_t rank = wd.size();  // 3: a leading axis of members
@@ -1511,6 +1630,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                    resets.element_count() ? resets.typed_data() : nullptr, ct_u->typed_data(),
                    kind == kGru ? ct_v->typed_data() : nullptr};
   for (int k = 0; k < 6; ++k) base.coef[k] = k < n_coef ? coefs[k]->typed_data() : nullptr;
+  base.bf16 = bf16;
   // ct_u takes coef[0]'s buffer (written by the forward kernel; the Elman's, ct_ys's); ct_v is
   // new.
   if (huge_pages && base.ct_v != nullptr) advise_huge_pages(base.ct_v, flags * GH);
@@ -1535,6 +1655,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
       if (kind == kLstm)
         std::memcpy(sh->lc_ring.data(), ct_c.typed_data() + first, rows * H * sizeof(float));
       sh->split(whole ? 1 : n, H);
+      // The tiles only for at least a tile's 16 rows: below, W_hᵀ (bfloat16-valued) stays in
+      // float32. Measured (bf16 fwd+bwd, 2 cores, 3-5 alternating runs, ms, float32 / tiles):
+      // LSTM B64 T128 H512 362-372 / 343-351, B64 T100 H1024 1058-1094 / 1008-1025, B64 T100
+      // H128 (groups of 32 rows) 24.6-25.3 / 23.0-24.8, B16 T100 H512 82-86 / 77-84; in groups
+      // of 8 rows LSTM B16 T100 H256 22.6-24.6 / 24.9-25.0, GRU B16 T256 H128 median 13.5 /
+      // 15.3; LSTM B8 T100 H128 median 3.9 / 4.0.
+      sh->p.bf16 = bf16 && sh->p.B >= 16;
       pack_transposed(*sh);
       parts.push_back(std::move(sh));
     }
@@ -1544,16 +1671,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   // λ entering the first forward step: the last backward step's matmul and resets.
   for (const auto& sh : parts) {
     const int rows = sh->p.B, b0 = sh->p.b0;
-    const size_t rows_h = static_cast<size_t>(rows) * H;
-    Floats lam(2 * rows_h);
+    int widest = 0;
+    for (int c = 0; c < sh->chunks; ++c) widest = std::max(widest, sh->start[c + 1] - sh->start[c]);
+    BackLocal scratch = make_local(*sh, widest);
     for (int c = 0; c < sh->chunks; ++c) {
-      const int u0 = sh->start[c], U = sh->start[c + 1] - u0;
-      float *lh = lam.data(), *lc = lam.data() + rows_h;
-      finish_lambda(*sh, c, T, lh, lc);
+      const int u0 = sh->start[c], U = sh->start[c + 1] - u0, ldl = lambda_stride(sh->p, U);
+      float *lh = scratch.lh_in.data(), *lc = scratch.lc_in.data();
+      finish_lambda(*sh, c, T, lh, lc, scratch.parts.data());
       for (int b = 0; b < rows; ++b) {
         const size_t at = static_cast<size_t>(b0 + b) * H + u0;
-        std::memcpy(ct_h0->typed_data() + at, lh + b * U, U * sizeof(float));
-        std::memcpy(ct_c0->typed_data() + at, lc + b * U, U * sizeof(float));
+        std::memcpy(ct_h0->typed_data() + at, lh + b * ldl, U * sizeof(float));
+        std::memcpy(ct_c0->typed_data() + at, lc + b * ldl, U * sizeof(float));
       }
     }
   }
@@ -1615,7 +1743,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                                   .Attr<int32_t>("threads")
                                   .Attr<bool>("duplicate")
                                   .Attr<int32_t>("groups")
-                                  .Attr<bool>("huge_pages"));
+                                  .Attr<bool>("huge_pages")
+                                  .Attr<bool>("bf16"));  // W_h is bfloat16 (AMX)
 
 // Whether the forward kernel's bf16 matmuls can run here (compiled with AMX, and the OS grants
 // the tiles' state): 1 or 0. Called from Python through ctypes.
