@@ -30,9 +30,9 @@ us against 15 us per step for the gate nonlinearities). The tangent rule hoists 
 projection's tangent either way.
 
 On CPU (float32, no ``matmul_dtype`` or bfloat16 on a CPU with AMX, an unsharded batch) the
-primal loop of both passes runs
-instead in the native kernel (`native`: the time loop as one FFI call on all cores), which
-also writes the residuals; the tangent rule and its transpose stay in XLA (`placements`).
+primal loop of both passes runs instead in the native kernel (`native`: the time loop as one
+FFI call on all cores), which also writes the residuals; the tangent rule and its transpose
+stay in XLA (`placements`).
 
 Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
 steps hold the carry and output zero, resets put the carry back to zeros before a step (after

@@ -20,13 +20,13 @@ thread waits for another to start or to resume.
 The fast path (`fastpath.placements`) runs it on CPU in float32, without ``matmul_dtype`` or
 with ``matmul_dtype=bfloat16`` where the CPU has AMX tiles (`bf16_available`: the forward
 kernel's matmuls then multiply bfloat16 operands on the tiles and sum in float32, its input
-projection always in the kernel; the backward kernel multiplies by ``W_h`` rounded to bfloat16,
-its cotangents float32), on an unsharded batch, in both passes: the forward-only pass takes
-the outputs and final carry; the gradient pass also the residuals of the linear JVP rule
-(``h`` entering each step and the per-kind arrays of `RESIDUAL_WIDTHS`). The gradient pass's
-backward loop is a second kernel
-(`backward`): the transpose of that rule's tangent loop, with the same chunks of units, each
-step finishing ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
+projection always in the kernel; the backward kernel multiplies its float32 cotangents by
+``W_h`` rounded to bfloat16, exactly, on the tiles too), on an unsharded batch, in both
+passes: the forward-only pass takes the outputs and final carry; the gradient pass also the
+residuals of the linear JVP rule (``h`` entering each step and the per-kind arrays of
+`RESIDUAL_WIDTHS`). The gradient pass's backward loop is a second kernel (`backward`): the
+transpose of that rule's tangent loop, with the same chunks of units, each step finishing
+``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
 Its input cotangent takes the buffer of the residual of the same width (each element is
 read at its step before it is written).
 It enters through `linear` (a linear primitive with a transpose of its own), so forward mode
@@ -183,12 +183,17 @@ def _load() -> bool:
     return True
 
 
-@functools.cache
 def bf16_available() -> bool:
-    """Whether the forward kernel can run ``matmul_dtype=bfloat16``'s matmuls: the kernel is
-    available and was compiled for a CPU with AMX tiles (Intel Sapphire Rapids and later), and
-    the OS grants them. Where not, ``matmul_dtype`` keeps XLA's loop."""
-    return available() and bool(_LIBRARIES[TARGET].jaxrnn_amx_available())
+    """Whether the kernels can run ``matmul_dtype=bfloat16``'s matmuls: the kernel is
+    available (`available`, so also off with ``JAXRNN_NATIVE=0``) and was compiled for a CPU
+    with AMX tiles (Intel Sapphire Rapids and later), and the OS grants them. Where not,
+    ``matmul_dtype`` keeps XLA's loop."""
+    return available() and _amx()
+
+
+@functools.cache
+def _amx() -> bool:
+    return bool(_LIBRARIES[TARGET].jaxrnn_amx_available())
 
 
 def supports(kind: str, hidden: int, dtype) -> bool:
