@@ -396,22 +396,34 @@ inline void to_bf16_row(const float* src, uint16_t* dst, int n) {
   for (; k < n; ++k) dst[k] = to_bf16(src[k]);
 }
 
-// Rows [0, B) of a float32 matrix (rows at `row(b)`, K wide) as the left operand of
-// `gemm_bf16`: Bp × Kp bfloat16 in blocks of kBlock16 columns, zero past B rows and K columns.
-template <class RowFn>
-void to_bf16_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out) {
+// Rows [0, B) of a float32 matrix (rows at `row(b)`, K wide) as P left operands of
+// `gemm_bf16`, `size` elements apart: each Bp × Kp bfloat16 in blocks of kBlock16 columns,
+// zero past B rows and K columns. `convert(src, dst, n)` writes n elements of a row's P parts
+// (dst[0..P)).
+template <int P, class RowFn, class Convert>
+void left_operands(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out, size_t size,
+                   Convert convert) {
   for (int k0 = 0; k0 < Kp; k0 += kBlock16) {
     const int kn = std::min(kBlock16, Kp - k0), real = std::clamp(K - k0, 0, kn);
-    uint16_t* block = out + static_cast<size_t>(k0) * Bp;
+    const size_t block = static_cast<size_t>(k0) * Bp;
     for (int b = 0; b < B; ++b) {
-      const float* src = row(b) + k0;
-      uint16_t* dst = block + static_cast<size_t>(b) * kn;
-      to_bf16_row(src, dst, real);
-      std::fill(dst + real, dst + kn, uint16_t{0});
+      const size_t at = block + static_cast<size_t>(b) * kn;
+      uint16_t* dst[P];
+      for (int q = 0; q < P; ++q) dst[q] = out + q * size + at;
+      convert(row(b) + k0, dst, real);
+      for (int q = 0; q < P; ++q) std::fill(dst[q] + real, dst[q] + kn, uint16_t{0});
     }
-    std::fill(block + static_cast<size_t>(B) * kn, block + static_cast<size_t>(Bp) * kn,
-              uint16_t{0});
+    for (int q = 0; q < P; ++q)
+      std::fill(out + q * size + block + static_cast<size_t>(B) * kn,
+                out + q * size + block + static_cast<size_t>(Bp) * kn, uint16_t{0});
   }
+}
+
+// The rows as one left operand of `gemm_bf16`, rounded to bfloat16 (`to_bf16`).
+template <class RowFn>
+void to_bf16_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out) {
+  left_operands<1>(row, B, K, Bp, Kp, out, 0,
+                   [](const float* src, uint16_t* const* dst, int n) { to_bf16_row(src, dst[0], n); });
 }
 
 // A float32 x as three bfloat16 parts whose sum is x exactly: x's top, middle and low 8 bits
@@ -465,24 +477,34 @@ inline void split3_row(const float* src, uint16_t* d1, uint16_t* d2, uint16_t* d
   for (; k < n; ++k) split3(src[k], d1 + k, d2 + k, d3 + k);
 }
 
-// Rows [0, B) of a float32 matrix as the three parts (`split3`), each a left operand of
-// `gemm_bf16` as `to_bf16_rows` lays it out, `size` elements apart.
+// The rows as their three parts (`split3`), three left operands `size` elements apart.
 template <class RowFn>
 void split3_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out, size_t size) {
-  for (int k0 = 0; k0 < Kp; k0 += kBlock16) {
-    const int kn = std::min(kBlock16, Kp - k0), real = std::clamp(K - k0, 0, kn);
-    for (int q = 0; q < 3; ++q) {
-      uint16_t* block = out + q * size + static_cast<size_t>(k0) * Bp;
-      for (int b = 0; b < B; ++b)
-        std::fill(block + static_cast<size_t>(b) * kn + real, block + static_cast<size_t>(b + 1) * kn,
-                  uint16_t{0});
-      std::fill(block + static_cast<size_t>(B) * kn, block + static_cast<size_t>(Bp) * kn,
-                uint16_t{0});
-    }
-    for (int b = 0; b < B; ++b) {
-      const size_t at = static_cast<size_t>(k0) * Bp + static_cast<size_t>(b) * kn;
-      split3_row(row(b) + k0, out + at, out + size + at, out + 2 * size + at, real);
-    }
+  left_operands<3>(row, B, K, Bp, Kp, out, size, [](const float* src, uint16_t* const* dst, int n) {
+    split3_row(src, dst[0], dst[1], dst[2], n);
+  });
+}
+
+// Per chunk c of `chunks` (units [start[c], start[c+1])), a K × N_c matrix packed as
+// `gemm_bf16` takes it (N_c = `per_unit` columns a unit), one after another: Kp · round_up(N_c,
+// 16) elements each at (*offsets)[c], zero past the real ones. `element(c, k, j)` gives
+// element (k, j) of chunk c's matrix as a float.
+template <class Element>
+void pack_chunks_bf16(const std::vector<int>& start, int chunks, int per_unit, int K,
+                      Element element, Halves* out, std::vector<size_t>* offsets) {
+  const int Kp = round_up(K, 32);
+  size_t size = 0;
+  for (int c = 0; c < chunks; ++c)
+    size += static_cast<size_t>(Kp) * round_up(per_unit * (start[c + 1] - start[c]), 16);
+  out->assign(size, 0);
+  offsets->resize(chunks);
+  for (int c = 0, offset = 0; c < chunks; ++c) {
+    const int N = per_unit * (start[c + 1] - start[c]);
+    (*offsets)[c] = offset;
+    uint16_t* block = out->data() + offset;
+    for (int j = 0; j < N; ++j)
+      for (int k = 0; k < K; ++k) block[vnni_index(k, j, Kp)] = to_bf16(element(c, k, j));
+    offset += Kp * round_up(N, 16);
   }
 }
 
@@ -543,9 +565,9 @@ void gemm_bf16(const uint16_t* a, int Kp, const uint16_t* W, int Np, float* z, i
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
+  const size_t ldw = static_cast<size_t>(Kp) * 16;  // between W's column blocks
   for (int k0 = 0; k0 < Kp; k0 += kBlock16) {
     const int kn = std::min(kBlock16, Kp - k0);
-    const size_t ldw = static_cast<size_t>(Kp) * 16;
     const uint16_t* ak = a + static_cast<size_t>(k0) * Bp;
     for (int j = 0; j < Np; j += 32) {
       const bool two = j + 32 <= Np;
@@ -982,27 +1004,17 @@ void pack(const Shared& sh, const float* w, int rows, const float* bias, Floats*
   const int G = sh.p.G, H = sh.p.H;
   bias_out->resize(static_cast<size_t>(G) * H);
   offsets->resize(sh.chunks);
+  for (int c = 0; c < sh.chunks; ++c) {
+    const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
+    for (int g = 0; g < G; ++g)
+      std::memcpy(bias_out->data() + static_cast<size_t>(G) * u0 + g * U, bias + g * H + u0,
+                  U * sizeof(float));
+  }
   if (out16 != nullptr) {
-    const int Kp = round_up(rows, 32);
-    size_t size = 0;
-    for (int c = 0; c < sh.chunks; ++c)
-      size += static_cast<size_t>(Kp) * round_up(G * (sh.start[c + 1] - sh.start[c]), 16);
-    out16->assign(size, 0);
-    for (int c = 0, offset = 0; c < sh.chunks; ++c) {
-      const int u0 = sh.start[c], U = sh.start[c + 1] - u0, N = G * U;
-      (*offsets)[c] = offset;
-      uint16_t* block = out16->data() + offset;
-      const int Np = round_up(N, 16);
-      for (int j = 0; j < N; ++j) {
-        const float* col = w + (j / U) * H + u0 + j % U;
-        for (int k = 0; k < rows; ++k)
-          block[vnni_index(k, j, Kp)] = to_bf16(col[static_cast<size_t>(k) * G * H]);
-      }
-      offset += Kp * Np;
-      for (int g = 0; g < G; ++g)
-        std::memcpy(bias_out->data() + static_cast<size_t>(G) * u0 + g * U, bias + g * H + u0,
-                    U * sizeof(float));
-    }
+    pack_chunks_bf16(sh.start, sh.chunks, G, rows, [&](int c, int k, int j) {
+      const int u0 = sh.start[c], U = sh.start[c + 1] - u0;  // column j: gate j / U, unit j % U
+      return w[static_cast<size_t>(k) * G * H + (j / U) * H + u0 + j % U];
+    }, out16, offsets);
     return;
   }
   out->resize(static_cast<size_t>(rows) * G * H);
@@ -1022,9 +1034,6 @@ void pack(const Shared& sh, const float* w, int rows, const float* bias, Floats*
       block += static_cast<size_t>(rows) * width;
       j += width;
     }
-    for (int g = 0; g < G; ++g)
-      std::memcpy(bias_out->data() + static_cast<size_t>(G) * u0 + g * U, bias + g * H + u0,
-                  U * sizeof(float));
     columns += N;
   }
 }
@@ -1549,22 +1558,10 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
 void pack_transposed(BackShared& sh) {
   const int H = sh.p.H, GH = sh.p.G * H;
   sh.wt_offset.resize(sh.chunks);
-  if (sh.p.bf16) {
-    const int Kp = round_up(GH, 32);
-    size_t size = 0;
-    for (int c = 0; c < sh.chunks; ++c)
-      size += static_cast<size_t>(Kp) * round_up(sh.start[c + 1] - sh.start[c], 16);
-    sh.wt16.assign(size, 0);
-    for (int c = 0, offset = 0; c < sh.chunks; ++c) {
-      const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
-      sh.wt_offset[c] = offset;
-      uint16_t* block = sh.wt16.data() + offset;
-      for (int j = 0; j < U; ++j) {
-        const float* row = sh.p.w_h + static_cast<size_t>(u0 + j) * GH;
-        for (int k = 0; k < GH; ++k) block[vnni_index(k, j, Kp)] = to_bf16(row[k]);
-      }
-      offset += Kp * round_up(U, 16);
-    }
+  if (sh.p.bf16) {  // W_hᵀ[k][j] = W_h[u0 + j][k]
+    pack_chunks_bf16(sh.start, sh.chunks, 1, GH, [&](int c, int k, int j) {
+      return sh.p.w_h[static_cast<size_t>(sh.start[c] + j) * GH + k];
+    }, &sh.wt16, &sh.wt_offset);
     return;
   }
   sh.wt.resize(static_cast<size_t>(GH) * H);
