@@ -492,8 +492,8 @@ void split3_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out, size_t 
 // (`to_bf16_row`), then interleaved into the tiles' pairs. The forward call packs its
 // weights every call, on one thread: LSTM B64 T128 H512 took 26.8 M cycles for it element
 // by element down the columns (a quarter of the call), 15.9 M element by element along the
-// rows, 5.8 M two rows at a time as here. The forward went from 37.5–38.8 to 31.1–32.4 ms, LSTM B64 T100 H1024's
-// from 137–148 to 89–93 (alternating processes).
+// rows, 5.8 M two rows at a time as here. The forward went from 37.5–38.8 to 31.1–32.4 ms,
+// LSTM B64 T100 H1024's from 137–148 to 89–93 (alternating processes).
 template <class Row>
 void pack_chunks_bf16(const std::vector<int>& start, int chunks, int per_unit, int K, Row row,
                       Halves* out, std::vector<size_t>* offsets) {
@@ -878,6 +878,13 @@ struct Chunks {
     }
   }
 
+  // The most units any chunk has: what a thread's buffers (`make_local`) must hold.
+  int widest() const {
+    int w = 0;
+    for (int c = 0; c < chunks; ++c) w = std::max(w, start[c + 1] - start[c]);
+    return w;
+  }
+
   // Whether this thread publishes chunk c of step s (false: another one already is); if so,
   // it copies its results out, then calls `published`.
   bool begin_publish(int c, int s) {
@@ -1093,9 +1100,7 @@ void participate(S& sh, int k, int n) {
   for (int c = k; c < C; c += n) order.push_back(c);
   for (int c = 0; c < C; ++c)
     if (c % n != k) order.push_back(c);
-  int widest = 0;
-  for (int c = 0; c < C; ++c) widest = std::max(widest, sh.start[c + 1] - sh.start[c]);
-  auto out = make_local(sh, widest);
+  auto out = make_local(sh, sh.widest());
   using Clock = std::chrono::steady_clock;
   Clock::duration chunk_time{};
   for (;;) {
@@ -1698,9 +1703,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   // λ entering the first forward step: the last backward step's matmul and resets.
   for (const auto& sh : parts) {
     const int rows = sh->p.B, b0 = sh->p.b0;
-    int widest = 0;
-    for (int c = 0; c < sh->chunks; ++c) widest = std::max(widest, sh->start[c + 1] - sh->start[c]);
-    BackLocal scratch = make_local(*sh, widest);
+    BackLocal scratch = make_local(*sh, sh->widest());
     for (int c = 0; c < sh->chunks; ++c) {
       const int u0 = sh->start[c], U = sh->start[c + 1] - u0, ldl = lambda_stride(sh->p, U);
       float *lh = scratch.lh_in.data(), *lc = scratch.lc_in.data();
