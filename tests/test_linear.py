@@ -279,3 +279,48 @@ def test_leading_folds_a_vmapped_axis_into_the_rows(leading):
         _close(hess(mine)(w), hess(ref)(w))
         fwd = lambda loss: jax.jvp(lambda x: jax.vmap(loss, (None, 0))(w, x), (xs[0],), (xs[1],))  # noqa: E731
         _close(fwd(mine), fwd(ref))
+
+
+NEEDED = []
+
+
+def recurrence_t_pruned(nonlin, cts, needed):
+    """`recurrence_t` told which cotangents are used (``prune``): the unused are zeros."""
+    NEEDED.append(needed)
+    ct_u, ct_d0 = recurrence_t(nonlin, cts)
+    return (
+        ct_u if needed[0] else jnp.zeros_like(ct_u),
+        ct_d0 if needed[1] else jnp.zeros_like(ct_d0),
+    )
+
+
+def test_prune_tells_the_transpose_which_cotangents_are_used(args):
+    """With ``prune``, the transpose learns which linear operands are constants (here the
+    tangent of ``d0`` when only ``x`` is differentiated, a zero made concrete), also under
+    ``vmap`` and under ``grad`` of a ``vmap``; gradients and second derivatives equal plain
+    JAX's."""
+    params, x, d0 = args
+    pruned = _with_rule(
+        lambda nonlin, lin: linear.apply(recurrence, recurrence_t_pruned, nonlin, lin, prune=True)
+    )
+    for argnums, needed in (((0, 1, 2), (True, True)), (1, (True, False)), (2, (False, True))):
+        NEEDED.clear()
+        _close(
+            jax.jit(jax.grad(_loss(pruned), argnums))(*args),
+            jax.grad(_loss(plain), argnums)(*args),
+        )
+        assert NEEDED == [needed]
+    per_example = lambda f: jax.vmap(jax.grad(_loss(f), argnums=1), (None, 0, None))  # noqa: E731
+    xs = jnp.stack([x, 2.0 * x, -x])
+    NEEDED.clear()
+    _close(per_example(pruned)(params, xs, d0), per_example(plain)(params, xs, d0))
+    assert NEEDED == [(True, False)]
+    of_vmap = lambda f: jax.grad(  # noqa: E731
+        lambda x: jnp.sum(jax.vmap(_loss(f), (None, 0, None))(params, x, d0)), argnums=0
+    )
+    NEEDED.clear()
+    _close(of_vmap(pruned)(xs), of_vmap(plain)(xs))
+    assert NEEDED and set(NEEDED) == {(True, False)}
+    _close(
+        jax.hessian(_loss(pruned), argnums=1)(*args), jax.hessian(_loss(plain), argnums=1)(*args)
+    )

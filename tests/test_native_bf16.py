@@ -123,8 +123,9 @@ def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
 @pytest.mark.parametrize("mode", ["batch_major", "everything", "everything_time_major_reverse"])
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
-    """The gradient pass (both kernels, with ``W_h`` rounded for the backward one) and forward
-    mode, against XLA's loop with the same ``matmul_dtype``."""
+    """The gradient pass (the kernels: forward, backward with ``W_h`` rounded, and the input
+    and weight gradients) and forward mode, against XLA's loop with the same
+    ``matmul_dtype``."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
     cell = FAST_CELLS[cell_name](40)
     params = cell.init(fresh_key(), INPUT_SIZE)
@@ -139,12 +140,14 @@ def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
 
         def both(p, x, c):
             grads = jax.grad(loss, argnums=(0, 1, 2))(p, x, c)
-            return grads, jax.jvp(loss, (p, x, c), tangents)
+            # The weights' alone: the gradient kernel then leaves out the inputs' (``prune``).
+            return grads, jax.grad(loss)(p, x, c), jax.jvp(loss, (p, x, c), tangents)
 
         return both
 
     grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": BF16}))
-    assert native.TARGET_BACKWARD in _lowered(grad, params, xs, carry)
+    lowered = _lowered(grad, params, xs, carry)
+    assert native.TARGET_BACKWARD in lowered and native.TARGET_GRADIENTS in lowered
     actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
     _close_to_bf16_rounding(actual, expected, float32)
 
@@ -231,3 +234,79 @@ def test_the_backward_kernel_on_tiles_is_float32s(kind, hidden, threads, groups,
     for a, e in zip(jax.tree_util.tree_leaves(tiles), jax.tree_util.tree_leaves(floats)):
         scale = max(1.0, float(jnp.max(jnp.abs(e))))
         assert float(jnp.max(jnp.abs(a - e))) <= 3e-6 * scale
+
+
+def _bf16_64(a):
+    return np.asarray(jnp.asarray(a).astype(BF16).astype(jnp.float32), np.float64)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "rows, features, hidden, gates, merged, want_dx, threads",
+    [
+        (7, 5, 3, 4, True, True, 0),  # one partial block, every size off the tiles
+        (300, 33, 40, 3, False, True, 2),  # two blocks, the GRU's separate ct_h
+        (513, 64, 48, 4, True, False, 3),  # three blocks, more threads than cores, no dx
+        (1000, 17, 130, 1, True, True, 1),
+    ],
+)
+def test_the_gradient_kernel_is_float32s(
+    rows, features, hidden, gates, merged, want_dx, threads, monkeypatch
+):
+    """`native.input_and_weight_gradients` against float64 products of the same rounded
+    operands: ``ct_x bf16(W_x)ᵀ``, ``bf16(x)ᵀ ct_x``, ``bf16(h)ᵀ ct_h``. The float32
+    cotangents go in as three exact bfloat16 parts, so only float32 sums round (within 1e-6
+    of scale; with the third part dropped, the weight gradients are 9e-6 to 1e-5 off)."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    width = gates * hidden
+    x, h, w, ct_x, ct_h = (
+        jax.random.normal(fresh_key(), shape)
+        for shape in ((rows, features), (rows, hidden), (features, width), (rows, width),
+                      (rows, width))
+    )  # fmt: skip
+    ct_h = None if merged else ct_h
+
+    def fn(*a):
+        return native.input_and_weight_gradients(*a, want_dx=want_dx)
+
+    dx, dw_x, dw_h = jax.jit(fn)(x, h, w, ct_x, ct_h)
+    c_x = np.asarray(ct_x, np.float64)
+    c_h = c_x if merged else np.asarray(ct_h, np.float64)
+    expected = (c_x @ _bf16_64(w).T, _bf16_64(x).T @ c_x, _bf16_64(h).T @ c_h)
+    assert (dx is None) == (not want_dx)
+    for got, want in zip((dx, dw_x, dw_h), expected):
+        if got is None:
+            continue
+        assert got.shape == want.shape
+        scale = max(1.0, float(np.max(np.abs(want))))
+        assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) <= 1e-6 * scale
+
+
+@needs_amx
+def test_the_gradient_kernel_under_vmap():
+    """Under ``vmap`` the examples become the kernel's members, each with its own rows and
+    weight gradients: ``W_x`` shared, or batched (an ensemble), and nested."""
+    rows, features, hidden, width = 40, 9, 16, 48
+    x, h, ct = (jax.random.normal(fresh_key(), (2, 3, rows, n)) for n in (features, hidden, width))
+    ws = jax.random.normal(fresh_key(), (2, 3, features, width))
+    fn = native.input_and_weight_gradients
+
+    def reference(x, h, w, ct):
+        c = np.asarray(ct, np.float64)
+        return c @ _bf16_64(w).T, _bf16_64(x).T @ c, _bf16_64(h).T @ c
+
+    def check(got, index, w):
+        want = reference(x[index], h[index], w, ct[index])
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float64)[index], e, atol=1e-5)
+
+    shared = jax.jit(jax.vmap(jax.vmap(fn, (0, 0, None, 0)), (0, 0, None, 0)))(x, h, ws[0, 0], ct)
+    batched = jax.jit(jax.vmap(jax.vmap(fn)))(x, h, ws, ct)
+    inner = jax.jit(jax.vmap(fn, (0, 0, 0, 0)))(x[0], h[0], ws[0], ct[0])
+    for i in range(2):
+        for j in range(3):
+            check(shared, (i, j), ws[0, 0])
+            check(batched, (i, j), ws[i, j])
+    for j in range(3):
+        for g, e in zip(inner, reference(x[0, j], h[0, j], ws[0, j], ct[0, j])):
+            np.testing.assert_allclose(np.asarray(g, np.float64)[j], e, atol=1e-5)

@@ -30,6 +30,8 @@ derivatives of its own; the tests check it against ``jax.linear_transpose(fn)``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
@@ -40,19 +42,23 @@ _linear_p = Primitive("jaxrnn_linear")
 _linear_p.multiple_results = True
 
 
-def apply(fn, fn_t, nonlin, lin, *, leading=False) -> tuple:
+def apply(fn, fn_t, nonlin, lin, *, leading=False, prune=False) -> tuple:
     """``fn(nonlin, lin)`` (a tuple of arrays), transposed by ``fn_t(nonlin, cts)``.
 
     ``fn`` and ``fn_t`` take and return tuples of arrays and must be hashable (functions or
     ``functools.partial`` objects); ``fn`` is linear in ``lin``. ``leading``: ``fn`` maps
     over any leading axes that all ``nonlin`` operands share (its outputs gain them too) and
-    ``fn_t`` sums ``lin``'s cotangents over them (see the module's docstring).
+    ``fn_t`` sums ``lin``'s cotangents over them (see the module's docstring). ``prune``:
+    the transpose calls ``fn_t(nonlin, cts, needed=...)``, ``needed`` a bool per ``lin``
+    operand, false where its cotangent is not used (a constant operand, e.g. the tangent of
+    an input that is not differentiated); ``fn_t`` may return anything of the right shape
+    there (zeros, which XLA then drops unread).
     """
     nonlin, lin = tuple(nonlin), tuple(lin)
     lin_avals = tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in lin)
     out = _linear_p.bind(
         *nonlin, *lin, fn=fn, fn_t=fn_t, n_nonlin=len(nonlin), lin_avals=lin_avals,
-        transposed=False, leading=bool(leading),
+        transposed=False, leading=bool(leading), prune=bool(prune),
     )  # fmt: skip
     return tuple(out)
 
@@ -72,14 +78,14 @@ def _plain(fn, lin_avals, transposed, **_):
     return _plain_transpose(fn, lin_avals) if transposed else fn
 
 
-def _impl(*args, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
-    del lin_avals, leading
+def _impl(*args, fn, fn_t, n_nonlin, lin_avals, transposed, leading, prune):
+    del lin_avals, leading, prune
     run = fn_t if transposed else fn
     return tuple(run(tuple(args[:n_nonlin]), tuple(args[n_nonlin:])))
 
 
-def _abstract_eval(*avals, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
-    del fn_t, leading
+def _abstract_eval(*avals, fn, fn_t, n_nonlin, lin_avals, transposed, leading, prune):
+    del fn_t, leading, prune
     if transposed:
         return [ShapedArray(shape, dtype) for shape, dtype in lin_avals]
     nonlin, lin = avals[:n_nonlin], avals[n_nonlin:]
@@ -108,14 +114,16 @@ def _jvp(primals, tangents, **params):
     return list(out), list(out_t)
 
 
-def _transpose(cts, *args, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
+def _transpose(cts, *args, fn, fn_t, n_nonlin, lin_avals, transposed, leading, prune):
     nonlin, lin = args[:n_nonlin], args[n_nonlin:]
     if any(ad.is_undefined_primal(a) for a in nonlin):
         raise NotImplementedError("jaxrnn linear primitive: transposed in a non-linear operand")
     cts = [ad.instantiate_zeros(ct) for ct in cts]
+    if prune and not transposed:
+        fn_t = functools.partial(fn_t, needed=tuple(ad.is_undefined_primal(a) for a in lin))
     out = _linear_p.bind(
         *nonlin, *cts, fn=fn, fn_t=fn_t, n_nonlin=n_nonlin, lin_avals=lin_avals,
-        transposed=not transposed, leading=leading,
+        transposed=not transposed, leading=leading, prune=prune,
     )  # fmt: skip
     # A known linear operand (a zero tangent made concrete) adds a constant: no cotangent.
     return [None] * n_nonlin + [o if ad.is_undefined_primal(a) else None for o, a in zip(out, lin)]
@@ -129,10 +137,12 @@ class _Vmapped:
     def __init__(self, f, nonlin_axes):
         self.f, self.nonlin_axes = f, tuple(nonlin_axes)
 
-    def __call__(self, nonlin, lin):
+    def __call__(self, nonlin, lin, **kwargs):
         n = len(self.nonlin_axes)
         axes = (*self.nonlin_axes, *(0,) * len(lin))
-        return jax.vmap(lambda *a: tuple(self.f(a[:n], a[n:])), in_axes=axes)(*nonlin, *lin)
+        return jax.vmap(lambda *a: tuple(self.f(a[:n], a[n:], **kwargs)), in_axes=axes)(
+            *nonlin, *lin
+        )
 
     def __eq__(self, other):
         return isinstance(other, _Vmapped) and (self.f, self.nonlin_axes) == (
@@ -143,7 +153,7 @@ class _Vmapped:
         return hash((self.f, self.nonlin_axes))
 
 
-def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
+def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed, leading, prune):
     """The same primitive on the vmapped functions, so that a batched transpose still runs
     ``fn_t`` (once, vmapped) and a batched primitive is still differentiable in plain JAX.
     Unbatched linear operands are broadcast: the transpose then gives every example its own
@@ -159,7 +169,7 @@ def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
         ]
         out = _linear_p.bind(
             *nonlin, *args[n_nonlin:], fn=fn, fn_t=fn_t, n_nonlin=n_nonlin,
-            lin_avals=lin_avals, transposed=False, leading=True,
+            lin_avals=lin_avals, transposed=False, leading=True, prune=prune,
         )  # fmt: skip
         return list(out), [0] * len(out)
     nonlin, axes = [], []
@@ -175,7 +185,7 @@ def _batch(args, dims, *, fn, fn_t, n_nonlin, lin_avals, transposed, leading):
     out = _linear_p.bind(
         *nonlin, *lin, fn=_Vmapped(fn, axes), fn_t=_Vmapped(fn_t, axes), n_nonlin=n_nonlin,
         lin_avals=tuple(((size, *shape), dtype) for shape, dtype in lin_avals),
-        transposed=transposed, leading=False,
+        transposed=transposed, leading=False, prune=prune,
     )  # fmt: skip
     return list(out), [0] * len(out)
 

@@ -28,7 +28,9 @@ residuals of the linear JVP rule (``h`` entering each step and the per-kind arra
 transpose of that rule's tangent loop, with the same chunks of units, each step finishing
 ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
 Its input cotangent takes the buffer of the residual of the same width (each element is
-read at its step before it is written).
+read at its step before it is written). With ``matmul_dtype=bfloat16`` a third kernel
+(`input_and_weight_gradients`) computes the input and weight gradients after that loop, the
+three matmuls over all steps on the tiles, each cotangent split once for all three.
 It enters through `linear` (a linear primitive with a transpose of its own), so forward mode
 and derivatives of every order keep XLA's loops; derivatives of the kernels' own outputs
 (order two and more) are those of XLA's scan. Under ``vmap`` both kernels run once over all
@@ -66,6 +68,7 @@ import numpy as np
 
 TARGET = "jaxrnn_rnn_forward_cpu"
 TARGET_BACKWARD = "jaxrnn_rnn_backward_cpu"
+TARGET_GRADIENTS = "jaxrnn_rnn_gradients_cpu"
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "rnn_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread")
 _LIBRARIES: dict = {}  # the loaded kernel, kept alive for the process
@@ -168,6 +171,7 @@ def _load() -> bool:
             for target, symbol in (
                 (TARGET, "JaxrnnRnnForward"),
                 (TARGET_BACKWARD, "JaxrnnRnnBackward"),
+                (TARGET_GRADIENTS, "JaxrnnRnnGradients"),
             ):
                 capsule = jax.ffi.pycapsule(getattr(lib, symbol))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
@@ -476,3 +480,67 @@ def backward(
     ct_u, ct_v = rows(ct_u), rows(ct_v) if gru else None
     ct_carry0 = (ct_h0, ct_c0) if len(ct_carry) > 1 else (ct_h0,)
     return ct_u, ct_v, ct_carry0
+
+
+def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
+    r"""The bf16 gradient pass's three matmuls after the backward loop, over all rows at once,
+    on AMX tiles (`bf16_available`):
+
+    .. math::
+
+        dx = ct_x \, \mathrm{bf16}(W_x)^T, \quad dW_x = \mathrm{bf16}(x)^T ct_x, \quad
+        dW_h = \mathrm{bf16}(h_{in})^T ct_h
+
+    the transpose of ``matmul_dtype=bfloat16``'s tangent terms ``dx W_x + x dW_x`` and
+    ``h_{in} dW_h`` (`fastpath._dot`: the float32 tangent times the bfloat16 operand, in
+    float32). ``xs: (rows, I)``, ``h_in: (rows, H)``, ``w_x: (I, gates·H)``, ``ct_x, ct_h:
+    (rows, gates·H)`` (``ct_h`` ``None``: ``ct_x``, as for the cells whose two terms are
+    summed). The kernel splits each block of rows of a float32 cotangent once into three
+    exact bfloat16 parts (`backward`'s ``split3``) for all three products, so each product
+    is float32's and only the order of the float32 sums differs from XLA's dots. Returns
+    ``(dx, dW_x, dW_h)``; ``dx`` is ``None`` unless ``want_dx``.
+
+    Under ``vmap`` the kernel runs once: the vmapped axis becomes a leading axis of members,
+    each with its own rows and weight gradients (and its own ``W_x`` where that is batched).
+    """
+    f32 = jnp.float32
+    rows, width = ct_x.shape
+    merged = ct_h is None
+
+    def out_shapes(members, rows, features, hidden):
+        dx = (members, rows, features) if want_dx else (0,)
+        shapes = (dx, (members, features, width), (members, hidden, width))
+        return [jax.ShapeDtypeStruct(s, f32) for s in shapes]
+
+    def kernel(x, h, w, cx, ch):
+        call = jax.ffi.ffi_call(
+            TARGET_GRADIENTS, out_shapes(x.shape[0], x.shape[1], x.shape[2], h.shape[2])
+        )
+        return call(x, h, w, cx, ch, threads=np.int32(_count("JAXRNN_NATIVE_THREADS")))
+
+    call = jax.custom_batching.custom_vmap(kernel)
+
+    @call.def_vmap
+    def rule(size, in_batched, x, h, w, cx, ch):
+        members = x.shape[1] if in_batched[0] else x.shape[0]
+
+        def merge(a, batched):
+            a = a if batched else jnp.broadcast_to(a, (size, *a.shape))
+            return a.reshape(size * a.shape[1], *a.shape[2:])
+
+        x, h, cx = (
+            merge(a, b) for a, b in zip((x, h, cx), (in_batched[0], in_batched[1], in_batched[3]))
+        )
+        ch = ch if ch.size == 0 else merge(ch, in_batched[4])
+        if in_batched[2] or w.shape[0] > 1:  # each member its own W_x
+            w = merge(jnp.broadcast_to(w, (size, members, *w.shape[-2:])), True)
+        outs = call(x, h, w, cx, ch)
+        return [o if o.size == 0 else o.reshape(size, members, *o.shape[1:]) for o in outs], [
+            o.size > 0 for o in outs
+        ]
+
+    empty = jnp.zeros((0,), f32)
+    dx, dw_x, dw_h = call(
+        xs[None], h_in[None], w_x[None], ct_x[None], empty if merged else ct_h[None]
+    )
+    return (dx[0] if want_dx else None), dw_x[0], dw_h[0]

@@ -2,9 +2,11 @@
 // GRU) as one XLA FFI call, each step's matmuls and gates fused and spread over threads.
 //
 // Compiled on first use by jaxrnn/_src/native.py (the system C++ compiler, -O3 -march=native)
-// and registered as the FFI targets "jaxrnn_rnn_forward_cpu" (below) and
-// "jaxrnn_rnn_backward_cpu" (the gradient pass's backward loop, further down). Semantics are
-// those of jaxrnn/_src/fastpath.py's scans, step for step:
+// and registered as the FFI targets "jaxrnn_rnn_forward_cpu" (below),
+// "jaxrnn_rnn_backward_cpu" (the gradient pass's backward loop, further down) and, for
+// matmul_dtype=bfloat16, "jaxrnn_rnn_gradients_cpu" (the gradient pass's input and weight
+// gradients after that loop, at the end). Semantics are those of jaxrnn/_src/fastpath.py's
+// scans, step for step:
 //
 //   zx_t = x_t W_x + b_x,  z_t = h_{t-1} W_h + b_in   (gate-major columns)
 //   elman: h_t = act(zx_t + z_t)
@@ -451,27 +453,35 @@ inline void split3(float x, uint16_t* p1, uint16_t* p2, uint16_t* p3) {
   *p3 = static_cast<uint16_t>(u >> 16);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// `split3` of 16 floats (their bits `u`): the parts in the low 16 bits of each 32-bit lane.
+inline void split3_v(__m512i u, __m512i* p) {
+  const __m512i expo = _mm512_set1_epi32(0x7f800000), abs = _mm512_set1_epi32(0x7fffffff);
+  const __m512i qnan = _mm512_set1_epi32(0x7fc0), high = _mm512_set1_epi32(-65536);
+  const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, expo), expo);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), expo);
+  const __m512i hi = _mm512_mask_mov_epi32(_mm512_srli_epi32(u, 16), nan, qnan);
+  const __m512 x = _mm512_castsi512_ps(u);
+  const __m512 top = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+  const __m512 r1 = _mm512_maskz_sub_ps(static_cast<__mmask16>(~special), x, top);
+  const __m512i u1 = _mm512_castps_si512(r1);
+  const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(_mm512_and_si512(u1, high)));
+  p[0] = hi;
+  p[1] = _mm512_srli_epi32(u1, 16);
+  p[2] = _mm512_srli_epi32(_mm512_castps_si512(r2), 16);
+}
+#endif
+
 // n floats as three rows of parts (`split3`), 16 at a time with AVX-512.
 inline void split3_row(const float* src, uint16_t* d1, uint16_t* d2, uint16_t* d3, int n) {
   int k = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __m512i expo = _mm512_set1_epi32(0x7f800000), abs = _mm512_set1_epi32(0x7fffffff);
-  const __m512i qnan = _mm512_set1_epi32(0x7fc0), high = _mm512_set1_epi32(-65536);
   for (; k + 16 <= n; k += 16) {
-    const __m512i u = _mm512_loadu_si512(src + k);
-    const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, expo), expo);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), expo);
-    const __m512i hi = _mm512_mask_mov_epi32(_mm512_srli_epi32(u, 16), nan, qnan);
-    const __m512 x = _mm512_castsi512_ps(u);
-    const __m512 top = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
-    const __m512 r1 = _mm512_maskz_sub_ps(static_cast<__mmask16>(~special), x, top);
-    const __m512i u1 = _mm512_castps_si512(r1);
-    const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(_mm512_and_si512(u1, high)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d1 + k), _mm512_cvtepi32_epi16(hi));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d2 + k),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u1, 16)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d3 + k),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r2), 16)));
+    __m512i p[3];
+    split3_v(_mm512_loadu_si512(src + k), p);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d1 + k), _mm512_cvtepi32_epi16(p[0]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d2 + k), _mm512_cvtepi32_epi16(p[1]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d3 + k), _mm512_cvtepi32_epi16(p[2]));
   }
 #endif
   for (; k < n; ++k) split3(src[k], d1 + k, d2 + k, d3 + k);
@@ -548,6 +558,17 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
+// Every tile 16 rows of 64 bytes, for this thread.
+void set_tiles() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
 // RB × NB output tiles (16 × 16 each, tiles 0-3) over K columns of `a` (row stride K) and
 // rows of W (column blocks `ldw` apart): left tiles 4-5, right 6-7.
 template <int RB, int NB>
@@ -584,13 +605,7 @@ inline void amx_block(const uint16_t* a, int K, const uint16_t* W, size_t ldw, f
 // blocks made it slower (B64 K1024 N2048 147, K512 224).
 void gemm_bf16(const uint16_t* a, int Kp, const uint16_t* W, int Np, float* z, int ldz,
                int Bp) {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  set_tiles();
   const size_t ldw = static_cast<size_t>(Kp) * 16;  // between W's column blocks
   for (int k0 = 0; k0 < Kp; k0 += kBlock16) {
     const int kn = std::min(kBlock16, Kp - k0);
@@ -1718,6 +1733,290 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---- the gradient pass's input and weight gradients in bf16 mode ---------------------------
+//
+// `matmul_dtype=bfloat16`'s tangent rule multiplies the float32 tangents by the bfloat16
+// operands, in float32 (fastpath._dot); its transpose, the three matmuls after the backward
+// loop, over all R rows (steps × batch) at once:
+//
+//   dx = ct_x · bf16(W_x)ᵀ,   dW_x = bf16(x)ᵀ · ct_x,   dW_h = bf16(h_in)ᵀ · ct_h
+//
+// (ct_h = ct_x but for the GRU). Each runs on the tiles with the float32 cotangent as its three
+// exact bfloat16 parts (`split3`), so each product is float32's and the sums are float32
+// sums in another order. The rows go in blocks of kGradRows; each block's cotangent is split
+// once and serves all three matmuls (XLA's three float32 dots read it three times). A thread
+// claims blocks one at a time and sums its weight gradients in its own float32 accumulators,
+// added up at the end; dx's rows are each block's own.
+
+constexpr int kGradRows = 256;
+
+struct GradShared {
+  int R, I, H, GH, Ip, Hp, GHp, threads;
+  const float *x, *h, *ct_x, *ct_h;  // ct_h null: ct_x
+  float* dx;                         // null: not wanted
+  const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
+  std::atomic<int> next{0}, slots{0}, active{0};
+  std::vector<Floats> acc;           // per slot: dW_x (Ip × GHp) then dW_h (Hp × GHp)
+};
+
+#ifdef JAXRNN_AMX
+// Output tiles RB × NB of C (stride ldc floats) += A (rows of stride K bf16, K a multiple of
+// 32) · Σ_q B_q over K, B_q the P right operands `ldq` elements apart, each packed as
+// `gemm_bf16` takes it (column blocks `ldw` apart): a k loop that loads each left tile once
+// for all P parts.
+template <int RB, int NB, int P>
+inline void amx_parts(const uint16_t* a, int K, const uint16_t* B, size_t ldw, size_t ldq,
+                      float* c, int ldc) {
+  const int sa = K * 2, sc = ldc * 4;
+  float* c1 = c + static_cast<size_t>(16) * ldc;
+  _tile_loadd(0, c, sc);
+  if constexpr (NB > 1) _tile_loadd(1, c + 16, sc);
+  if constexpr (RB > 1) _tile_loadd(2, c1, sc);
+  if constexpr (RB > 1 && NB > 1) _tile_loadd(3, c1 + 16, sc);
+  for (int k = 0; k < K; k += 32) {
+    _tile_loadd(4, a + k, sa);
+    if constexpr (RB > 1) _tile_loadd(5, a + static_cast<size_t>(16) * K + k, sa);
+    for (int q = 0; q < P; ++q) {
+      const uint16_t* Bq = B + q * ldq + static_cast<size_t>(k) * 16;
+      _tile_loadd(6, Bq, 64);
+      if constexpr (NB > 1) _tile_loadd(7, Bq + ldw, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (RB > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (RB > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (NB > 1) _tile_stored(1, c + 16, sc);
+  if constexpr (RB > 1) _tile_stored(2, c1, sc);
+  if constexpr (RB > 1 && NB > 1) _tile_stored(3, c1 + 16, sc);
+}
+
+// C (Mp × Np, stride Np) += A (Mp × Kp bf16, row-major) · (B_0 + B_1 + B_2) (each Kp × Np
+// packed, `ldq` apart): two column blocks of 16 at a time, then two row blocks of 16.
+void gemm_parts3(const uint16_t* A, int Mp, int Kp, const uint16_t* B, size_t ldq, int Np,
+                 float* C) {
+  const size_t ldw = static_cast<size_t>(Kp) * 16;
+  for (int j = 0; j < Np; j += 32) {
+    const bool two = j + 32 <= Np;
+    const uint16_t* Bj = B + (j / 16) * ldw;
+    for (int m = 0; m < Mp; m += 32) {
+      const uint16_t* am = A + static_cast<size_t>(m) * Kp;
+      float* cm = C + static_cast<size_t>(m) * Np + j;
+      if (m + 32 <= Mp) {
+        if (two) amx_parts<2, 2, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
+        else amx_parts<2, 1, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
+      } else {
+        if (two) amx_parts<1, 2, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
+        else amx_parts<1, 1, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
+      }
+    }
+  }
+}
+
+#else
+void gemm_parts3(const uint16_t*, int, int, const uint16_t*, size_t, int, float*) { std::abort(); }
+void set_tiles() {}
+#endif
+
+// Rows [r0, r0 + n) of a float32 (R, K) matrix, rounded to bfloat16 and transposed: a K × Kp
+// row-major left operand (Kp a multiple of 32, zero past n rows), rows past K untouched. 32
+// rows at a time are converted into `rows` (32 × K), then transposed 32 × 32 at a time, so
+// that both sides stay in L1 (element by element down the columns, LSTM B64 H512 took 6
+// cycles an element: a column of 1024 rows spans more lines than L1 holds).
+void transposed_bf16(const float* src, int K, int r0, int n, int Kp, uint16_t* dst,
+                     uint16_t* rows) {
+  for (int b = 0; b < Kp; b += 32) {
+    const int m = std::clamp(n - b, 0, 32);
+    for (int r = 0; r < m; ++r)
+      to_bf16_row(src + static_cast<size_t>(r0 + b + r) * K, rows + static_cast<size_t>(r) * K, K);
+    for (int k0 = 0; k0 < K; k0 += 32)
+      for (int k = k0; k < std::min(K, k0 + 32); ++k) {
+        uint16_t* out = dst + static_cast<size_t>(k) * Kp + b;
+        for (int r = 0; r < m; ++r) out[r] = rows[static_cast<size_t>(r) * K + k];
+        std::fill(out + m, out + 32, uint16_t{0});
+      }
+  }
+}
+
+// Rows [r0, r0 + n) of the (R, GH) cotangent as its three bfloat16 parts: each a Kp × GHp
+// right operand of `gemm_parts3` (`ldq` elements apart, zero past n rows and GH columns), and
+// with `left` also a Kp × GHp left operand of `gemm_bf16` (its blocks of kBlock16 columns).
+// Two rows at a time: with AVX-512, 16 columns of both rows are split together and each
+// part's pairs (row r in the low half of a 32-bit lane, r + 1 in the high) stored as one
+// 64-byte row of the tiles' layout.
+void split_block(const float* ct, int GH, int GHp, int r0, int n, int Kp, uint16_t* right,
+                 size_t ldq, uint16_t* left, uint16_t* scratch) {
+  for (int r = 0; r < Kp; r += 2) {
+    const float* rows[2] = {r < n ? ct + static_cast<size_t>(r0 + r) * GH : nullptr,
+                            r + 1 < n ? ct + static_cast<size_t>(r0 + r + 1) * GH : nullptr};
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    (void)scratch;
+    for (int j0 = 0; j0 < GHp; j0 += 16) {
+      const __mmask16 real = j0 + 16 <= GH ? 0xffff : j0 < GH ? (1u << (GH - j0)) - 1 : 0;
+      __m512i p[2][3];
+      for (int s = 0; s < 2; ++s)
+        split3_v(rows[s] ? _mm512_maskz_loadu_epi32(real, rows[s] + j0) : _mm512_setzero_si512(),
+                 p[s]);
+      const int g0 = j0 / kBlock16 * kBlock16, kn = std::min(kBlock16, GHp - g0);
+      for (int q = 0; q < 3; ++q) {
+        _mm512_storeu_si512(right + q * ldq + vnni_index(r, j0, Kp),
+                            _mm512_or_si512(p[0][q], _mm512_slli_epi32(p[1][q], 16)));
+        if (!left) continue;
+        for (int s = 0; s < 2; ++s)
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(left + q * ldq + static_cast<size_t>(g0) * Kp +
+                                         static_cast<size_t>(r + s) * kn + (j0 - g0)),
+              _mm512_cvtepi32_epi16(p[s][q]));
+      }
+    }
+#else
+    uint16_t* p[2][3];
+    for (int s = 0; s < 2; ++s)
+      for (int q = 0; q < 3; ++q) {
+        p[s][q] = scratch + (s * 3 + q) * static_cast<size_t>(GHp);
+        std::fill_n(p[s][q], GHp, uint16_t{0});
+      }
+    for (int s = 0; s < 2; ++s)
+      if (rows[s]) split3_row(rows[s], p[s][0], p[s][1], p[s][2], GH);
+    for (int q = 0; q < 3; ++q) {
+      for (int j0 = 0; j0 < GHp; j0 += 16) {
+        uint16_t* dst = right + q * ldq + vnni_index(r, j0, Kp);
+        for (int j = 0; j < 16; ++j) {
+          dst[2 * j] = p[0][q][j0 + j];
+          dst[2 * j + 1] = p[1][q][j0 + j];
+        }
+      }
+      if (!left) continue;
+      for (int s = 0; s < 2; ++s)
+        for (int g0 = 0; g0 < GHp; g0 += kBlock16) {
+          const int kn = std::min(kBlock16, GHp - g0);
+          std::memcpy(left + q * ldq + static_cast<size_t>(g0) * Kp + static_cast<size_t>(r + s) * kn,
+                      p[s][q] + g0, kn * sizeof(uint16_t));
+        }
+    }
+#endif
+  }
+}
+
+void grad_blocks(GradShared& sh) {
+  sh.active.fetch_add(1, std::memory_order_acq_rel);
+  int block = sh.next.fetch_add(1, std::memory_order_acq_rel);
+  const int blocks = (sh.R + kGradRows - 1) / kGradRows;
+  if (block >= blocks) {
+    sh.active.fetch_sub(1, std::memory_order_acq_rel);
+    return;
+  }
+  if (!amx_ready()) std::abort();  // the caller checked
+  const int slot = sh.slots.fetch_add(1, std::memory_order_acq_rel);
+  const int I = sh.I, H = sh.H, GH = sh.GH, Ip = sh.Ip, Hp = sh.Hp, GHp = sh.GHp;
+  const int Kp = kGradRows;
+  Floats& acc = sh.acc[slot];
+  acc.assign(static_cast<size_t>(Ip + Hp) * GHp, 0.0f);
+  const size_t ldq = static_cast<size_t>(Kp) * GHp;
+  Halves ax(static_cast<size_t>(Ip) * Kp, 0), ah(static_cast<size_t>(Hp) * Kp, 0);
+  Halves right(3 * ldq), right_h(sh.ct_h ? 3 * ldq : 0), left(sh.dx ? 3 * ldq : 0);
+  Halves scratch(6 * static_cast<size_t>(GHp)), rows(32 * static_cast<size_t>(std::max(I, H)));
+  Floats z(sh.dx ? static_cast<size_t>(Kp) * Ip : 0);
+  set_tiles();
+  for (; block < blocks; block = sh.next.fetch_add(1, std::memory_order_acq_rel)) {
+    const int r0 = block * kGradRows, n = std::min(kGradRows, sh.R - r0);
+    transposed_bf16(sh.x, I, r0, n, Kp, ax.data(), rows.data());
+    transposed_bf16(sh.h, H, r0, n, Kp, ah.data(), rows.data());
+    split_block(sh.ct_x, GH, GHp, r0, n, Kp, right.data(), ldq, sh.dx ? left.data() : nullptr,
+                scratch.data());
+    if (sh.ct_h)
+      split_block(sh.ct_h, GH, GHp, r0, n, Kp, right_h.data(), ldq, nullptr, scratch.data());
+    gemm_parts3(ax.data(), Ip, Kp, right.data(), ldq, GHp, acc.data());
+    gemm_parts3(ah.data(), Hp, Kp, sh.ct_h ? right_h.data() : right.data(), ldq, GHp,
+                acc.data() + static_cast<size_t>(Ip) * GHp);
+    if (sh.dx) {
+      std::fill(z.begin(), z.end(), 0.0f);
+      for (int q = 0; q < 3; ++q) gemm_bf16(left.data() + q * ldq, GHp, sh.wxt, Ip, z.data(), Ip, Kp);
+      set_tiles();  // gemm_bf16 released them
+      for (int r = 0; r < n; ++r)
+        std::memcpy(sh.dx + static_cast<size_t>(r0 + r) * I, z.data() + static_cast<size_t>(r) * Ip,
+                    I * sizeof(float));
+    }
+  }
+#ifdef JAXRNN_AMX
+  _tile_release();
+#endif
+  sh.active.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h_in,
+                     ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> ct_x,
+                     ffi::Buffer<ffi::F32> ct_h, ffi::ResultBuffer<ffi::F32> dx,
+                     ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
+                     int32_t threads) {
+  if (!amx_ready())
+    return ffi::Error::InvalidArgument("jaxrnn gradient kernel: no AMX tiles on this CPU");
+  const auto xd = xs.dimensions(), hd = h_in.dimensions(), wd = w_x.dimensions();
+  const auto cd = ct_x.dimensions();
+  if (xd.size() != 3 || hd.size() != 3 || wd.size() != 3 || cd.size() != 3)
+    return ffi::Error::InvalidArgument("jaxrnn gradient kernel: operands must be 3-D");
+  const int E = static_cast<int>(xd[0]), R = static_cast<int>(xd[1]);
+  const int I = static_cast<int>(xd[2]), H = static_cast<int>(hd[2]);
+  const int GH = static_cast<int>(cd[2]), Ew = static_cast<int>(wd[0]);
+  const bool merged = ct_h.element_count() == 0, want_dx = dx->element_count() > 0;
+  if (hd[0] != E || hd[1] != R || cd[0] != E || cd[1] != R || (Ew != 1 && Ew != E) ||
+      wd[1] != I || wd[2] != GH || (!merged && ct_h.element_count() != ct_x.element_count()) ||
+      (want_dx && dx->element_count() != xs.element_count()) ||
+      dw_x->element_count() != static_cast<size_t>(E) * I * GH ||
+      dw_h->element_count() != static_cast<size_t>(E) * H * GH)
+    return ffi::Error::InvalidArgument("jaxrnn gradient kernel: inconsistent shapes");
+  const int n = threads > 0 ? threads
+                            : std::min(cpu_count(), static_cast<int>(pool.num_threads()) + 1);
+  const int Ip = round_up(std::max(I, 1), 16), Hp = round_up(H, 16), GHp = round_up(GH, 32);
+  Halves wxt;
+  std::vector<size_t> offsets;
+  for (int m = 0; m < E; ++m) {
+    const size_t per = static_cast<size_t>(R);
+    auto sh = std::make_shared<GradShared>();
+    sh->R = R, sh->I = I, sh->H = H, sh->GH = GH, sh->Ip = Ip, sh->Hp = Hp, sh->GHp = GHp;
+    sh->x = xs.typed_data() + m * per * I;
+    sh->h = h_in.typed_data() + m * per * H;
+    sh->ct_x = ct_x.typed_data() + m * per * GH;
+    sh->ct_h = merged ? nullptr : ct_h.typed_data() + m * per * GH;
+    sh->dx = want_dx ? dx->typed_data() + m * per * I : nullptr;
+    if (want_dx && (m == 0 || Ew > 1)) {  // bf16(W_x)ᵀ[k][i] = W_x[i][k]
+      const float* w = w_x.typed_data() + static_cast<size_t>(Ew > 1 ? m : 0) * I * GH;
+      pack_chunks_bf16({0, I}, 1, 1, GH, [&](int, int k, float* dst) {
+        for (int i = 0; i < I; ++i) dst[i] = w[static_cast<size_t>(i) * GH + k];
+      }, &wxt, &offsets);
+    }
+    sh->wxt = want_dx ? wxt.data() : nullptr;
+    const int blocks = (R + kGradRows - 1) / kGradRows;
+    const int t = std::max(1, std::min(n, blocks));
+    sh->acc.resize(t);
+    for (int k = 1; k < t; ++k) pool.Schedule([sh] { grad_blocks(*sh); });
+    grad_blocks(*sh);
+    // Every block is claimed once this thread's claims run out; a thread that claimed one
+    // counted itself active first.
+    for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
+      if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+    // The weight gradients: the slots' accumulators summed, padding dropped.
+    const int used = sh->slots.load(std::memory_order_acquire);
+    float* outs[2] = {dw_x->typed_data() + static_cast<size_t>(m) * I * GH,
+                      dw_h->typed_data() + static_cast<size_t>(m) * H * GH};
+    const int rows[2] = {I, H}, first[2] = {0, Ip};
+    for (int w = 0; w < 2; ++w)
+      for (int i = 0; i < rows[w]; ++i) {
+        float* out = outs[w] + static_cast<size_t>(i) * GH;
+        const size_t at = static_cast<size_t>(first[w] + i) * GHp;
+        if (used == 0) {
+          std::fill_n(out, GH, 0.0f);
+          continue;
+        }
+        std::memcpy(out, sh->acc[0].data() + at, GH * sizeof(float));
+        for (int s = 1; s < used; ++s)
+          for (int j = 0; j < GH; ++j) out[j] += sh->acc[s][at + j];
+      }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
@@ -1775,6 +2074,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                                   .Attr<int32_t>("groups")
                                   .Attr<bool>("huge_pages")
                                   .Attr<bool>("bf16"));  // W_h is bfloat16 (AMX)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnGradients, Gradients,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // xs (E, R, I)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h_in (E, R, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x (E or 1, I, G*H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_x (E, R, G*H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_h (E, R, G*H) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx (E, R, I) or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW_x (E, I, G*H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW_h (E, H, G*H)
+                                  .Attr<int32_t>("threads"));
 
 // Whether the forward kernel's bf16 matmuls can run here (compiled with AMX, and the OS grants
 // the tiles' state): 1 or 0. Called from Python through ctypes.
