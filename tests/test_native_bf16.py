@@ -248,6 +248,7 @@ def _bf16_64(a):
         (300, 33, 40, 3, False, True, 2),  # two blocks, the GRU's separate ct_h
         (513, 64, 48, 4, True, False, 3),  # three blocks, more threads than cores, no dx
         (1000, 17, 130, 1, True, True, 1),
+        (260, 20, 70, 4, False, True, 2),  # 280 columns: a slice of 256, then 24 of 32
     ],
 )
 def test_the_gradient_kernel_is_float32s(

@@ -612,9 +612,11 @@ def _input_terms_t(nonlin, cts, *, merged, needed=(True, True, True)):
     ct_x``, ``dW_h = bf16(h_in)ᵀ ct_h``, each float32 cotangent split once into exact
     bfloat16 parts for all three. Measured on 2 cores (Sapphire Rapids, AMX), against XLA's
     three float32 dots (medians of 5, ms; without ``dxs`` in brackets): LSTM B64 T128 H512
-    (8192 rows, 512 inputs) 102 against 212 (65 against 141); LSTM B16 T256 H128 5.4 against
-    10.3 (3.0 against 6.5); GRU 3.5 against 6.9 (2.2 against 8.3); Elman 2.3 against 3.5
-    (1.9 against 2.2); 600 rows, 16 inputs, H32 0.3 against 0.4."""
+    (8192 rows, 512 inputs) 96 against 209 (66 against 145); LSTM B16 T256 H128 4.0 against
+    8.9 (2.5 against 8.9); GRU 3.2 against 7.3 (3.3 against 5.1); Elman 1.5 against 3.0
+    (1.0 against 2.0); 600 rows, 16 inputs, H32 0.3 against 0.4. Every 256 rows of the
+    cotangent go in slices of 256 columns, whose parts stay in L2 between the split and the
+    matmuls (the whole width at once at LSTM B64 H512: 102 ms)."""
     from jaxrnn._src import native
 
     xs, h_in, w_x = nonlin

@@ -604,9 +604,10 @@ inline void amx_block(const uint16_t* a, int K, const uint16_t* W, size_t ldw, f
 // B16 K128 N512 (one block) 203–240 either way. Software prefetching of W's next column
 // blocks made it slower (B64 K1024 N2048 147, K512 224).
 void gemm_bf16(const uint16_t* a, int Kp, const uint16_t* W, int Np, float* z, int ldz,
-               int Bp) {
+               int Bp, size_t ldw = 0) {
   set_tiles();
-  const size_t ldw = static_cast<size_t>(Kp) * 16;  // between W's column blocks
+  // Between W's column blocks: Kp · 16, or more where W is rows of a taller packed matrix.
+  if (ldw == 0) ldw = static_cast<size_t>(Kp) * 16;
   for (int k0 = 0; k0 < Kp; k0 += kBlock16) {
     const int kn = std::min(kBlock16, Kp - k0);
     const uint16_t* ak = a + static_cast<size_t>(k0) * Bp;
@@ -630,7 +631,9 @@ void gemm_bf16(const uint16_t* a, int Kp, const uint16_t* W, int Np, float* z, i
 }
 #else
 bool amx_ready() { return false; }
-void gemm_bf16(const uint16_t*, int, const uint16_t*, int, float*, int, int) { std::abort(); }
+void gemm_bf16(const uint16_t*, int, const uint16_t*, int, float*, int, int, size_t = 0) {
+  std::abort();
+}
 #endif
 
 // ---- the gates of one row of units ---------------------------------------------------------
@@ -1749,6 +1752,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
 // added up at the end; dx's rows are each block's own.
 
 constexpr int kGradRows = 256;
+// Columns of the cotangent split and multiplied at a time: a slice's parts (3 × 256 × 256 in
+// both layouts, 768 KiB) stay in L2 between the split and the matmuls.
+constexpr int kGradSlice = kBlock16;
 
 struct GradShared {
   int R, I, H, GH, Ip, Hp, GHp, threads;
@@ -1792,30 +1798,32 @@ inline void amx_parts(const uint16_t* a, int K, const uint16_t* B, size_t ldw, s
   if constexpr (RB > 1 && NB > 1) _tile_stored(3, c1 + 16, sc);
 }
 
-// C (Mp × Np, stride Np) += A (Mp × Kp bf16, row-major) · (B_0 + B_1 + B_2) (each Kp × Np
+// C (Mp × Np, stride ldc) += A (Mp × Kp bf16, row-major) · (B_0 + B_1 + B_2) (each Kp × Np
 // packed, `ldq` apart): two column blocks of 16 at a time, then two row blocks of 16.
 void gemm_parts3(const uint16_t* A, int Mp, int Kp, const uint16_t* B, size_t ldq, int Np,
-                 float* C) {
+                 float* C, int ldc) {
   const size_t ldw = static_cast<size_t>(Kp) * 16;
   for (int j = 0; j < Np; j += 32) {
     const bool two = j + 32 <= Np;
     const uint16_t* Bj = B + (j / 16) * ldw;
     for (int m = 0; m < Mp; m += 32) {
       const uint16_t* am = A + static_cast<size_t>(m) * Kp;
-      float* cm = C + static_cast<size_t>(m) * Np + j;
+      float* cm = C + static_cast<size_t>(m) * ldc + j;
       if (m + 32 <= Mp) {
-        if (two) amx_parts<2, 2, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
-        else amx_parts<2, 1, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
+        if (two) amx_parts<2, 2, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
+        else amx_parts<2, 1, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
       } else {
-        if (two) amx_parts<1, 2, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
-        else amx_parts<1, 1, 3>(am, Kp, Bj, ldw, ldq, cm, Np);
+        if (two) amx_parts<1, 2, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
+        else amx_parts<1, 1, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
       }
     }
   }
 }
 
 #else
-void gemm_parts3(const uint16_t*, int, int, const uint16_t*, size_t, int, float*) { std::abort(); }
+void gemm_parts3(const uint16_t*, int, int, const uint16_t*, size_t, int, float*, int) {
+  std::abort();
+}
 void set_tiles() {}
 #endif
 
@@ -1839,34 +1847,33 @@ void transposed_bf16(const float* src, int K, int r0, int n, int Kp, uint16_t* d
   }
 }
 
-// Rows [r0, r0 + n) of the (R, GH) cotangent as its three bfloat16 parts: each a Kp × GHp
-// right operand of `gemm_parts3` (`ldq` elements apart, zero past n rows and GH columns), and
-// with `left` also a Kp × GHp left operand of `gemm_bf16` (its blocks of kBlock16 columns).
-// Two rows at a time: with AVX-512, 16 columns of both rows are split together and each
-// part's pairs (row r in the low half of a 32-bit lane, r + 1 in the high) stored as one
-// 64-byte row of the tiles' layout.
-void split_block(const float* ct, int GH, int GHp, int r0, int n, int Kp, uint16_t* right,
-                 size_t ldq, uint16_t* left, uint16_t* scratch) {
+// Rows [r0, r0 + n) of a slice of the cotangent (row r at ct + r · ld, `real` columns, zero
+// past them up to `width`, a multiple of 16) as its three bfloat16 parts: each a Kp × width
+// right operand of `gemm_parts3` (`ldq` elements apart, zero past n rows), and with `left`
+// also a Kp × width left operand of `gemm_bf16` (width at most kBlock16: one block). Two rows
+// at a time: with AVX-512, 16 columns of both rows are split together and each part's pairs
+// (row r in the low half of a 32-bit lane, r + 1 in the high) stored as one 64-byte row of
+// the tiles' layout.
+void split_block(const float* ct, size_t ld, int real, int width, int r0, int n, int Kp,
+                 uint16_t* right, size_t ldq, uint16_t* left, uint16_t* scratch) {
   for (int r = 0; r < Kp; r += 2) {
-    const float* rows[2] = {r < n ? ct + static_cast<size_t>(r0 + r) * GH : nullptr,
-                            r + 1 < n ? ct + static_cast<size_t>(r0 + r + 1) * GH : nullptr};
+    const float* rows[2] = {r < n ? ct + (r0 + r) * ld : nullptr,
+                            r + 1 < n ? ct + (r0 + r + 1) * ld : nullptr};
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     (void)scratch;
-    for (int j0 = 0; j0 < GHp; j0 += 16) {
-      const __mmask16 real = j0 + 16 <= GH ? 0xffff : j0 < GH ? (1u << (GH - j0)) - 1 : 0;
+    for (int j0 = 0; j0 < width; j0 += 16) {
+      const __mmask16 mask = j0 + 16 <= real ? 0xffff : j0 < real ? (1u << (real - j0)) - 1 : 0;
       __m512i p[2][3];
       for (int s = 0; s < 2; ++s)
-        split3_v(rows[s] ? _mm512_maskz_loadu_epi32(real, rows[s] + j0) : _mm512_setzero_si512(),
+        split3_v(rows[s] ? _mm512_maskz_loadu_epi32(mask, rows[s] + j0) : _mm512_setzero_si512(),
                  p[s]);
-      const int g0 = j0 / kBlock16 * kBlock16, kn = std::min(kBlock16, GHp - g0);
       for (int q = 0; q < 3; ++q) {
         _mm512_storeu_si512(right + q * ldq + vnni_index(r, j0, Kp),
                             _mm512_or_si512(p[0][q], _mm512_slli_epi32(p[1][q], 16)));
         if (!left) continue;
         for (int s = 0; s < 2; ++s)
           _mm256_storeu_si256(
-              reinterpret_cast<__m256i*>(left + q * ldq + static_cast<size_t>(g0) * Kp +
-                                         static_cast<size_t>(r + s) * kn + (j0 - g0)),
+              reinterpret_cast<__m256i*>(left + q * ldq + static_cast<size_t>(r + s) * width + j0),
               _mm512_cvtepi32_epi16(p[s][q]));
       }
     }
@@ -1874,13 +1881,13 @@ void split_block(const float* ct, int GH, int GHp, int r0, int n, int Kp, uint16
     uint16_t* p[2][3];
     for (int s = 0; s < 2; ++s)
       for (int q = 0; q < 3; ++q) {
-        p[s][q] = scratch + (s * 3 + q) * static_cast<size_t>(GHp);
-        std::fill_n(p[s][q], GHp, uint16_t{0});
+        p[s][q] = scratch + (s * 3 + q) * static_cast<size_t>(width);
+        std::fill_n(p[s][q], width, uint16_t{0});
       }
     for (int s = 0; s < 2; ++s)
-      if (rows[s]) split3_row(rows[s], p[s][0], p[s][1], p[s][2], GH);
+      if (rows[s]) split3_row(rows[s], p[s][0], p[s][1], p[s][2], real);
     for (int q = 0; q < 3; ++q) {
-      for (int j0 = 0; j0 < GHp; j0 += 16) {
+      for (int j0 = 0; j0 < width; j0 += 16) {
         uint16_t* dst = right + q * ldq + vnni_index(r, j0, Kp);
         for (int j = 0; j < 16; ++j) {
           dst[2 * j] = p[0][q][j0 + j];
@@ -1889,11 +1896,8 @@ void split_block(const float* ct, int GH, int GHp, int r0, int n, int Kp, uint16
       }
       if (!left) continue;
       for (int s = 0; s < 2; ++s)
-        for (int g0 = 0; g0 < GHp; g0 += kBlock16) {
-          const int kn = std::min(kBlock16, GHp - g0);
-          std::memcpy(left + q * ldq + static_cast<size_t>(g0) * Kp + static_cast<size_t>(r + s) * kn,
-                      p[s][q] + g0, kn * sizeof(uint16_t));
-        }
+        std::memcpy(left + q * ldq + static_cast<size_t>(r + s) * width, p[s][q],
+                    width * sizeof(uint16_t));
     }
 #endif
   }
@@ -1913,31 +1917,39 @@ void grad_blocks(GradShared& sh) {
   const int Kp = kGradRows;
   Floats& acc = sh.acc[slot];
   acc.assign(static_cast<size_t>(Ip + Hp) * GHp, 0.0f);
-  const size_t ldq = static_cast<size_t>(Kp) * GHp;
+  const int S = std::min(kGradSlice, GHp);
+  const size_t ldq = static_cast<size_t>(Kp) * S;
   Halves ax(static_cast<size_t>(Ip) * Kp, 0), ah(static_cast<size_t>(Hp) * Kp, 0);
   Halves right(3 * ldq), right_h(sh.ct_h ? 3 * ldq : 0), left(sh.dx ? 3 * ldq : 0);
-  Halves scratch(6 * static_cast<size_t>(GHp)), rows(32 * static_cast<size_t>(std::max(I, H)));
+  Halves scratch(6 * static_cast<size_t>(S)), rows(32 * static_cast<size_t>(std::max(I, H)));
   Floats z(sh.dx ? static_cast<size_t>(Kp) * Ip : 0);
   set_tiles();
   for (; block < blocks; block = sh.next.fetch_add(1, std::memory_order_acq_rel)) {
     const int r0 = block * kGradRows, n = std::min(kGradRows, sh.R - r0);
     transposed_bf16(sh.x, I, r0, n, Kp, ax.data(), rows.data());
     transposed_bf16(sh.h, H, r0, n, Kp, ah.data(), rows.data());
-    split_block(sh.ct_x, GH, GHp, r0, n, Kp, right.data(), ldq, sh.dx ? left.data() : nullptr,
-                scratch.data());
-    if (sh.ct_h)
-      split_block(sh.ct_h, GH, GHp, r0, n, Kp, right_h.data(), ldq, nullptr, scratch.data());
-    gemm_parts3(ax.data(), Ip, Kp, right.data(), ldq, GHp, acc.data());
-    gemm_parts3(ah.data(), Hp, Kp, sh.ct_h ? right_h.data() : right.data(), ldq, GHp,
-                acc.data() + static_cast<size_t>(Ip) * GHp);
-    if (sh.dx) {
-      std::fill(z.begin(), z.end(), 0.0f);
-      for (int q = 0; q < 3; ++q) gemm_bf16(left.data() + q * ldq, GHp, sh.wxt, Ip, z.data(), Ip, Kp);
-      set_tiles();  // gemm_bf16 released them
+    if (sh.dx) std::fill(z.begin(), z.end(), 0.0f);
+    for (int s0 = 0; s0 < GHp; s0 += S) {  // a slice of the cotangent's columns
+      const int width = std::min(S, GHp - s0), real = std::clamp(GH - s0, 0, width);
+      split_block(sh.ct_x + s0, GH, real, width, r0, n, Kp, right.data(), ldq,
+                  sh.dx ? left.data() : nullptr, scratch.data());
+      if (sh.ct_h)
+        split_block(sh.ct_h + s0, GH, real, width, r0, n, Kp, right_h.data(), ldq, nullptr,
+                    scratch.data());
+      gemm_parts3(ax.data(), Ip, Kp, right.data(), ldq, width, acc.data() + s0, GHp);
+      gemm_parts3(ah.data(), Hp, Kp, sh.ct_h ? right_h.data() : right.data(), ldq, width,
+                  acc.data() + static_cast<size_t>(Ip) * GHp + s0, GHp);
+      if (sh.dx) {  // rows s0.. of bf16(W_x)ᵀ: the packed matrix's column blocks GHp · 16 apart
+        for (int q = 0; q < 3; ++q)
+          gemm_bf16(left.data() + q * ldq, width, sh.wxt + static_cast<size_t>(s0) * 16, Ip,
+                    z.data(), Ip, Kp, static_cast<size_t>(GHp) * 16);
+        set_tiles();  // gemm_bf16 released them
+      }
+    }
+    if (sh.dx)
       for (int r = 0; r < n; ++r)
         std::memcpy(sh.dx + static_cast<size_t>(r0 + r) * I, z.data() + static_cast<size_t>(r) * Ip,
                     I * sizeof(float));
-    }
   }
 #ifdef JAXRNN_AMX
   _tile_release();
