@@ -569,13 +569,15 @@ void set_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// RB × NB output tiles (16 × 16 each, tiles 0-3) over K columns of `a` (row stride K) and
-// rows of W (column blocks `ldw` apart): left tiles 4-5, right 6-7.
-template <int RB, int NB>
-inline void amx_block(const uint16_t* a, int K, const uint16_t* W, size_t ldw, float* z,
-                      int ldz) {
+// RB × NB output tiles (16 × 16 each, tiles 0-3) of z (stride ldz floats) += a (rows of
+// stride K bfloat16, K a multiple of 32) · Σ_q W_q over K: P right operands `ldq` elements
+// apart, each packed as `gemm_bf16` takes it (column blocks `ldw` apart). Left tiles 4-5,
+// right 6-7; the k loop loads each left tile once for all P parts (the gradient kernel's
+// three parts of a float32 cotangent, `gemm_parts3`).
+template <int RB, int NB, int P = 1>
+inline void amx_block(const uint16_t* a, int K, const uint16_t* W, size_t ldw, size_t ldq,
+                      float* z, int ldz) {
   const int sa = K * 2, sz = ldz * 4;
-  const uint16_t* W1 = W + ldw;
   float* z1 = z + static_cast<size_t>(16) * ldz;
   _tile_loadd(0, z, sz);
   if constexpr (NB > 1) _tile_loadd(1, z + 16, sz);
@@ -584,12 +586,15 @@ inline void amx_block(const uint16_t* a, int K, const uint16_t* W, size_t ldw, f
   for (int k = 0; k < K; k += 32) {
     _tile_loadd(4, a + k, sa);
     if constexpr (RB > 1) _tile_loadd(5, a + static_cast<size_t>(16) * K + k, sa);
-    _tile_loadd(6, W + static_cast<size_t>(k) * 16, 64);
-    if constexpr (NB > 1) _tile_loadd(7, W1 + static_cast<size_t>(k) * 16, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (RB > 1) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (RB > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    for (int q = 0; q < P; ++q) {
+      const uint16_t* Wq = W + q * ldq + static_cast<size_t>(k) * 16;
+      _tile_loadd(6, Wq, 64);
+      if constexpr (NB > 1) _tile_loadd(7, Wq + ldw, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (RB > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (RB > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, z, sz);
   if constexpr (NB > 1) _tile_stored(1, z + 16, sz);
@@ -618,11 +623,11 @@ void gemm_bf16(const uint16_t* a, int Kp, const uint16_t* W, int Np, float* z, i
         const uint16_t* ab = ak + static_cast<size_t>(b) * kn;
         float* zb = z + static_cast<size_t>(b) * ldz + j;
         if (b + 32 <= Bp) {
-          if (two) amx_block<2, 2>(ab, kn, Wj, ldw, zb, ldz);
-          else amx_block<2, 1>(ab, kn, Wj, ldw, zb, ldz);
+          if (two) amx_block<2, 2>(ab, kn, Wj, ldw, 0, zb, ldz);
+          else amx_block<2, 1>(ab, kn, Wj, ldw, 0, zb, ldz);
         } else {
-          if (two) amx_block<1, 2>(ab, kn, Wj, ldw, zb, ldz);
-          else amx_block<1, 1>(ab, kn, Wj, ldw, zb, ldz);
+          if (two) amx_block<1, 2>(ab, kn, Wj, ldw, 0, zb, ldz);
+          else amx_block<1, 1>(ab, kn, Wj, ldw, 0, zb, ldz);
         }
       }
     }
@@ -1766,38 +1771,6 @@ struct GradShared {
 };
 
 #ifdef JAXRNN_AMX
-// Output tiles RB × NB of C (stride ldc floats) += A (rows of stride K bf16, K a multiple of
-// 32) · Σ_q B_q over K, B_q the P right operands `ldq` elements apart, each packed as
-// `gemm_bf16` takes it (column blocks `ldw` apart): a k loop that loads each left tile once
-// for all P parts.
-template <int RB, int NB, int P>
-inline void amx_parts(const uint16_t* a, int K, const uint16_t* B, size_t ldw, size_t ldq,
-                      float* c, int ldc) {
-  const int sa = K * 2, sc = ldc * 4;
-  float* c1 = c + static_cast<size_t>(16) * ldc;
-  _tile_loadd(0, c, sc);
-  if constexpr (NB > 1) _tile_loadd(1, c + 16, sc);
-  if constexpr (RB > 1) _tile_loadd(2, c1, sc);
-  if constexpr (RB > 1 && NB > 1) _tile_loadd(3, c1 + 16, sc);
-  for (int k = 0; k < K; k += 32) {
-    _tile_loadd(4, a + k, sa);
-    if constexpr (RB > 1) _tile_loadd(5, a + static_cast<size_t>(16) * K + k, sa);
-    for (int q = 0; q < P; ++q) {
-      const uint16_t* Bq = B + q * ldq + static_cast<size_t>(k) * 16;
-      _tile_loadd(6, Bq, 64);
-      if constexpr (NB > 1) _tile_loadd(7, Bq + ldw, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
-      if constexpr (RB > 1) _tile_dpbf16ps(2, 5, 6);
-      if constexpr (RB > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, sc);
-  if constexpr (NB > 1) _tile_stored(1, c + 16, sc);
-  if constexpr (RB > 1) _tile_stored(2, c1, sc);
-  if constexpr (RB > 1 && NB > 1) _tile_stored(3, c1 + 16, sc);
-}
-
 // C (Mp × Np, stride ldc) += A (Mp × Kp bf16, row-major) · (B_0 + B_1 + B_2) (each Kp × Np
 // packed, `ldq` apart): two column blocks of 16 at a time, then two row blocks of 16.
 void gemm_parts3(const uint16_t* A, int Mp, int Kp, const uint16_t* B, size_t ldq, int Np,
@@ -1810,11 +1783,11 @@ void gemm_parts3(const uint16_t* A, int Mp, int Kp, const uint16_t* B, size_t ld
       const uint16_t* am = A + static_cast<size_t>(m) * Kp;
       float* cm = C + static_cast<size_t>(m) * ldc + j;
       if (m + 32 <= Mp) {
-        if (two) amx_parts<2, 2, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
-        else amx_parts<2, 1, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
+        if (two) amx_block<2, 2, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
+        else amx_block<2, 1, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
       } else {
-        if (two) amx_parts<1, 2, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
-        else amx_parts<1, 1, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
+        if (two) amx_block<1, 2, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
+        else amx_block<1, 1, 3>(am, Kp, Bj, ldw, ldq, cm, ldc);
       }
     }
   }
