@@ -1762,13 +1762,45 @@ constexpr int kGradRows = 256;
 constexpr int kGradSlice = kBlock16;
 
 struct GradShared {
-  int R, I, H, GH, Ip, Hp, GHp, threads;
+  int R, I, H, GH, Ip, Hp, GHp;
   const float *x, *h, *ct_x, *ct_h;  // ct_h null: ct_x
   float* dx;                         // null: not wanted
+  float *dw_x, *dw_h;                // the results (I × GH, H × GH)
   const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
   std::atomic<int> next{0}, slots{0}, active{0};
+  std::atomic<int> next_rows{0}, summing{0};
+  int used = 0;                      // slots, once every block is done
   std::vector<Floats> acc;           // per slot: dW_x (Ip × GHp) then dW_h (Hp × GHp)
 };
+
+// Accumulator slots at most, so that a many-core machine does not hold one (I + H) × G·H
+// float32 copy of the weight gradients per core: kGradSlotBytes in all.
+constexpr size_t kGradSlotBytes = size_t{512} << 20;
+constexpr int kSumRows = 16;  // rows of the weight gradients summed at a time
+
+// The weight gradients: the slots' sums added up, padding dropped, kSumRows rows of
+// [dW_x; dW_h] at a time, claimed as `grad_blocks` claims blocks.
+void sum_slots(GradShared& sh) {
+  sh.summing.fetch_add(1, std::memory_order_acq_rel);
+  const int rows = sh.I + sh.H, GH = sh.GH;
+  for (int c; (c = sh.next_rows.fetch_add(1, std::memory_order_acq_rel)) * kSumRows < rows;)
+    for (int i = c * kSumRows; i < std::min(rows, (c + 1) * kSumRows); ++i) {
+      const bool x = i < sh.I;
+      float* out = x ? sh.dw_x + static_cast<size_t>(i) * GH
+                     : sh.dw_h + static_cast<size_t>(i - sh.I) * GH;
+      const size_t at = static_cast<size_t>(x ? i : sh.Ip + i - sh.I) * sh.GHp;
+      if (sh.used == 0) {
+        std::fill_n(out, GH, 0.0f);
+        continue;
+      }
+      std::memcpy(out, sh.acc[0].data() + at, GH * sizeof(float));
+      for (int s = 1; s < sh.used; ++s) {
+        const float* add = sh.acc[s].data() + at;
+        for (int j = 0; j < GH; ++j) out[j] += add[j];
+      }
+    }
+  sh.summing.fetch_sub(1, std::memory_order_acq_rel);
+}
 
 #ifdef JAXRNN_AMX
 // C (Mp × Np, stride ldc) += A (Mp × Kp bf16, row-major) · (B_0 + B_1 + B_2) (each Kp × Np
@@ -1972,8 +2004,12 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
       }, &wxt, &offsets);
     }
     sh->wxt = want_dx ? wxt.data() : nullptr;
+    sh->dw_x = dw_x->typed_data() + static_cast<size_t>(m) * I * GH;
+    sh->dw_h = dw_h->typed_data() + static_cast<size_t>(m) * H * GH;
     const int blocks = (R + kGradRows - 1) / kGradRows;
-    const int t = std::max(1, std::min(n, blocks));
+    const size_t slot_bytes = static_cast<size_t>(Ip + Hp) * GHp * sizeof(float);
+    const int t = static_cast<int>(std::max<size_t>(
+        1, std::min<size_t>(std::min(n, blocks), kGradSlotBytes / slot_bytes)));
     sh->acc.resize(t);
     for (int k = 1; k < t; ++k) pool.Schedule([sh] { grad_blocks(*sh); });
     grad_blocks(*sh);
@@ -1981,23 +2017,12 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     // counted itself active first.
     for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
       if (spins < 1000) cpu_relax(); else std::this_thread::yield();
-    // The weight gradients: the slots' accumulators summed, padding dropped.
-    const int used = sh->slots.load(std::memory_order_acquire);
-    float* outs[2] = {dw_x->typed_data() + static_cast<size_t>(m) * I * GH,
-                      dw_h->typed_data() + static_cast<size_t>(m) * H * GH};
-    const int rows[2] = {I, H}, first[2] = {0, Ip};
-    for (int w = 0; w < 2; ++w)
-      for (int i = 0; i < rows[w]; ++i) {
-        float* out = outs[w] + static_cast<size_t>(i) * GH;
-        const size_t at = static_cast<size_t>(first[w] + i) * GHp;
-        if (used == 0) {
-          std::fill_n(out, GH, 0.0f);
-          continue;
-        }
-        std::memcpy(out, sh->acc[0].data() + at, GH * sizeof(float));
-        for (int s = 1; s < used; ++s)
-          for (int j = 0; j < GH; ++j) out[j] += sh->acc[s][at + j];
-      }
+    sh->used = sh->slots.load(std::memory_order_acquire);
+    const int sums = std::min(n, (I + H + kSumRows - 1) / kSumRows);
+    for (int k = 1; k < sums; ++k) pool.Schedule([sh] { sum_slots(*sh); });
+    sum_slots(*sh);
+    for (int spins = 0; sh->summing.load(std::memory_order_acquire) > 0; ++spins)
+      if (spins < 1000) cpu_relax(); else std::this_thread::yield();
   }
   return ffi::Error::Success();
 }
