@@ -255,7 +255,8 @@ def test_the_gradient_kernel_is_float32s(
     rows, features, hidden, gates, merged, want_dx, threads, monkeypatch
 ):
     """`native.input_and_weight_gradients` against float64 products of the same rounded
-    operands: ``ct_x bf16(W_x)ᵀ``, ``bf16(x)ᵀ ct_x``, ``bf16(h)ᵀ ct_h``. The float32
+    operands: ``ct_x bf16(W_x)ᵀ``, ``bf16(x)ᵀ ct_x``, ``bf16(h)ᵀ ct_h``, and the sums of
+    ``ct_x`` and ``ct_h`` over the rows (the bias gradients). The float32
     cotangents go in as three exact bfloat16 parts, so only float32 sums round (within 1e-6
     of scale; with the third part dropped, the weight gradients are 9e-6 to 1e-5 off)."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
@@ -270,12 +271,13 @@ def test_the_gradient_kernel_is_float32s(
     def fn(*a):
         return native.input_and_weight_gradients(*a, want_dx=want_dx)
 
-    dx, dw_x, dw_h = jax.jit(fn)(x, h, w, ct_x, ct_h)
+    dx, *rest = jax.jit(fn)(x, h, w, ct_x, ct_h)
     c_x = np.asarray(ct_x, np.float64)
     c_h = c_x if merged else np.asarray(ct_h, np.float64)
     expected = (c_x @ _bf16_64(w).T, _bf16_64(x).T @ c_x, _bf16_64(h).T @ c_h)
+    expected += (c_x.sum(0), c_h.sum(0))  # the bias gradients
     assert (dx is None) == (not want_dx)
-    for got, want in zip((dx, dw_x, dw_h), expected):
+    for got, want in zip((dx, *rest), expected):
         if got is None:
             continue
         assert got.shape == want.shape
@@ -294,7 +296,7 @@ def test_the_gradient_kernel_under_vmap():
 
     def reference(x, h, w, ct):
         c = np.asarray(ct, np.float64)
-        return c @ _bf16_64(w).T, _bf16_64(x).T @ c, _bf16_64(h).T @ c
+        return c @ _bf16_64(w).T, _bf16_64(x).T @ c, _bf16_64(h).T @ c, c.sum(0), c.sum(0)
 
     def check(got, index, w):
         want = reference(x[index], h[index], w, ct[index])

@@ -484,21 +484,23 @@ def backward(
 
 def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
     r"""The bf16 gradient pass's three matmuls after the backward loop, over all rows at once,
-    on AMX tiles (`bf16_available`):
+    on AMX tiles (`bf16_available`), and the bias gradients:
 
     .. math::
 
         dx = ct_x \, \mathrm{bf16}(W_x)^T, \quad dW_x = \mathrm{bf16}(x)^T ct_x, \quad
-        dW_h = \mathrm{bf16}(h_{in})^T ct_h
+        dW_h = \mathrm{bf16}(h_{in})^T ct_h, \quad db_x = \textstyle\sum_r ct_x, \quad
+        db_h = \textstyle\sum_r ct_h
 
     the transpose of ``matmul_dtype=bfloat16``'s tangent terms ``dx W_x + x dW_x`` and
     ``h_{in} dW_h`` (`fastpath._dot`: the float32 tangent times the bfloat16 operand, in
     float32). ``xs: (rows, I)``, ``h_in: (rows, H)``, ``w_x: (I, gates·H)``, ``ct_x, ct_h:
     (rows, gates·H)`` (``ct_h`` ``None``: ``ct_x``, as for the cells whose two terms are
-    summed). The kernel splits each block of rows of a float32 cotangent once into three
-    exact bfloat16 parts (`backward`'s ``split3``) for all three products, so each product
-    is float32's and only the order of the float32 sums differs from XLA's dots. Returns
-    ``(dx, dW_x, dW_h)``; ``dx`` is ``None`` unless ``want_dx``.
+    summed). The kernel reads each block of rows of a float32 cotangent once: it adds it to
+    the bias gradient and splits it into three exact bfloat16 parts (`backward`'s
+    ``split3``) for all three products, so each product is float32's and only the order of
+    the float32 sums differs from XLA's dots. Returns ``(dx, dW_x, dW_h, db_x, db_h)``;
+    ``dx`` is ``None`` unless ``want_dx``.
 
     Under ``vmap`` the kernel runs once: the vmapped axis becomes a leading axis of members,
     each with its own rows and weight gradients (and its own ``W_x`` where that is batched).
@@ -509,7 +511,8 @@ def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
 
     def out_shapes(members, rows, features, hidden):
         dx = (members, rows, features) if want_dx else (0,)
-        shapes = (dx, (members, features, width), (members, hidden, width))
+        db_h = (0,) if merged else (members, width)
+        shapes = (dx, (members, features, width), (members, hidden, width), (members, width), db_h)
         return [jax.ShapeDtypeStruct(s, f32) for s in shapes]
 
     def kernel(x, h, w, cx, ch):
@@ -540,7 +543,7 @@ def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
         ]
 
     empty = jnp.zeros((0,), f32)
-    dx, dw_x, dw_h = call(
+    dx, dw_x, dw_h, db_x, db_h = call(
         xs[None], h_in[None], w_x[None], ct_x[None], empty if merged else ct_h[None]
     )
-    return (dx[0] if want_dx else None), dw_x[0], dw_h[0]
+    return (dx[0] if want_dx else None), dw_x[0], dw_h[0], db_x[0], (db_x if merged else db_h)[0]

@@ -1749,12 +1749,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
 //
 //   dx = ct_x · bf16(W_x)ᵀ,   dW_x = bf16(x)ᵀ · ct_x,   dW_h = bf16(h_in)ᵀ · ct_h
 //
-// (ct_h = ct_x but for the GRU). Each runs on the tiles with the float32 cotangent as its three
-// exact bfloat16 parts (`split3`), so each product is float32's and the sums are float32
-// sums in another order. The rows go in blocks of kGradRows; each block's cotangent is split
-// once and serves all three matmuls (XLA's three float32 dots read it three times). A thread
-// claims blocks one at a time and sums its weight gradients in its own float32 accumulators,
-// added up at the end; dx's rows are each block's own.
+// (ct_h = ct_x but for the GRU), and the bias gradients db_x = Σ_rows ct_x, db_h = Σ_rows
+// ct_h. Each matmul runs on the tiles with the float32 cotangent as its three exact bfloat16
+// parts (`split3`), so each product is float32's and the sums are float32 sums in another
+// order. The rows go in blocks of kGradRows; each block's cotangent is read and split once
+// for all three matmuls and the sums (XLA's float32 dots and reduction read it four times).
+// A thread claims blocks one at a time and sums its gradients in its own float32
+// accumulators, added up at the end; dx's rows are each block's own.
 
 constexpr int kGradRows = 256;
 // Columns of the cotangent split and multiplied at a time: a slice's parts (3 × 256 × 256 in
@@ -1765,12 +1766,14 @@ struct GradShared {
   int R, I, H, GH, Ip, Hp, GHp;
   const float *x, *h, *ct_x, *ct_h;  // ct_h null: ct_x
   float* dx;                         // null: not wanted
-  float *dw_x, *dw_h;                // the results (I × GH, H × GH)
+  float *dw_x, *dw_h, *db_x, *db_h;  // the results (I × GH, H × GH, GH, GH or null)
   const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
   std::atomic<int> next{0}, slots{0}, active{0};
   std::atomic<int> next_rows{0}, summing{0};
   int used = 0;                      // slots, once every block is done
-  std::vector<Floats> acc;           // per slot: dW_x (Ip × GHp) then dW_h (Hp × GHp)
+  // Per slot, rows of GHp: dW_x (Ip rows), dW_h (Hp rows), then the column sums of ct_x and
+  // of ct_h (the bias gradients).
+  std::vector<Floats> acc;
 };
 
 // Accumulator slots at most, so that a many-core machine does not hold one (I + H) × G·H
@@ -1778,17 +1781,19 @@ struct GradShared {
 constexpr size_t kGradSlotBytes = size_t{512} << 20;
 constexpr int kSumRows = 16;  // rows of the weight gradients summed at a time
 
-// The weight gradients: the slots' sums added up, padding dropped, kSumRows rows of
-// [dW_x; dW_h] at a time, claimed as `grad_blocks` claims blocks.
+// The weight and bias gradients: the slots' sums added up, padding dropped, kSumRows rows of
+// [dW_x; dW_h; db_x; db_h] at a time, claimed as `grad_blocks` claims blocks.
 void sum_slots(GradShared& sh) {
   sh.summing.fetch_add(1, std::memory_order_acq_rel);
-  const int rows = sh.I + sh.H, GH = sh.GH;
+  const int I = sh.I, H = sh.H, GH = sh.GH, rows = I + H + (sh.db_h ? 2 : 1);
   for (int c; (c = sh.next_rows.fetch_add(1, std::memory_order_acq_rel)) * kSumRows < rows;)
     for (int i = c * kSumRows; i < std::min(rows, (c + 1) * kSumRows); ++i) {
-      const bool x = i < sh.I;
-      float* out = x ? sh.dw_x + static_cast<size_t>(i) * GH
-                     : sh.dw_h + static_cast<size_t>(i - sh.I) * GH;
-      const size_t at = static_cast<size_t>(x ? i : sh.Ip + i - sh.I) * sh.GHp;
+      float* out = i < I       ? sh.dw_x + static_cast<size_t>(i) * GH
+                   : i < I + H ? sh.dw_h + static_cast<size_t>(i - I) * GH
+                   : i == I + H ? sh.db_x
+                                : sh.db_h;
+      const int row = i < I ? i : i < I + H ? sh.Ip + i - I : sh.Ip + sh.Hp + i - I - H;
+      const size_t at = static_cast<size_t>(row) * sh.GHp;
       if (sh.used == 0) {
         std::fill_n(out, GH, 0.0f);
         continue;
@@ -1858,9 +1863,10 @@ void transposed_bf16(const float* src, int K, int r0, int n, int Kp, uint16_t* d
 // also a Kp × width left operand of `gemm_bf16` (width at most kBlock16: one block). Two rows
 // at a time: with AVX-512, 16 columns of both rows are split together and each part's pairs
 // (row r in the low half of a 32-bit lane, r + 1 in the high) stored as one 64-byte row of
-// the tiles' layout.
+// the tiles' layout. Also adds the rows, in order, to `sums` (`width` floats): the bias
+// gradient.
 void split_block(const float* ct, size_t ld, int real, int width, int r0, int n, int Kp,
-                 uint16_t* right, size_t ldq, uint16_t* left, uint16_t* scratch) {
+                 uint16_t* right, size_t ldq, uint16_t* left, uint16_t* scratch, float* sums) {
   for (int r = 0; r < Kp; r += 2) {
     const float* rows[2] = {r < n ? ct + (r0 + r) * ld : nullptr,
                             r + 1 < n ? ct + (r0 + r + 1) * ld : nullptr};
@@ -1868,10 +1874,15 @@ void split_block(const float* ct, size_t ld, int real, int width, int r0, int n,
     (void)scratch;
     for (int j0 = 0; j0 < width; j0 += 16) {
       const __mmask16 mask = j0 + 16 <= real ? 0xffff : j0 < real ? (1u << (real - j0)) - 1 : 0;
-      __m512i p[2][3];
-      for (int s = 0; s < 2; ++s)
-        split3_v(rows[s] ? _mm512_maskz_loadu_epi32(mask, rows[s] + j0) : _mm512_setzero_si512(),
-                 p[s]);
+      __m512i p[2][3], u[2];
+      for (int s = 0; s < 2; ++s) {
+        u[s] = rows[s] ? _mm512_maskz_loadu_epi32(mask, rows[s] + j0) : _mm512_setzero_si512();
+        split3_v(u[s], p[s]);
+      }
+      if (rows[0])
+        _mm512_storeu_ps(sums + j0, _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(sums + j0),
+                                                                _mm512_castsi512_ps(u[0])),
+                                                  _mm512_castsi512_ps(u[1])));
       for (int q = 0; q < 3; ++q) {
         _mm512_storeu_si512(right + q * ldq + vnni_index(r, j0, Kp),
                             _mm512_or_si512(p[0][q], _mm512_slli_epi32(p[1][q], 16)));
@@ -1890,7 +1901,10 @@ void split_block(const float* ct, size_t ld, int real, int width, int r0, int n,
         std::fill_n(p[s][q], width, uint16_t{0});
       }
     for (int s = 0; s < 2; ++s)
-      if (rows[s]) split3_row(rows[s], p[s][0], p[s][1], p[s][2], real);
+      if (rows[s]) {
+        split3_row(rows[s], p[s][0], p[s][1], p[s][2], real);
+        for (int j = 0; j < real; ++j) sums[j] += rows[s][j];
+      }
     for (int q = 0; q < 3; ++q) {
       for (int j0 = 0; j0 < width; j0 += 16) {
         uint16_t* dst = right + q * ldq + vnni_index(r, j0, Kp);
@@ -1921,7 +1935,8 @@ void grad_blocks(GradShared& sh) {
   const int I = sh.I, H = sh.H, GH = sh.GH, Ip = sh.Ip, Hp = sh.Hp, GHp = sh.GHp;
   const int Kp = kGradRows;
   Floats& acc = sh.acc[slot];
-  acc.assign(static_cast<size_t>(Ip + Hp) * GHp, 0.0f);
+  acc.assign(static_cast<size_t>(Ip + Hp + 2) * GHp, 0.0f);
+  float* sums = acc.data() + static_cast<size_t>(Ip + Hp) * GHp;
   const int S = std::min(kGradSlice, GHp);
   const size_t ldq = static_cast<size_t>(Kp) * S;
   Halves ax(static_cast<size_t>(Ip) * Kp, 0), ah(static_cast<size_t>(Hp) * Kp, 0);
@@ -1937,10 +1952,10 @@ void grad_blocks(GradShared& sh) {
     for (int s0 = 0; s0 < GHp; s0 += S) {  // a slice of the cotangent's columns
       const int width = std::min(S, GHp - s0), real = std::clamp(GH - s0, 0, width);
       split_block(sh.ct_x + s0, GH, real, width, r0, n, Kp, right.data(), ldq,
-                  sh.dx ? left.data() : nullptr, scratch.data());
+                  sh.dx ? left.data() : nullptr, scratch.data(), sums + s0);
       if (sh.ct_h)
         split_block(sh.ct_h + s0, GH, real, width, r0, n, Kp, right_h.data(), ldq, nullptr,
-                    scratch.data());
+                    scratch.data(), sums + GHp + s0);
       gemm_parts3(ax.data(), Ip, Kp, right.data(), ldq, width, acc.data() + s0, GHp);
       gemm_parts3(ah.data(), Hp, Kp, sh.ct_h ? right_h.data() : right.data(), ldq, width,
                   acc.data() + static_cast<size_t>(Ip) * GHp + s0, GHp);
@@ -1966,6 +1981,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
                      ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> ct_x,
                      ffi::Buffer<ffi::F32> ct_h, ffi::ResultBuffer<ffi::F32> dx,
                      ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
+                     ffi::ResultBuffer<ffi::F32> db_x, ffi::ResultBuffer<ffi::F32> db_h,
                      int32_t threads) {
   if (!amx_ready())
     return ffi::Error::InvalidArgument("jaxrnn gradient kernel: no AMX tiles on this CPU");
@@ -1981,7 +1997,9 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
       wd[1] != I || wd[2] != GH || (!merged && ct_h.element_count() != ct_x.element_count()) ||
       (want_dx && dx->element_count() != xs.element_count()) ||
       dw_x->element_count() != static_cast<size_t>(E) * I * GH ||
-      dw_h->element_count() != static_cast<size_t>(E) * H * GH)
+      dw_h->element_count() != static_cast<size_t>(E) * H * GH ||
+      db_x->element_count() != static_cast<size_t>(E) * GH ||
+      db_h->element_count() != (merged ? 0 : static_cast<size_t>(E) * GH))
     return ffi::Error::InvalidArgument("jaxrnn gradient kernel: inconsistent shapes");
   const int n = threads > 0 ? threads
                             : std::min(cpu_count(), static_cast<int>(pool.num_threads()) + 1);
@@ -2006,6 +2024,8 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     sh->wxt = want_dx ? wxt.data() : nullptr;
     sh->dw_x = dw_x->typed_data() + static_cast<size_t>(m) * I * GH;
     sh->dw_h = dw_h->typed_data() + static_cast<size_t>(m) * H * GH;
+    sh->db_x = db_x->typed_data() + static_cast<size_t>(m) * GH;
+    sh->db_h = merged ? nullptr : db_h->typed_data() + static_cast<size_t>(m) * GH;
     const int blocks = (R + kGradRows - 1) / kGradRows;
     const size_t slot_bytes = static_cast<size_t>(Ip + Hp) * GHp * sizeof(float);
     const int t = static_cast<int>(std::max<size_t>(
@@ -2018,7 +2038,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
       if (spins < 1000) cpu_relax(); else std::this_thread::yield();
     sh->used = sh->slots.load(std::memory_order_acquire);
-    const int sums = std::min(n, (I + H + kSumRows - 1) / kSumRows);
+    const int sums = std::min(n, (I + H + 2 + kSumRows - 1) / kSumRows);
     for (int k = 1; k < sums; ++k) pool.Schedule([sh] { sum_slots(*sh); });
     sum_slots(*sh);
     for (int spins = 0; sh->summing.load(std::memory_order_acquire) > 0; ++spins)
@@ -2096,6 +2116,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnGradients, Gradients,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx (E, R, I) or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW_x (E, I, G*H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW_h (E, H, G*H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // db_x (E, G*H): Σ ct_x
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // db_h (E, G*H) or empty
                                   .Attr<int32_t>("threads"));
 
 // Whether the forward kernel's bf16 matmuls can run here (compiled with AMX, and the OS grants
