@@ -199,18 +199,25 @@ def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
 
 @needs_amx
 @pytest.mark.parametrize(
-    "hidden, threads, groups", [(40, 2, 0), (40, 2, 1), (130, 0, 0), (5, 1, 0), (40, 2, 4)]
-)
+    "hidden, threads, groups, duplicate",
+    [(40, 2, 0, False), (40, 2, 1, False), (130, 0, 0, False), (5, 1, 0, False),
+     (40, 2, 4, False), (40, 3, 0, True)],
+)  # fmt: skip
 @pytest.mark.parametrize("kind", sorted(native.KIND_CODES))
-def test_the_backward_kernel_on_tiles_is_float32s(kind, hidden, threads, groups, monkeypatch):
+def test_the_backward_kernel_on_tiles_is_float32s(
+    kind, hidden, threads, groups, duplicate, monkeypatch
+):
     """The backward kernel's bf16 mode against its float32 one, on the same cotangents and
     bfloat16-valued ``W_h``: the tiles multiply the float32 ``ct_v`` as three exact bfloat16
     parts, so the two agree to float32 rounding (at most 1.5e-6 of scale over 12 seeds; with
-    the third part dropped, these tests fail). 33 rows: groups of 16 and 17 rows, or all of them in
-    chunks of units (16 and 24 at H = 40), take the tiles; 4 groups of 8 rows do not (the
-    float32 matmul on the same values)."""
+    the third part dropped, these tests fail). 33 rows: groups of 16 and 17 rows, or all of
+    them in chunks of units (16 and 24 at H = 40), take the tiles; 4 groups of 8 rows do not
+    (the float32 matmul on the same values). Also with every chunk computed by every thread
+    (the publication race at every step)."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
     monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", str(groups))
+    if duplicate:  # every thread computes every chunk: the publication race at every step
+        monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
     time, batch = 7, 33
     gates = native.RESIDUAL_WIDTHS[kind][0]
     width = {"lstm": 4, "gru": 3}.get(kind, 1) * hidden
