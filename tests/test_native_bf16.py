@@ -198,6 +198,36 @@ def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
 
 
 @needs_amx
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_bf16_gradients_under_vmap(cell_name, monkeypatch):
+    """Per-example gradients (``vmap`` of ``grad``), the gradient of a vmapped loss and an
+    ensemble's gradients: the gradient kernel then runs once over members (the vmapped axis),
+    each with its own weight and bias gradients."""
+    cell = FAST_CELLS[cell_name](24)
+    params = cell.init(fresh_key(), 5)
+    members = jax.vmap(lambda k: cell.init(k, 5))(jax.random.split(fresh_key(), 3))
+    xs = jax.random.normal(fresh_key(), (3, 4, 6, 5))
+
+    def make(md):
+        def loss(p, x):
+            return jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x, matmul_dtype=md)[0]))
+
+        per_example = jax.vmap(jax.grad(loss, argnums=(0, 1)), (None, 0))
+        of_vmap = jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)), (0, 1))
+        ensemble = jax.vmap(jax.grad(loss, argnums=(0, 1)))
+
+        def all_three(p, m, x):
+            return per_example(p, x), of_vmap(p, x), ensemble(m, x)
+
+        return all_three
+
+    lowered = _lowered(make(BF16), params, members, xs)
+    assert native.TARGET_GRADIENTS in lowered
+    actual, expected, float32 = _on_both(monkeypatch, make, params, members, xs)
+    _close_to_bf16_rounding(actual, expected, float32)
+
+
+@needs_amx
 @pytest.mark.parametrize(
     "hidden, threads, groups, duplicate",
     [(40, 2, 0, False), (40, 2, 1, False), (130, 0, 0, False), (5, 1, 0, False),
