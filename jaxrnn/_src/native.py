@@ -29,14 +29,16 @@ transpose of that rule's tangent loop, with the same chunks of units, each step 
 ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
 Its input cotangent takes the buffer of the residual of the same width (each element is
 read at its step before it is written). With ``matmul_dtype=bfloat16`` a third kernel
-(`input_and_weight_gradients`) computes the input and weight gradients after that loop, the
-three matmuls over all steps on the tiles, each cotangent split once for all three.
+(`input_and_weight_gradients`) computes the input, weight and bias gradients after that
+loop, the three matmuls over all steps on the tiles, each cotangent read once for all.
 It enters through `linear` (a linear primitive with a transpose of its own), so forward mode
 and derivatives of every order keep XLA's loops; derivatives of the kernels' own outputs
-(order two and more) are those of XLA's scan. Under ``vmap`` both kernels run once over all
-examples: they take their per-step arrays as ``(runs, time, batch, ·)``, and the vmapped axis
-merges into the runs by a reshape (`_batched_call`). Batched weights (an ensemble) take a
-leading axis of members, each member's runs computed with its own.
+(order two and more) are those of XLA's scan. Under ``vmap`` the kernels run once over all
+examples: the forward and backward kernels take their per-step arrays as ``(runs, time,
+batch, ·)``, and the vmapped axis merges into the runs by a reshape (`_batched_call`).
+Batched weights (an ensemble) take a leading axis of members, each member's runs computed
+with its own. The gradient kernel takes the vmapped axis as members, each with its own
+weight gradients.
 
 It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
 or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under
