@@ -123,8 +123,8 @@ def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
 @pytest.mark.parametrize("mode", ["batch_major", "everything", "everything_time_major_reverse"])
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
-    """The gradient pass (the kernels: forward, backward with ``W_h`` rounded, and the input
-    and weight gradients) and forward mode, against XLA's loop with the same
+    """The gradient pass (the kernels: forward, backward with ``W_h`` rounded, and the input,
+    weight and bias gradients) and forward mode, against XLA's loop with the same
     ``matmul_dtype``."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
     cell = FAST_CELLS[cell_name](40)

@@ -1839,21 +1839,20 @@ void set_tiles() {}
 
 // Rows [r0, r0 + n) of a float32 (R, K) matrix, rounded to bfloat16 and transposed: a K × Kp
 // row-major left operand (Kp a multiple of 32, zero past n rows), rows past K untouched. 32
-// rows at a time are converted into `rows` (32 × K), then transposed 32 × 32 at a time, so
-// that both sides stay in L1 (element by element down the columns, LSTM B64 H512 took 6
-// cycles an element: a column of 1024 rows spans more lines than L1 holds).
+// rows at a time are converted into `rows` (32 × K, in L1), then each of their K columns
+// written as one 64-byte run (element by element down the columns of all rows, LSTM B64
+// H512 took 6 cycles an element: a column of 1024 rows spans more lines than L1 holds).
 void transposed_bf16(const float* src, int K, int r0, int n, int Kp, uint16_t* dst,
                      uint16_t* rows) {
   for (int b = 0; b < Kp; b += 32) {
     const int m = std::clamp(n - b, 0, 32);
     for (int r = 0; r < m; ++r)
       to_bf16_row(src + static_cast<size_t>(r0 + b + r) * K, rows + static_cast<size_t>(r) * K, K);
-    for (int k0 = 0; k0 < K; k0 += 32)
-      for (int k = k0; k < std::min(K, k0 + 32); ++k) {
-        uint16_t* out = dst + static_cast<size_t>(k) * Kp + b;
-        for (int r = 0; r < m; ++r) out[r] = rows[static_cast<size_t>(r) * K + k];
-        std::fill(out + m, out + 32, uint16_t{0});
-      }
+    for (int k = 0; k < K; ++k) {
+      uint16_t* out = dst + static_cast<size_t>(k) * Kp + b;
+      for (int r = 0; r < m; ++r) out[r] = rows[static_cast<size_t>(r) * K + k];
+      std::fill(out + m, out + 32, uint16_t{0});
+    }
   }
 }
 
