@@ -1157,13 +1157,18 @@ void participate(S& sh, int k, int n) {
   sh.active.fetch_sub(1, std::memory_order_acq_rel);
 }
 
+// Spins (then yields) until `count` (threads still inside some work) drops to zero.
+inline void wait_for_none(const std::atomic<int>& count) {
+  for (int spins = 0; count.load(std::memory_order_acquire) > 0; ++spins)
+    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+}
+
 // Waits for the threads still inside a call's `participate`: one may be finishing a duplicate
 // and read the inputs, which XLA owns again once the call returns. Then checks that every
 // chunk of every step was published once.
 template <class S>
 ffi::Error settle(const S& sh) {
-  for (int spins = 0; sh.active.load(std::memory_order_acquire) > 0; ++spins)
-    if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+  wait_for_none(sh.active);
   if (sh.done.load() != static_cast<int64_t>(sh.p.T) * sh.chunks)  // once per step each
     return ffi::Error::Internal("jaxrnn native kernel: a chunk was published more than once");
   return ffi::Error::Success();
@@ -2034,14 +2039,12 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     grad_blocks(*sh);
     // Every block is claimed once this thread's claims run out; a thread that claimed one
     // counted itself active first.
-    for (int spins = 0; sh->active.load(std::memory_order_acquire) > 0; ++spins)
-      if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+    wait_for_none(sh->active);
     sh->used = sh->slots.load(std::memory_order_acquire);
     const int sums = std::min(n, (I + H + 2 + kSumRows - 1) / kSumRows);
     for (int k = 1; k < sums; ++k) pool.Schedule([sh] { sum_slots(*sh); });
     sum_slots(*sh);
-    for (int spins = 0; sh->summing.load(std::memory_order_acquire) > 0; ++spins)
-      if (spins < 1000) cpu_relax(); else std::this_thread::yield();
+    wait_for_none(sh->summing);
   }
   return ffi::Error::Success();
 }
