@@ -1,8 +1,9 @@
-"""``matmul_dtype=bfloat16`` on the native CPU kernel: its matmuls on AMX tiles.
+"""``matmul_dtype=bfloat16`` on the native CPU kernel: its matmuls on AMX tiles or AVX512-BF16.
 
-Where the CPU has AMX (`native.bf16_available`), ``jaxrnn.unroll(..., matmul_dtype=
-jnp.bfloat16)`` runs the forward kernel with bfloat16 operands summed in float32, and the
-backward kernel with ``W_h`` rounded to bfloat16 (the tangent rule's ``_dot``). XLA's loop with
+Where the CPU has AMX or AVX512-BF16 (`native.bf16_available`), ``jaxrnn.unroll(...,
+matmul_dtype=jnp.bfloat16)`` runs the forward kernel with bfloat16 operands summed in float32,
+and the backward kernel with ``W_h`` rounded to bfloat16 (the tangent rule's ``_dot``); with
+AMX (`native.amx_available`) also the input and weight gradients' kernel. XLA's loop with
 the same ``matmul_dtype`` is the reference: it is tested against a loop over ``cell.step`` with
 rounded operands in ``test_fastpath.py``. The two sum the same exact products in another
 order, so they agree to float32 rounding, except where that rounding moves an ``h`` across a
@@ -29,8 +30,11 @@ if jax.default_backend() != "cpu" or native._compiler() is None:
 
 MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
 BF16 = jnp.bfloat16
+needs_bf16 = pytest.mark.skipif(
+    not native.bf16_available(), reason="this CPU has neither AMX tiles nor AVX512-BF16"
+)
 needs_amx = pytest.mark.skipif(
-    not native.bf16_available(), reason="this CPU has no AMX tiles (or the OS denies them)"
+    not native.amx_available(), reason="this CPU has no AMX tiles (or the OS denies them)"
 )
 
 
@@ -99,7 +103,7 @@ MODES = (
 )  # fmt: skip
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
@@ -119,7 +123,7 @@ def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
     assert float(jnp.max(jnp.abs(float32[0] - actual[0]))) > 1e-4
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize("mode", ["batch_major", "everything", "everything_time_major_reverse"])
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
@@ -147,12 +151,14 @@ def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
 
     grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": BF16}))
     lowered = _lowered(grad, params, xs, carry)
-    assert native.TARGET_BACKWARD in lowered and native.TARGET_GRADIENTS in lowered
+    assert native.TARGET_BACKWARD in lowered
+    # Without AMX the input and weight gradients are XLA's dots (`native.amx_available`).
+    assert (native.TARGET_GRADIENTS in lowered) == native.amx_available()
     actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
     _close_to_bf16_rounding(actual, expected, float32)
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize(
     "hidden, threads, batch", [(5, 0, 9), (16, 1, 33), (40, 2, 9), (50, 3, 17), (130, 0, 40)]
 )
@@ -183,7 +189,7 @@ def test_bf16_kernel_over_sizes_and_threads(cell_name, hidden, threads, batch, m
     _close_to_bf16_rounding(actual, expected, float32)
 
 
-@needs_amx
+@needs_bf16
 def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
     """vmapped over examples (the runs merge into one call) and over weights (members)."""
     cell = jaxrnn.lstm(24)
@@ -197,7 +203,7 @@ def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
     _close_to_bf16_rounding(actual, expected, float32)
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
 def test_bf16_gradients_under_vmap(cell_name, monkeypatch):
     """Per-example gradients (``vmap`` of ``grad``), the gradient of a vmapped loss and an
@@ -222,12 +228,12 @@ def test_bf16_gradients_under_vmap(cell_name, monkeypatch):
         return all_three
 
     lowered = _lowered(make(BF16), params, members, xs)
-    assert native.TARGET_GRADIENTS in lowered
+    assert (native.TARGET_GRADIENTS in lowered) == native.amx_available()
     actual, expected, float32 = _on_both(monkeypatch, make, params, members, xs)
     _close_to_bf16_rounding(actual, expected, float32)
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize(
     "hidden, threads, groups, duplicate",
     [(40, 2, 0, False), (40, 2, 1, False), (130, 0, 0, False), (5, 1, 0, False),

@@ -29,10 +29,10 @@ an elementwise fusion runs its sigmoid/tanh several times slower (LSTM B16 H128,
 us against 15 us per step for the gate nonlinearities). The tangent rule hoists the
 projection's tangent either way.
 
-On CPU (float32, no ``matmul_dtype`` or bfloat16 on a CPU with AMX, an unsharded batch) the
-primal loop of both passes runs instead in the native kernel (`native`: the time loop as one
-FFI call on all cores), which also writes the residuals; the tangent rule and its transpose
-stay in XLA (`placements`).
+On CPU (float32, no ``matmul_dtype`` or bfloat16 on a CPU with AMX or AVX512-BF16, an
+unsharded batch) the primal loop of both passes runs instead in the native kernel (`native`:
+the time loop as one FFI call on all cores), which also writes the residuals; the tangent
+rule and its transpose stay in XLA (`placements`).
 
 Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
 steps hold the carry and output zero, resets put the carry back to zeros before a step (after
@@ -443,8 +443,8 @@ def _native_primal(
     flags = [None if f is None else flag_to_kernel(f) for f in (mask, resets)]
     xs = to_kernel(xs)
     rows = xs.shape[0 if batch_major else 1]
-    # With ``md`` (bfloat16 on AMX tiles) the kernel's own per-step projection is cheap: never
-    # hoisted.
+    # With ``md`` (bfloat16 on AMX tiles or AVX512-BF16) the kernel's own per-step projection
+    # is cheap: never hoisted.
     if md is None and native.hoists(rows, features, hidden, w_h.shape[1] // hidden):
         # The input projection as one matmul over all steps: the kernel then reads its rows.
         xs = _project(xs, w_x, b_x)
@@ -563,7 +563,7 @@ def _recurrence_jvp(static, primals, tangents):
     d_biases = tuple(d for d, b in zip((db_x, db_in), biases) if b is not None)
     nonlin, lin = (to_rows(xs), to_rows(h_in), w_x), (to_rows(dxs), dw_x, dw_h, *d_biases)
     terms = functools.partial(_input_terms, md=md, merged=merged, biases=biases)
-    if native and md is not None:
+    if native and md is not None and _amx():
         # Transposed by one kernel call for the three matmuls and the bias gradients.
         transpose = functools.partial(_input_terms_t, merged=merged, biases=biases)
         terms = linear.apply(terms, transpose, nonlin, lin, prune=True)
@@ -584,6 +584,14 @@ def _recurrence_jvp(static, primals, tangents):
     else:
         dys, *dcarry_out = loop(nonlin, lin)
     return (ys, carry_out), (dys, tuple(dcarry_out))
+
+
+def _amx() -> bool:
+    """Whether the native kernels' bfloat16 products run on AMX tiles (`native.amx_available`):
+    there the input and weight gradients of ``matmul_dtype=bfloat16`` are one kernel call."""
+    from jaxrnn._src import native
+
+    return native.amx_available()
 
 
 def _plus(a, *biases):
@@ -695,7 +703,8 @@ def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
         None if resets is None else flags(resets),
         loop.keywords["reverse"],
         batch_major=batch_major,
-        bf16=md is not None,
+        # Without AMX, the same exact products in float32 (`native.amx_available`).
+        bf16=md is not None and native.amx_available(),
     )
     us = (unflat(ct_u),) if n_u == 1 else (unflat(ct_u), unflat(ct_v))
     return (*us, *(a.reshape(*batch, hidden) for a in ct_carry0))
@@ -781,9 +790,9 @@ def placements(
     the gradient pass its residuals; the native one also the backward loop):
 
     - ``"native"`` (CPU): the native CPU kernels (`native`): float32, no ``matmul_dtype`` or
-      bfloat16 where the kernel has AMX tiles (`native.bf16_available`), an unsharded batch,
-      non-``empty`` inputs, the kernel built; the forward-only pass of every kind, the
-      gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`, and of
+      bfloat16 where the kernel has AMX tiles or AVX512-BF16 (`native.bf16_available`), an
+      unsharded batch, non-``empty`` inputs, the kernel built; the forward-only pass of every
+      kind, the gradient pass (primal and backward loop) of `NATIVE_GRADIENT_KINDS`, and of
       `NATIVE_GRADIENT_MIN_BATCH`'s kinds from their batch or `NATIVE_GRADIENT_MIN_HIDDEN`'s
       hidden size up.
     - ``"pallas"`` (GPU of the measured family): a pass that `PALLAS_TABLE` gives to the

@@ -18,10 +18,11 @@ the other threads too (its thread may be late, or preempted); the first copy win
 thread waits for another to start or to resume.
 
 The fast path (`fastpath.placements`) runs it on CPU in float32, without ``matmul_dtype`` or
-with ``matmul_dtype=bfloat16`` where the CPU has AMX tiles (`bf16_available`: the forward
-kernel's matmuls then multiply bfloat16 operands on the tiles and sum in float32, its input
-projection always in the kernel; the backward kernel multiplies its float32 cotangents by
-``W_h`` rounded to bfloat16, exactly, on the tiles too), on an unsharded batch, in both
+with ``matmul_dtype=bfloat16`` where the CPU has AMX tiles or AVX512-BF16 (`bf16_available`:
+the forward kernel's matmuls then multiply bfloat16 operands on the tiles, or with VDPBF16PS,
+and sum in float32, its input projection always in the kernel; the backward kernel multiplies
+its float32 cotangents by ``W_h`` rounded to bfloat16, exactly, on the tiles too, or without
+AMX in float32), on an unsharded batch, in both
 passes: the forward-only pass takes the outputs and final carry; the gradient pass also the
 residuals of the linear JVP rule (``h`` entering each step and the per-kind arrays of
 `RESIDUAL_WIDTHS`). The gradient pass's backward loop is a second kernel (`backward`): the
@@ -192,14 +193,30 @@ def _load() -> bool:
 def bf16_available() -> bool:
     """Whether the kernels can run ``matmul_dtype=bfloat16``'s matmuls: the kernel is
     available (`available`, so also off with ``JAXRNN_NATIVE=0``) and was compiled for a CPU
-    with AMX tiles (Intel Sapphire Rapids and later), and the OS grants them. Where not,
-    ``matmul_dtype`` keeps XLA's loop."""
+    with AMX tiles (Intel Sapphire Rapids and later) that the OS grants, or with AVX512-BF16
+    (AMD Zen 4 and later; Intel Cooper Lake). Where not, ``matmul_dtype`` keeps XLA's loop.
+    Without AMX (`amx_available`) only the forward kernel multiplies in bfloat16; the
+    gradient pass's backward loop multiplies its float32 cotangents by ``W_h`` rounded to
+    bfloat16 as float32 (the same exact products), and its input and weight gradients are
+    XLA's dots."""
+    return available() and _bf16()
+
+
+def amx_available() -> bool:
+    """Whether `bf16_available` runs on AMX tiles, where the backward kernel's bfloat16
+    products of the three-part cotangent and `input_and_weight_gradients` run (three tile
+    products each beat one float32 one there; with AVX512-BF16 they would not)."""
     return available() and _amx()
 
 
 @functools.cache
 def _amx() -> bool:
     return bool(_LIBRARIES[TARGET].jaxrnn_amx_available())
+
+
+@functools.cache
+def _bf16() -> bool:
+    return bool(_LIBRARIES[TARGET].jaxrnn_bf16_available())
 
 
 def supports(kind: str, hidden: int, dtype) -> bool:
@@ -384,7 +401,8 @@ def forward(
     of one row, with no transposes.
 
     With ``bf16`` the matmuls multiply the operands rounded to bfloat16 and sum the products
-    in float32, on AMX tiles (`bf16_available`): ``matmul_dtype=bfloat16``.
+    in float32, on AMX tiles or with AVX512-BF16's VDPBF16PS (`bf16_available`):
+    ``matmul_dtype=bfloat16``.
     """
     hidden, width = w_h.shape
     runs, rows = _layout(batch_major)
@@ -443,7 +461,8 @@ def backward(
     outputs (``mask`` and ``resets`` ``(batch, time)``), as in `forward`.
 
     With ``bf16`` ``w_h`` holds bfloat16 values (``matmul_dtype=bfloat16``'s tangent loop
-    multiplies by it so, in float32), and the kernel multiplies ``ct_v W_hᵀ`` on AMX tiles:
+    multiplies by it so, in float32), and the kernel multiplies ``ct_v W_hᵀ`` on AMX tiles
+    (or VDPBF16PS, `bf16_available`; `fastpath` uses it only on tiles, `amx_available`):
     ``ct_v`` as the sum of three bfloat16 parts (its top, middle and low 8 bits), each product
     exact, so the result is float32's.
     """
@@ -486,7 +505,7 @@ def backward(
 
 def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
     r"""The bf16 gradient pass's three matmuls after the backward loop, over all rows at once,
-    on AMX tiles (`bf16_available`), and the bias gradients:
+    on AMX tiles (`amx_available`), and the bias gradients:
 
     .. math::
 

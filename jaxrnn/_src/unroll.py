@@ -241,8 +241,9 @@ def unroll(
         weights and activations; the incoming tangent or cotangent keeps ``xs.dtype``, so
         gradients accumulate and stay in ``xs.dtype`` (not rounded to bf16). Built-in
         Elman/LSTM/GRU cells (no ``proj_size``) with the sequential method and no ``remat``.
-        On a CPU with AMX tiles, ``jnp.bfloat16`` with float32 inputs runs in the native
-        kernel (the recurrence's matmuls on the tiles); elsewhere in XLA's loop.
+        On a CPU with AMX tiles or AVX512-BF16, ``jnp.bfloat16`` with float32 inputs runs in
+        the native kernel (the recurrence's matmuls on the tiles or with VDPBF16PS);
+        elsewhere in XLA's loop.
       return_info: also return an `UnrollInfo` (iterations, residual, converged).
 
     Returns:
