@@ -84,7 +84,7 @@ def _on_both(monkeypatch, make, *args):
     return actual, expected, jax.jit(make(None))(*args)
 
 
-def test_placement_follows_amx(monkeypatch):
+def test_placement_follows_the_bf16_support(monkeypatch):
     expected = "native" if native.bf16_available() else "hoisted"
     for kind in MAIN:
         placement = fastpath.placements(kind, 4, 8, jnp.float32, matmul_dtype=BF16, backend="cpu")
