@@ -244,6 +244,26 @@ def torch_runner(kind, xs_bm, dtype, device):
     return out
 
 
+def cpu_info():
+    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``) and, for
+    jaxrnn's native CPU kernel, whether it is on and how it multiplies ``matmul_dtype=
+    bfloat16`` (AMX tiles, AVX512-BF16, or not at all): the numbers of one machine say little
+    without them (the two 2-core machines measured here differ twofold in float32 rate)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    from jaxrnn._src import native
+
+    kernel = native.available()
+    bf16 = "amx" if kernel and native.amx_available() else None
+    bf16 = bf16 or ("avx512_bf16" if kernel and native.bf16_available() else None)
+    return {"model": model, "native_kernel": kernel, "native_bf16": bf16}
+
+
 def torch_info(device):
     try:
         import torch
@@ -500,6 +520,7 @@ def main(argv=None):
         "jax_devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
         "platform": f"{platform.system()} {platform.machine()}",
+        "cpu": cpu_info() if args.device == "cpu" else None,
         "dtype": args.dtype,
         "jaxrnn_matmul_dtype": args.matmul_dtype or args.dtype,
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")

@@ -38,6 +38,10 @@ def test_quick_run_reports_every_runner_and_ratio(tmp_path):
             assert set(r[pass_]) == {"jaxrnn", "flax", "scan"}
             assert all(v["median_ms"] > 0 for v in r[pass_].values())
     assert "| gru 2 5 8 | fwdbwd |" in stdout and "ratio flax" in stdout
+    # Which CPU, and how the native kernel multiplies bfloat16 there.
+    cpu = report["meta"]["cpu"]
+    assert cpu["model"] and isinstance(cpu["native_kernel"], bool)
+    assert cpu["native_bf16"] in ("amx", "avx512_bf16", None)
 
 
 def test_host_devices_shard_the_batch(tmp_path):
