@@ -14,6 +14,8 @@ element within a bfloat16-sized tolerance, and almost all of them within float32
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,6 +188,31 @@ def test_bf16_kernel_over_sizes_and_threads(cell_name, hidden, threads, batch, m
         return both
 
     actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
+    _close_to_bf16_rounding(actual, expected, float32)
+
+
+@needs_bf16
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_bf16_with_the_projection_hoisted(cell_name, monkeypatch):
+    """Without AMX, the input projection runs before the kernel where `native.HOIST_TABLE`
+    says so (one bfloat16 matmul over all steps), as in float32; with AMX never. Both passes,
+    at B1, against XLA's loop."""
+    monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),))
+    cell = FAST_CELLS[cell_name](40)
+    params = cell.init(fresh_key(), 33)
+    xs = jax.random.normal(fresh_key(), (1, 9, 33))
+
+    def make(md):
+        def both(p, x):
+            loss = lambda p, x: jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x, matmul_dtype=md)[0]))  # noqa: E731
+            return jaxrnn.unroll(cell, p, x, matmul_dtype=md)[0], jax.grad(loss, (0, 1))(p, x)
+
+        return both
+
+    # A hoisted call passes the kernel a W_x of no rows.
+    hoisted = re.search(r"tensor<0x\d+xf32>", _lowered(make(BF16), params, xs)) is not None
+    assert hoisted == (not native.amx_available())
+    actual, expected, float32 = _on_both(monkeypatch, make, params, xs)
     _close_to_bf16_rounding(actual, expected, float32)
 
 
