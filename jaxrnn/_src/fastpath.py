@@ -447,7 +447,9 @@ def _native_primal(
     # With AVX512-BF16 the float32 table holds (2 cores, AMD Zen 4, interleaved, forward ms,
     # in the kernel / hoisted: LSTM B1 T100 H1024 23.4 / 14.6, B4 H512 6.6 / 6.4, GRU B8
     # H1024 32.5 / 31.1, LSTM B16 H1024 (not hoisted by the table) 90.5 / 91.5).
-    if (md is None or not _amx()) and native.hoists(rows, features, hidden, w_h.shape[1] // hidden):
+    if (md is None or not native.amx_available()) and native.hoists(
+        rows, features, hidden, w_h.shape[1] // hidden
+    ):
         # The input projection as one matmul over all steps: the kernel then reads its rows.
         xs = _project(xs, w_x, b_x, md)
         w_x = b_x = None

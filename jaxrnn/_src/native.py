@@ -20,7 +20,8 @@ thread waits for another to start or to resume.
 The fast path (`fastpath.placements`) runs it on CPU in float32, without ``matmul_dtype`` or
 with ``matmul_dtype=bfloat16`` where the CPU has AMX tiles or AVX512-BF16 (`bf16_available`:
 the forward kernel's matmuls then multiply bfloat16 operands on the tiles, or with VDPBF16PS,
-and sum in float32, its input projection always in the kernel; the backward kernel multiplies
+and sum in float32, its input projection in the kernel on AMX, hoisted by `HOIST_TABLE`
+without; the backward kernel multiplies
 its float32 cotangents by ``W_h`` rounded to bfloat16, exactly, on the tiles too, or without
 AMX in float32), on an unsharded batch, in both
 passes: the forward-only pass takes the outputs and final carry; the gradient pass also the

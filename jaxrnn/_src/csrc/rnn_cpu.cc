@@ -645,7 +645,7 @@ bool amx_ready() { return false; }
 // 4): a register-only loop of VDPBF16PS reaches 115 G multiply-adds per second on one core,
 // its float32 multiply-adds 57.
 template <int R, int NV>
-inline void bf16_tile(const uint16_t* a, int ka, int kn, const uint16_t* W, size_t ldw, float* z,
+inline void bf16_tile(const uint16_t* a, int kn, const uint16_t* W, size_t ldw, float* z,
                       int ldz) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
@@ -657,7 +657,7 @@ inline void bf16_tile(const uint16_t* a, int ka, int kn, const uint16_t* W, size
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       uint32_t pair;
-      std::memcpy(&pair, a + static_cast<size_t>(r) * ka + k, 4);
+      std::memcpy(&pair, a + static_cast<size_t>(r) * kn + k, 4);
       const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, w[v]);
     }
@@ -669,8 +669,8 @@ inline void bf16_tile(const uint16_t* a, int ka, int kn, const uint16_t* W, size
 template <int R>
 inline void bf16_tiles(const uint16_t* a, int kn, const uint16_t* W, size_t ldw, float* z,
                        int ldz, bool two) {
-  if (two) bf16_tile<R, 2>(a, kn, kn, W, ldw, z, ldz);
-  else bf16_tile<R, 1>(a, kn, kn, W, ldw, z, ldz);
+  if (two) bf16_tile<R, 2>(a, kn, W, ldw, z, ldz);
+  else bf16_tile<R, 1>(a, kn, W, ldw, z, ldz);
 }
 
 // `gemm_bf16`'s contract (above) on VDPBF16PS: per block of `a`'s columns, 32 columns of W at
