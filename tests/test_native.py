@@ -568,15 +568,20 @@ def test_a_bad_group_count_is_named(monkeypatch):
 def test_duplicated_chunks_publish_once(cell_name, groups, monkeypatch):
     """Every thread computes every chunk not yet published (a thread the OS preempted gets
     its chunk computed by the others this way): one copy wins, results unchanged; also with
-    the rows in groups, where a thread done with its own group joins the others'."""
-    monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
+    the rows in groups, where a thread done with its own group joins the others'. Every
+    chunk's weights come from their spare copy (what a thread packs when the chunk's packer
+    may have been preempted): the same results, bit for bit."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "3")
     monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", groups)  # also threads sharing a group's chunk
     cell = FAST_CELLS[cell_name](48)
     params = cell.init(fresh_key(), INPUT_SIZE)
     xs, carry, kwargs = mode_inputs(cell, "everything")
+    undisturbed = forward(cell, params, xs, carry, **kwargs)
+    monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
     actual = forward(cell, params, xs, carry, **kwargs)
     grads = _grads(cell, params, xs, carry, **kwargs)  # the backward kernel duplicates too
+    for got, want in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(undisturbed)):
+        np.testing.assert_array_equal(got, want)
     kwargs.pop("unroll", None)
     assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
     monkeypatch.setenv("JAXRNN_NATIVE", "0")

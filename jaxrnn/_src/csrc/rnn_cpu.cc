@@ -982,7 +982,14 @@ struct Chunks {
   std::unique_ptr<std::atomic<int>[]> claimed;     // per chunk: the last step claimed
   std::unique_ptr<std::atomic<int>[]> state;       // per chunk: 2s ready for step s, 2s+1 publishing
   std::atomic<int> active{0};                      // threads inside `participate`
-  bool duplicate = false;  // tests: compute every unpublished chunk at once, without waiting
+  bool duplicate = false;  // tests: compute every unpublished chunk at once, without waiting,
+                           // and every chunk from the spare copy of its weights
+  // Per chunk, its packed weights (`pack_chunk`): how many copies were begun (the chunk's own
+  // place, then at most one spare, 0-2), and which one is finished and used (-1: none yet,
+  // 0: its own, 1: the spare), set once.
+  std::unique_ptr<std::atomic<int>[]> pack_claims;
+  std::unique_ptr<std::atomic<int>[]> packed;
+  size_t pack_bytes = 0;  // the most bytes one chunk's packed weights take
 
   // Cuts H units into at most n chunks of whole vectors (multiples of 16 units), the
   // remainder to the last one, none claimed yet.
@@ -995,11 +1002,26 @@ struct Chunks {
     for (int c = 0; c < C; ++c) start[c] = c * width;
     claimed.reset(new std::atomic<int>[C]);
     state.reset(new std::atomic<int>[C]);
+    pack_claims.reset(new std::atomic<int>[C]);
+    packed.reset(new std::atomic<int>[C]);
     for (int c = 0; c < C; ++c) {
       claimed[c].store(-1, std::memory_order_relaxed);
       state[c].store(0, std::memory_order_relaxed);
+      pack_claims[c].store(0, std::memory_order_relaxed);
+      packed[c].store(-1, std::memory_order_relaxed);
     }
   }
+
+  // Every chunk's weights packed already (by the caller, before any thread starts).
+  void all_packed() {
+    for (int c = 0; c < chunks; ++c) {
+      pack_claims[c].store(2, std::memory_order_relaxed);
+      packed[c].store(0, std::memory_order_relaxed);
+    }
+  }
+
+  // Whether chunk c's weights are in its spare copy (once packed; `await_packed`).
+  bool spare(int c) const { return packed[c].load(std::memory_order_acquire) == 1; }
 
   // The most units any chunk has: what a thread's buffers (`make_local`) must hold.
   int widest() const {
@@ -1024,10 +1046,19 @@ struct Shared : Chunks {
   Problem p;
   std::vector<size_t> wx_offset, w_offset;
   Packed wx, w;
+  std::vector<Packed> spare_wx, spare_w;  // per chunk: its spare copy, where one was made
   Floats bias_x, bias;
   Halves wx16, w16;  // bf16: the packed weights instead of wx and w (same offsets)
   Floats h_ring, c_ring;  // (2, B, H): step s reads slot s % 2
   ResidualLayout layout;
+
+  // Chunk c's packed W_x and W_h (float32), once packed.
+  const float* packed_x(int c) const {
+    return spare(c) ? spare_wx[c].data() : wx.data() + wx_offset[c];
+  }
+  const float* packed_h(int c) const {
+    return spare(c) ? spare_w[c].data() : w.data() + w_offset[c];
+  }
 };
 
 // One thread's buffers: the chunk's matmul results and its new h, c and outputs.
@@ -1088,7 +1119,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
       }
       x = out.x.data();
     }
-    gemm_acc(x, I, sh.wx.data() + sh.wx_offset[chunk], N, I, zx, B);
+    gemm_acc(x, I, sh.packed_x(chunk), N, I, zx, B);
   }
   if (p.bf16) {
     const int Bp = round_up(B, 16), Hp = round_up(H, 32);
@@ -1096,7 +1127,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
                  out.a16.data());
     gemm_bf16(out.a16.data(), Hp, sh.w16.data() + sh.w_offset[chunk], ldz, z, ldz, Bp, 0, B);
   } else {
-    gemm_acc(h_in, H, sh.w.data() + sh.w_offset[chunk], N, H, z, B);
+    gemm_acc(h_in, H, sh.packed_h(chunk), N, H, z, B);
   }
   const auto fn = row_fn<ForwardRow, Row>(p.kind);
   for (int b = 0; b < B; ++b) {
@@ -1154,8 +1185,10 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   }
 }
 
-// In bf16 mode (`out16`), each chunk's columns as `gemm_bf16` takes them instead: Kp rows
-// (rows rounded up to 32) by Np columns (G·U rounded up to 16), zero past the real ones.
+// Each chunk's biases (G·U,) into bias_out, and the place of its packed columns of w in out:
+// float32, `gemm_acc`'s panels, written by `pack_chunk`. In bf16 mode (`out16`), the chunks'
+// columns are packed here as `gemm_bf16` takes them instead: Kp rows (rows rounded up to 32)
+// by Np columns (G·U rounded up to 16), zero past the real ones.
 void pack(const Shared& sh, const float* w, int rows, const float* bias, Packed* out,
           std::vector<size_t>* offsets, Floats* bias_out, Halves* out16) {
   const int G = sh.p.G, H = sh.p.H;
@@ -1176,25 +1209,47 @@ void pack(const Shared& sh, const float* w, int rows, const float* bias, Packed*
     }, out16, offsets);
     return;
   }
-  out->resize(static_cast<size_t>(rows) * G * H);
+  out->resize(static_cast<size_t>(rows) * G * H);  // float32: packed by `pack_chunk`
   for (int c = 0, columns = 0; c < sh.chunks; ++c) {
-    const int u0 = sh.start[c], U = sh.start[c + 1] - u0, N = G * U;
     (*offsets)[c] = static_cast<size_t>(columns) * rows;
-    float* block = out->data() + (*offsets)[c];
-    for (int j = 0; j < N;) {  // the panels of `gemm_acc`
-      const int width = panel_width(N, j);
-      for (int k = 0; k < rows; ++k)
-        for (int i = 0; i < width;) {  // runs of columns within one gate
-          const int g = (j + i) / U, u = (j + i) % U, run = std::min(width - i, U - u);
-          std::memcpy(block + static_cast<size_t>(k) * width + i,
-                      w + static_cast<size_t>(k) * G * H + g * H + u0 + u, run * sizeof(float));
-          i += run;
-        }
-      block += static_cast<size_t>(rows) * width;
-      j += width;
-    }
-    columns += N;
+    columns += G * (sh.start[c + 1] - sh.start[c]);
   }
+}
+
+// Chunk c's columns of w (rows × G·H) as `gemm_acc`'s panels, to `block`.
+void pack_columns(const Shared& sh, const float* w, int rows, int c, float* block) {
+  const int G = sh.p.G, H = sh.p.H;
+  const int u0 = sh.start[c], U = sh.start[c + 1] - u0, N = G * U;
+  for (int j = 0; j < N;) {
+    const int width = panel_width(N, j);
+    for (int k = 0; k < rows; ++k)
+      for (int i = 0; i < width;) {  // runs of columns within one gate
+        const int g = (j + i) / U, u = (j + i) % U, run = std::min(width - i, U - u);
+        std::memcpy(block + static_cast<size_t>(k) * width + i,
+                    w + static_cast<size_t>(k) * G * H + g * H + u0 + u, run * sizeof(float));
+        i += run;
+      }
+    block += static_cast<size_t>(rows) * width;
+    j += width;
+  }
+}
+
+// Packs chunk c's W_x (unless projected) and W_h: copy 0 in their place, 1 as its spare.
+void pack_chunk(Shared& sh, int c, int copy) {
+  const Problem& p = sh.p;
+  const size_t N = static_cast<size_t>(p.G) * (sh.start[c + 1] - sh.start[c]);
+  float *x = nullptr, *h;
+  if (copy == 0) {
+    x = p.projected ? nullptr : sh.wx.data() + sh.wx_offset[c];
+    h = sh.w.data() + sh.w_offset[c];
+  } else {
+    if (!p.projected) sh.spare_wx[c].resize(p.I * N);
+    sh.spare_w[c].resize(p.H * N);
+    x = p.projected ? nullptr : sh.spare_wx[c].data();
+    h = sh.spare_w[c].data();
+  }
+  if (x != nullptr) pack_columns(sh, p.w_x, p.I, c, x);
+  pack_columns(sh, p.w_h, p.H, c, h);
 }
 
 // A thread computes a chunk claimed by another one too once it has waited for it twice as long
@@ -1209,9 +1264,56 @@ Local make_local(const Shared& sh, int widest) {
                p.bf16, std::max(p.H, p.projected ? 0 : p.I));
 }
 
+// The chunks' weights are packed every call (their panels, `gemm_acc`) by the threads as they
+// arrive: each packs those no thread has begun, in its order of chunks. Before it computes a
+// chunk, a thread waits for the chunk's packing; where that takes 4 times as long as the
+// thread's own packing of a chunk, and at least kMinPackWait and a nanosecond a byte (a
+// thread that packed none), the packer may have been preempted, and it packs a spare copy
+// itself (one spare at most); the first copy finished is the one used. Packed by the calling
+// thread alone, before the others started, LSTM B1 T100 H1024's forward spent 2.3-3.4 ms of
+// 8-24 ms packing its 16 MiB of W_h on a 2-core AMD EPYC (Zen 4).
+constexpr auto kMinPackWait = std::chrono::microseconds(500);
+using Clock = std::chrono::steady_clock;
+
+template <class S>
+Clock::duration pack_unclaimed(S& sh, const std::vector<int>& order) {
+  Clock::duration took{};
+  for (const int c : order) {
+    int none = 0;
+    if (sh.pack_claims[c].load(std::memory_order_relaxed) == 0 &&
+        sh.pack_claims[c].compare_exchange_strong(none, 1, std::memory_order_acq_rel)) {
+      const auto begin = Clock::now();
+      pack_chunk(sh, c, 0);
+      took = std::max(took, Clock::now() - begin);
+      int unset = -1;
+      if (!sh.duplicate) sh.packed[c].compare_exchange_strong(unset, 0, std::memory_order_acq_rel);
+    }
+  }
+  return took;
+}
+
+template <class S>
+void await_packed(S& sh, int c, Clock::duration took) {
+  if (sh.packed[c].load(std::memory_order_acquire) >= 0) return;
+  const auto since = Clock::now();
+  const Clock::duration patience = std::max<Clock::duration>(
+      {4 * took, kMinPackWait, std::chrono::nanoseconds(sh.pack_bytes)});
+  for (int spins = 1; sh.packed[c].load(std::memory_order_acquire) < 0; ++spins) {
+    if (sh.duplicate || (spins % 64 == 0 && Clock::now() - since > patience)) {
+      int begun = 1;
+      if (sh.pack_claims[c].compare_exchange_strong(begun, 2, std::memory_order_acq_rel)) {
+        pack_chunk(sh, c, 1);
+        int unset = -1;
+        sh.packed[c].compare_exchange_strong(unset, 1, std::memory_order_acq_rel);
+      }
+    }
+    if (spins < 4096) cpu_relax(); else std::this_thread::yield();
+  }
+}
+
 // Thread k of n works on its own chunks first (k, k + n, ...), then on the others. `S` is the
 // shared state of a forward (`Shared`) or backward (`BackShared`) call, with its `make_local`,
-// `step_chunk` and `publish`.
+// `pack_chunk`, `step_chunk` and `publish`.
 template <class S>
 void participate(S& sh, int k, int n) {
   sh.active.fetch_add(1, std::memory_order_acq_rel);
@@ -1224,8 +1326,8 @@ void participate(S& sh, int k, int n) {
   for (int c = k; c < C; c += n) order.push_back(c);
   for (int c = 0; c < C; ++c)
     if (c % n != k) order.push_back(c);
+  const Clock::duration pack_time = pack_unclaimed(sh, order);
   auto out = make_local(sh, sh.widest());
-  using Clock = std::chrono::steady_clock;
   Clock::duration chunk_time{};
   for (;;) {
     const int s = static_cast<int>(sh.done.load(std::memory_order_acquire) / C);
@@ -1234,6 +1336,7 @@ void participate(S& sh, int k, int n) {
       int expected = s - 1;
       if (sh.claimed[c].load(std::memory_order_relaxed) == expected &&
           sh.claimed[c].compare_exchange_strong(expected, s, std::memory_order_acq_rel)) {
+        await_packed(sh, c, pack_time);
         const auto begin = Clock::now();
         step_chunk(sh, c, s, out);
         chunk_time = Clock::now() - begin;
@@ -1248,6 +1351,7 @@ void participate(S& sh, int k, int n) {
         helped = true;
         for (const int c : order)
           if (sh.state[c].load(std::memory_order_acquire) == 2 * s) {
+            await_packed(sh, c, pack_time);
             step_chunk(sh, c, s, out);
             publish(sh, c, s, out);
           }
@@ -1461,10 +1565,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
           }
       sh->split(whole ? 1 : n, H);
       // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
-      // (H, G·U), its biases as (G·U,).
+      // (H, G·U), its biases as (G·U,): here in bf16 mode, else by the threads
+      // (`pack_chunk`).
       if (!projected)
         pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x, bf16 ? &sh->wx16 : nullptr);
       pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias, bf16 ? &sh->w16 : nullptr);
+      sh->spare_wx.resize(sh->chunks);
+      sh->spare_w.resize(sh->chunks);
+      sh->pack_bytes = sizeof(float) * (x_rows + H) * G * sh->widest();
+      if (bf16) sh->all_packed();
       parts.push_back(std::move(sh));
     }
   }
@@ -1524,6 +1633,7 @@ struct BackShared : Chunks {
   BackProblem p;
   std::vector<size_t> wt_offset;
   Packed wt;  // per chunk: W_hᵀ's columns of its units, packed
+  std::vector<Packed> spare_wt;  // per chunk: its spare copy, where one was made
   Halves wt16;  // bf16: the same, packed for `gemm_bf16` instead
   Floats v_ring, lh_ring, lc_ring;  // (2, B, G*H), (2, B, H), (2, B, H)
 };
@@ -1638,7 +1748,8 @@ void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc,
       gemm_bf16(parts + q * size, Kp, sh.wt16.data() + sh.wt_offset[chunk], ldl, lh, ldl, Bp, 0,
                 B);
   } else {
-    gemm_acc(v, GH, sh.wt.data() + sh.wt_offset[chunk], U, GH, lh, B);
+    gemm_acc(v, GH, sh.spare(chunk) ? sh.spare_wt[chunk].data() : sh.wt.data() + sh.wt_offset[chunk],
+             U, GH, lh, B);
   }
   if (p.resets != nullptr && !p.reverse) {
     const int t_prev = back_time(p, s - 1);
@@ -1717,46 +1828,59 @@ void publish(BackShared& sh, int chunk, int s, const BackLocal& out) {
   }
 }
 
-// Per chunk, the (G·H, U) block of W_hᵀ for its units, in the panels of `gemm_acc` (in bf16
-// mode as `gemm_bf16` takes it).
+// Per chunk, the place of the (G·H, U) block of W_hᵀ for its units: float32, in the panels of
+// `gemm_acc`, written by `pack_chunk`; in bf16 mode packed here, as `gemm_bf16` takes it.
 void pack_transposed(BackShared& sh) {
   const int H = sh.p.H, GH = sh.p.G * H;
   sh.wt_offset.resize(sh.chunks);
+  sh.spare_wt.resize(sh.chunks);
   if (sh.p.bf16) {  // W_hᵀ[k][j] = W_h[u0 + j][k]
     pack_chunks_bf16(sh.start, sh.chunks, 1, GH, [&](int c, int k, float* dst) {
       const float* column = sh.p.w_h + static_cast<size_t>(sh.start[c]) * GH + k;
       for (int j = 0; j < sh.start[c + 1] - sh.start[c]; ++j)
         dst[j] = column[static_cast<size_t>(j) * GH];
     }, &sh.wt16, &sh.wt_offset);
+    sh.all_packed();
     return;
   }
-  // A panel's rows k are W_h's columns: 16 of them at a time, from each of the panel's
-  // (up to 32) rows of W_h one 64-byte run into L1, then written out transposed. Element by
-  // element down W_h's rows instead, measured alone on a 2-core AMD EPYC (Zen 4), warm: LSTM
-  // H = 512 1.9-2.1 ms, H = 1024 7.1-7.8 ms; 16 at a time 0.6 and 3.3-3.6 ms.
   sh.wt.resize(static_cast<size_t>(GH) * H);
-  const float* w = sh.p.w_h;
+  sh.pack_bytes = sizeof(float) * GH * sh.widest();
   for (int c = 0, columns = 0; c < sh.chunks; ++c) {
-    const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
     sh.wt_offset[c] = static_cast<size_t>(columns) * GH;
-    float* block = sh.wt.data() + sh.wt_offset[c];
-    for (int j = 0; j < U;) {
-      const int width = panel_width(U, j);
-      const float* rows = w + static_cast<size_t>(u0 + j) * GH;
-      int k0 = 0;
-      for (float run[32][16]; k0 + 16 <= GH; k0 += 16) {
-        for (int i = 0; i < width; ++i)
-          std::memcpy(run[i], rows + static_cast<size_t>(i) * GH + k0, sizeof(run[i]));
-        for (int k = 0; k < 16; ++k)
-          for (int i = 0; i < width; ++i) block[static_cast<size_t>(k0 + k) * width + i] = run[i][k];
-      }
-      for (int k = k0; k < GH; ++k)
-        for (int i = 0; i < width; ++i)
-          block[static_cast<size_t>(k) * width + i] = rows[static_cast<size_t>(i) * GH + k];
-      block += static_cast<size_t>(GH) * width;
-      j += width;
+    columns += sh.start[c + 1] - sh.start[c];
+  }
+}
+
+// Packs chunk c's block of W_hᵀ: copy 0 in its place, 1 as its spare. A panel's rows k are
+// W_h's columns: 16 of them at a time, from each of the panel's (up to 32) rows of W_h one
+// 64-byte run into L1, then written out transposed. Element by element down W_h's rows
+// instead, measured alone on a 2-core AMD EPYC (Zen 4), warm: LSTM H = 512 1.9-2.1 ms, H =
+// 1024 7.1-7.8 ms; 16 at a time 0.6 and 3.3-3.6 ms.
+void pack_chunk(BackShared& sh, int c, int copy) {
+  const int GH = sh.p.G * sh.p.H;
+  const int u0 = sh.start[c], U = sh.start[c + 1] - u0;
+  float* block;
+  if (copy == 0) {
+    block = sh.wt.data() + sh.wt_offset[c];
+  } else {
+    sh.spare_wt[c].resize(static_cast<size_t>(GH) * U);
+    block = sh.spare_wt[c].data();
+  }
+  for (int j = 0; j < U;) {
+    const int width = panel_width(U, j);
+    const float* rows = sh.p.w_h + static_cast<size_t>(u0 + j) * GH;
+    int k0 = 0;
+    for (float run[32][16]; k0 + 16 <= GH; k0 += 16) {
+      for (int i = 0; i < width; ++i)
+        std::memcpy(run[i], rows + static_cast<size_t>(i) * GH + k0, sizeof(run[i]));
+      for (int k = 0; k < 16; ++k)
+        for (int i = 0; i < width; ++i) block[static_cast<size_t>(k0 + k) * width + i] = run[i][k];
     }
-    columns += U;
+    for (int k = k0; k < GH; ++k)
+      for (int i = 0; i < width; ++i)
+        block[static_cast<size_t>(k) * width + i] = rows[static_cast<size_t>(i) * GH + k];
+    block += static_cast<size_t>(GH) * width;
+    j += width;
   }
 }
 
