@@ -4,8 +4,8 @@ XLA:CPU runs a recurrence as a loop of separate operations: each step's matmul o
 then a few elementwise kernels. The kernel in ``csrc/rnn_cpu.cc`` runs the whole time loop in
 one call. The hidden units are cut into one chunk per thread (the calling thread and XLA's
 intra-op pool); a chunk's ``W_x`` and ``W_h`` columns (all gates of its units) are packed once
-per call, and computing the chunk for step ``t`` needs nothing from other chunks but
-``h_{t-1}``:
+per call (by the threads, as they arrive), and computing the chunk for step ``t`` needs nothing
+from other chunks but ``h_{t-1}``:
 
 .. math::
 

@@ -27,8 +27,9 @@
 // then compute the runs [m·N/E, (m+1)·N/E) (`run_members`).
 //
 // Threads: the hidden units are cut into one chunk per thread; a chunk's W_x and W_h columns
-// (all gates of its units) are packed once per call, so whoever computes the chunk needs
-// nothing from the other chunks but h_{t-1}. Chunks are published once per step (`Shared`).
+// (all gates of its units) are packed once per call (by the threads as they arrive,
+// `pack_unclaimed`), so whoever computes the chunk needs nothing from the other chunks but
+// h_{t-1}. Chunks are published once per step (`Shared`).
 // Where each thread gets enough rows, the rows are cut into groups instead, one thread each,
 // each group one chunk of all units, with no h to exchange (`row_groups`, `run_groups`).
 
