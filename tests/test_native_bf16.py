@@ -192,6 +192,28 @@ def test_bf16_kernel_over_sizes_and_threads(cell_name, hidden, threads, batch, m
 
 
 @needs_bf16
+@pytest.mark.parametrize("hidden, groups", [(40, "0"), (40, "2"), (130, "0")])
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_bf16_weights_from_spare_copies(cell_name, hidden, groups, monkeypatch):
+    """With every chunk computed by every thread and run from the spare copy of its packed
+    bfloat16 weights (what a thread packs when the chunk's packer may have been preempted),
+    the forward pass is the same bit for bit."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "3")
+    monkeypatch.setenv("JAXRNN_NATIVE_GROUPS", groups)
+    cell = FAST_CELLS[cell_name](hidden)
+    params = cell.init(fresh_key(), 7)
+    xs = jax.random.normal(fresh_key(), (33, 6, 7))
+
+    def run():
+        return jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x, matmul_dtype=BF16))(params, xs)
+
+    undisturbed = run()
+    monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
+    for got, want in zip(jax.tree_util.tree_leaves(run()), jax.tree_util.tree_leaves(undisturbed)):
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_bf16
 @pytest.mark.parametrize("cell_name", MAIN)
 def test_bf16_with_the_projection_hoisted(cell_name, monkeypatch):
     """Without AMX, the input projection runs before the kernel where `native.HOIST_TABLE`

@@ -524,49 +524,56 @@ void split3_rows(RowFn row, int B, int K, int Bp, int Kp, uint16_t* out, size_t 
 // `gemm_bf16` takes it (N_c = `per_unit` columns a unit), one after another: Kp · round_up(N_c,
 // 16) elements each at (*offsets)[c], zero past the real ones. `row(c, k, dst)` writes row k
 // of chunk c's matrix (N_c floats) to dst. Two rows at a time, each converted in one pass
-// (`to_bf16_row`), then interleaved into the tiles' pairs. The forward call packs its
-// weights every call, on one thread: LSTM B64 T128 H512 took 26.8 M cycles for it element
+// (`to_bf16_row`), then interleaved into the tiles' pairs. Measured when the forward call
+// packed its weights on one thread: LSTM B64 T128 H512 took 26.8 M cycles for it element
 // by element down the columns (a quarter of the call), 15.9 M element by element along the
 // rows, 5.8 M two rows at a time as here. The forward went from 37.5–38.8 to 31.1–32.4 ms,
 // LSTM B64 T100 H1024's from 137–148 to 89–93 (alternating processes).
+// `bf16_layout` sizes `out` (zeroed) and sets the offsets; `pack_chunk_bf16` writes one
+// chunk (N_c columns) at its offset, or into a buffer of its own (a forward call's spare).
+inline void bf16_layout(const std::vector<int>& start, int chunks, int per_unit, int K,
+                        Halves* out, std::vector<size_t>* offsets) {
+  const size_t Kp = round_up(K, 32);
+  offsets->resize(chunks);
+  size_t size = 0;
+  for (int c = 0; c < chunks; ++c) {
+    (*offsets)[c] = size;
+    size += Kp * round_up(per_unit * (start[c + 1] - start[c]), 16);
+  }
+  out->assign(size, 0);
+}
+
+template <class Row>
+void pack_chunk_bf16(int c, int N, int K, Row row, uint16_t* out) {
+  const int Kp = round_up(K, 32);
+  std::vector<float> floats(N);
+  Halves pair(2 * static_cast<size_t>(N));
+  uint16_t *first = pair.data(), *second = first + N;
+  for (int k = 0; k < K; k += 2) {
+    row(c, k, floats.data());
+    to_bf16_row(floats.data(), first, N);
+    if (k + 1 < K) {
+      row(c, k + 1, floats.data());
+      to_bf16_row(floats.data(), second, N);
+    } else {
+      std::fill_n(second, N, 0);
+    }
+    for (int j0 = 0; j0 < N; j0 += 16) {  // (k, j0) to (k + 1, j0 + 15): 32 in a row
+      uint16_t* dst = out + vnni_index(k, j0, Kp);
+      for (int j = j0; j < std::min(N, j0 + 16); ++j) {
+        dst[(j - j0) * 2] = first[j];
+        dst[(j - j0) * 2 + 1] = second[j];
+      }
+    }
+  }
+}
+
 template <class Row>
 void pack_chunks_bf16(const std::vector<int>& start, int chunks, int per_unit, int K, Row row,
                       Halves* out, std::vector<size_t>* offsets) {
-  const int Kp = round_up(K, 32);
-  size_t size = 0;
-  int widest = 0;
-  for (int c = 0; c < chunks; ++c) {
-    const int N = per_unit * (start[c + 1] - start[c]);
-    size += static_cast<size_t>(Kp) * round_up(N, 16);
-    widest = std::max(widest, N);
-  }
-  out->assign(size, 0);
-  offsets->resize(chunks);
-  std::vector<float> floats(widest);
-  Halves pair(2 * static_cast<size_t>(widest));
-  for (size_t c = 0, offset = 0; c < static_cast<size_t>(chunks); ++c) {
-    const int N = per_unit * (start[c + 1] - start[c]);
-    (*offsets)[c] = offset;
-    uint16_t *first = pair.data(), *second = first + N;
-    for (int k = 0; k < K; k += 2) {
-      row(static_cast<int>(c), k, floats.data());
-      to_bf16_row(floats.data(), first, N);
-      if (k + 1 < K) {
-        row(static_cast<int>(c), k + 1, floats.data());
-        to_bf16_row(floats.data(), second, N);
-      } else {
-        std::fill_n(second, N, 0);
-      }
-      for (int j0 = 0; j0 < N; j0 += 16) {  // (k, j0) to (k + 1, j0 + 15): 32 in a row
-        uint16_t* dst = out->data() + offset + vnni_index(k, j0, Kp);
-        for (int j = j0; j < std::min(N, j0 + 16); ++j) {
-          dst[(j - j0) * 2] = first[j];
-          dst[(j - j0) * 2 + 1] = second[j];
-        }
-      }
-    }
-    offset += static_cast<size_t>(Kp) * round_up(N, 16);
-  }
+  bf16_layout(start, chunks, per_unit, K, out, offsets);
+  for (int c = 0; c < chunks; ++c)
+    pack_chunk_bf16(c, per_unit * (start[c + 1] - start[c]), K, row, out->data() + (*offsets)[c]);
 }
 
 #ifdef JAXRNN_AMX
@@ -1050,6 +1057,7 @@ struct Shared : Chunks {
   std::vector<Packed> spare_wx, spare_w;  // per chunk: its spare copy, where one was made
   Floats bias_x, bias;
   Halves wx16, w16;  // bf16: the packed weights instead of wx and w (same offsets)
+  std::vector<Halves> spare_wx16, spare_w16;
   Floats h_ring, c_ring;  // (2, B, H): step s reads slot s % 2
   ResidualLayout layout;
 
@@ -1059,6 +1067,12 @@ struct Shared : Chunks {
   }
   const float* packed_h(int c) const {
     return spare(c) ? spare_w[c].data() : w.data() + w_offset[c];
+  }
+  const uint16_t* packed_x16(int c) const {
+    return spare(c) ? spare_wx16[c].data() : wx16.data() + wx_offset[c];
+  }
+  const uint16_t* packed_h16(int c) const {
+    return spare(c) ? spare_w16[c].data() : w16.data() + w_offset[c];
   }
 };
 
@@ -1106,7 +1120,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     const int Bp = round_up(B, 16), Ip = round_up(I, 32);
     to_bf16_rows([&](int b) { return p.xs + row_of(p, t, b) * I; }, B, I, Bp, Ip,
                  out.a16.data());
-    gemm_bf16(out.a16.data(), Ip, sh.wx16.data() + sh.wx_offset[chunk], ldz, zx, ldz, Bp, 0, B);
+    gemm_bf16(out.a16.data(), Ip, sh.packed_x16(chunk), ldz, zx, ldz, Bp, 0, B);
   } else {
     const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
     for (int b = 0; b < B; ++b)
@@ -1126,7 +1140,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     const int Bp = round_up(B, 16), Hp = round_up(H, 32);
     to_bf16_rows([&](int b) { return h_in + static_cast<size_t>(b) * H; }, B, H, Bp, Hp,
                  out.a16.data());
-    gemm_bf16(out.a16.data(), Hp, sh.w16.data() + sh.w_offset[chunk], ldz, z, ldz, Bp, 0, B);
+    gemm_bf16(out.a16.data(), Hp, sh.packed_h16(chunk), ldz, z, ldz, Bp, 0, B);
   } else {
     gemm_acc(h_in, H, sh.packed_h(chunk), N, H, z, B);
   }
@@ -1186,10 +1200,10 @@ void publish(Shared& sh, int chunk, int s, const Local& out) {
   }
 }
 
-// Each chunk's biases (G·U,) into bias_out, and the place of its packed columns of w in out:
-// float32, `gemm_acc`'s panels, written by `pack_chunk`. In bf16 mode (`out16`), the chunks'
-// columns are packed here as `gemm_bf16` takes them instead: Kp rows (rows rounded up to 32)
-// by Np columns (G·U rounded up to 16), zero past the real ones.
+// Each chunk's biases (G·U,) into bias_out, and the place of its packed columns of w in out,
+// which `pack_chunk` writes: float32, `gemm_acc`'s panels; in bf16 mode (`out16`) as
+// `gemm_bf16` takes them instead: Kp rows (rows rounded up to 32) by Np columns (G·U rounded
+// up to 16), zero past the real ones.
 void pack(const Shared& sh, const float* w, int rows, const float* bias, Packed* out,
           std::vector<size_t>* offsets, Floats* bias_out, Halves* out16) {
   const int G = sh.p.G, H = sh.p.H;
@@ -1202,12 +1216,7 @@ void pack(const Shared& sh, const float* w, int rows, const float* bias, Packed*
                   U * sizeof(float));
   }
   if (out16 != nullptr) {
-    pack_chunks_bf16(sh.start, sh.chunks, G, rows, [&](int c, int k, float* dst) {
-      const int u0 = sh.start[c], U = sh.start[c + 1] - u0;  // gate g's units at g·U
-      for (int g = 0; g < G; ++g)
-        std::memcpy(dst + g * U, w + static_cast<size_t>(k) * G * H + g * H + u0,
-                    U * sizeof(float));
-    }, out16, offsets);
+    bf16_layout(sh.start, sh.chunks, G, rows, out16, offsets);
     return;
   }
   out->resize(static_cast<size_t>(rows) * G * H);  // float32: packed by `pack_chunk`
@@ -1235,10 +1244,37 @@ void pack_columns(const Shared& sh, const float* w, int rows, int c, float* bloc
   }
 }
 
+// Chunk c's columns of w (rows × G·H) as `gemm_bf16` takes them, to `out` (zeroed).
+void pack_columns_bf16(const Shared& sh, const float* w, int rows, int c, uint16_t* out) {
+  const int G = sh.p.G, H = sh.p.H;
+  pack_chunk_bf16(c, G * (sh.start[c + 1] - sh.start[c]), rows, [&](int c, int k, float* dst) {
+    const int u0 = sh.start[c], U = sh.start[c + 1] - u0;  // gate g's units at g·U
+    for (int g = 0; g < G; ++g)
+      std::memcpy(dst + g * U, w + static_cast<size_t>(k) * G * H + g * H + u0,
+                  U * sizeof(float));
+  }, out);
+}
+
 // Packs chunk c's W_x (unless projected) and W_h: copy 0 in their place, 1 as its spare.
 void pack_chunk(Shared& sh, int c, int copy) {
   const Problem& p = sh.p;
   const size_t N = static_cast<size_t>(p.G) * (sh.start[c + 1] - sh.start[c]);
+  if (p.bf16) {
+    const size_t Np = round_up(static_cast<int>(N), 16);
+    uint16_t *x = nullptr, *h;
+    if (copy == 0) {
+      x = p.projected ? nullptr : sh.wx16.data() + sh.wx_offset[c];
+      h = sh.w16.data() + sh.w_offset[c];
+    } else {
+      if (!p.projected) sh.spare_wx16[c].assign(round_up(p.I, 32) * Np, 0);
+      sh.spare_w16[c].assign(round_up(p.H, 32) * Np, 0);
+      x = p.projected ? nullptr : sh.spare_wx16[c].data();
+      h = sh.spare_w16[c].data();
+    }
+    if (x != nullptr) pack_columns_bf16(sh, p.w_x, p.I, c, x);
+    pack_columns_bf16(sh, p.w_h, p.H, c, h);
+    return;
+  }
   float *x = nullptr, *h;
   if (copy == 0) {
     x = p.projected ? nullptr : sh.wx.data() + sh.wx_offset[c];
@@ -1566,15 +1602,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
           }
       sh->split(whole ? 1 : n, H);
       // Each chunk's W_x and W_h columns (all gates of its units) as panels of (I, G·U) and
-      // (H, G·U), its biases as (G·U,): here in bf16 mode, else by the threads
-      // (`pack_chunk`).
+      // (H, G·U), its biases as (G·U,); the columns by the threads (`pack_chunk`).
       if (!projected)
         pack(*sh, p.w_x, I, p.b_x, &sh->wx, &sh->wx_offset, &sh->bias_x, bf16 ? &sh->wx16 : nullptr);
       pack(*sh, p.w_h, H, p.b_in, &sh->w, &sh->w_offset, &sh->bias, bf16 ? &sh->w16 : nullptr);
       sh->spare_wx.resize(sh->chunks);
       sh->spare_w.resize(sh->chunks);
+      sh->spare_wx16.resize(sh->chunks);
+      sh->spare_w16.resize(sh->chunks);
       sh->pack_bytes = sizeof(float) * (x_rows + H) * G * sh->widest();
-      if (bf16) sh->all_packed();
       parts.push_back(std::move(sh));
     }
   }
