@@ -1673,6 +1673,11 @@ struct BackShared : Chunks {
   std::vector<Packed> spare_wt;  // per chunk: its spare copy, where one was made
   Halves wt16;  // bf16: the same, packed for `gemm_bf16` instead
   Floats v_ring, lh_ring, lc_ring;  // (2, B, G*H), (2, B, H), (2, B, H)
+
+  // Chunk c's packed block of W_hᵀ (float32), once packed.
+  const float* packed_t(int c) const {
+    return spare(c) ? spare_wt[c].data() : wt.data() + wt_offset[c];
+  }
 };
 
 // The row stride of λ entering a step (`BackLocal`'s lh_in, lc_in) for a chunk of U units: in
@@ -1785,8 +1790,7 @@ void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc,
       gemm_bf16(parts + q * size, Kp, sh.wt16.data() + sh.wt_offset[chunk], ldl, lh, ldl, Bp, 0,
                 B);
   } else {
-    gemm_acc(v, GH, sh.spare(chunk) ? sh.spare_wt[chunk].data() : sh.wt.data() + sh.wt_offset[chunk],
-             U, GH, lh, B);
+    gemm_acc(v, GH, sh.packed_t(chunk), U, GH, lh, B);
   }
   if (p.resets != nullptr && !p.reverse) {
     const int t_prev = back_time(p, s - 1);
