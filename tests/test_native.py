@@ -528,6 +528,22 @@ def test_row_groups_give_the_results_of_one_chunk(cell_name, groups, monkeypatch
     assert_trees_close(actual[0], reference_unroll(cell, params, xs, carry, **kwargs))
 
 
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_small_groups_setting_changes_only_the_partition(cell_name, monkeypatch):
+    """`native.SMALL_GROUPS` (set by the size of L2) decides whether the kernels' own choice
+    cuts 9 rows on 2 threads into groups of 4 and 5 rows, or cuts the units instead: both
+    give one chunk's results, forward and gradients, with lengths and resets."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    cell, params, xs, carry, kwargs = _sized_inputs(cell_name, 40)
+    run = lambda: (forward(cell, params, xs, carry, **kwargs),  # noqa: E731
+                   _grads(cell, params, xs, carry, **kwargs))  # fmt: skip
+    expected = _one_chunk(monkeypatch, run)
+    for small in (True, False):
+        monkeypatch.setattr(native, "SMALL_GROUPS", small)
+        assert_trees_close(run(), expected, rtol=1e-6, atol=1e-6)
+    assert_trees_close(expected[0], reference_unroll(cell, params, xs, carry, **kwargs))
+
+
 @pytest.mark.parametrize("mode", ["batch_major", "everything_time_major_reverse"])
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
 def test_row_groups_across_the_runs_of_a_vmap(cell_name, mode, monkeypatch):

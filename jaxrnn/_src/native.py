@@ -283,6 +283,14 @@ def _hoist_table():
 
 HOIST_TABLE = _hoist_table()
 
+# Whether the kernels may run 4-6 rows a thread as independent groups (each thread reading
+# all of the weights, no hand-off of h between threads) rather than all rows together with
+# the units cut between the threads (`row_groups` in the C++, which has the measurements):
+# where L2 has 2 MiB or more (`_l2_bytes`; measured faster on an Intel Xeon, Sapphire Rapids,
+# LSTM B8 T100 H128 fwd / fwd+bwd 1.12 / 1.15), not with less (on an AMD EPYC, Zen 4, 1 MiB a
+# core: 0.77-0.82 / 0.90-0.93).
+SMALL_GROUPS = (_l2_bytes() or 0) >= 2 << 20
+
 
 def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
     """Whether the input projection ``xs W_x + b_x`` runs before the kernel, as one matmul
@@ -305,6 +313,9 @@ def _attributes(kind, reverse):
         # Tests only: run the rows as this many independent groups, one thread each (0: the
         # kernel's own choice, `row_groups` in the C++).
         "groups": np.int32(_count("JAXRNN_NATIVE_GROUPS")),
+        # Whether the kernel's choice may cut the rows into groups of 4 a thread
+        # (`SMALL_GROUPS`).
+        "small_groups": SMALL_GROUPS,
         # Tests only: every thread also computes every chunk not yet published, so that the
         # publication race (one copy wins) runs at every step.
         "duplicate": os.environ.get("JAXRNN_NATIVE_DUPLICATE") == "1",

@@ -879,7 +879,16 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
 // of units, fwd / fwd+bwd: LSTM B8 H128 1.12 / 1.15, GRU B8 H128 1.04 / 1.17, Elman B8 H128
 // 1.38 / 1.08, Elman B8 H256 1.20 / 1.07, LSTM B8 H160 0.96 / 1.11, GRU B8 H192 0.98 / 1.07;
 // past it LSTM B8 H256 (2 MiB) 0.73 / 0.92, B12 0.71 / 0.89; at 2 rows a thread GRU B4 H128
-// 0.85 / 1.07. `forced` > 0 (tests): that many groups, at most B.
+// 0.85 / 1.07. On a 2-core AMD EPYC (Zen 4, 1 MiB of L2 a core) those 4-row groups lose
+// instead (interleaved in one process, groups of 4-6 rows against chunks of units, fwd /
+// fwd+bwd): LSTM B8 H128 0.77-0.82 / 0.90-0.93, GRU B8 H128 0.79-0.82 / 0.90-0.92, Elman B8
+// H128 0.90 / 0.97-1.03, Elman B8 H256 0.82 / 0.92, LSTM B8 H96 0.86 / 0.97, LSTM B8 H64
+// 0.89 / 0.92, GRU B8 H160 0.80 / 0.89, LSTM B12 H128 0.89 / 0.96; while the groups of the
+// other two rules still win or tie there: LSTM B16 H128 1.07 / 1.07, GRU B16 H128 1.07 /
+// 1.09, Elman B16 H128 1.17 / 1.05, LSTM B32 H128 1.05 / 1.05, LSTM B64 H128 1.04 / 1.08,
+// LSTM B64 H256 0.97 / 1.14, LSTM B16 H256 0.99 / 0.99. So the 4-row groups run only where
+// `small_groups` (the caller's choice by the size of L2: native.SMALL_GROUPS). `forced` > 0
+// (tests): that many groups, at most B.
 constexpr int kGroupRows = 8;
 constexpr int64_t kGroupWeightBytes = int64_t{2} << 20;
 constexpr int kGroupRowsLarge = 32;
@@ -887,14 +896,15 @@ constexpr int64_t kGroupWeightBytesLarge = int64_t{4} << 20;
 constexpr int kGroupRowsSmall = 4;
 constexpr int64_t kGroupWeightBytesSmall = int64_t{1} << 20;
 
-int row_groups(int forced, int n, int B, int I, int H, int G) {
+int row_groups(int forced, int n, int B, int I, int H, int G, bool small_groups) {
   if (forced > 0) return std::min(forced, std::max(B, 1));
   const int64_t weight_bytes = int64_t{4} * G * H * (I + H);
   // The 4-row groups count the weights as if the input were H wide, as measured, whatever
   // the call reads (the backward loop W_hᵀ alone: LSTM B8 H256 fwd+bwd 0.91 with its groups).
   const int64_t square_bytes = int64_t{8} * G * H * H;
   const bool small = (B >= kGroupRows * n && weight_bytes <= kGroupWeightBytes) ||
-                     (B >= kGroupRowsSmall * n && square_bytes <= kGroupWeightBytesSmall);
+                     (small_groups && B >= kGroupRowsSmall * n &&
+                      square_bytes <= kGroupWeightBytesSmall);
   const bool large =
       G > 1 && B >= kGroupRowsLarge * n && weight_bytes <= kGroupWeightBytesLarge;
   return n > 1 && (small || large) ? n : 1;
@@ -1481,11 +1491,12 @@ struct MemberPlan {
   int groups;
 };
 
-inline MemberPlan plan_members(int forced, int members, int n, int rows, int I, int H, int G) {
+inline MemberPlan plan_members(int forced, int members, int n, int rows, int I, int H, int G,
+                               bool small_groups) {
   const int cut = n / std::gcd(members, n);
   const bool spread = members > 1 && members >= n &&
                       (cut == 1 || rows < kGroupRows || rows / cut >= kGroupRows);
-  if (!spread) return {false, row_groups(forced, n, rows, I, H, G)};
+  if (!spread) return {false, row_groups(forced, n, rows, I, H, G, small_groups)};
   return {true, std::max(1, std::min(forced > 0 ? forced : cut, rows))};
 }
 
@@ -1511,7 +1522,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                    ffi::ResultBuffer<ffi::F32> res0, ffi::ResultBuffer<ffi::F32> res1,
                    ffi::ResultBuffer<ffi::F32> res2, ffi::ResultBuffer<ffi::F32> res3,
                    int32_t kind, bool reverse, int32_t threads, bool duplicate,
-                   int32_t forced_groups, bool huge_pages, bool bf16) {
+                   int32_t forced_groups, bool small_groups, bool huge_pages,
+                   bool bf16) {
   if (bf16 && !bf16_ready())
     return ffi::Error::InvalidArgument(
         "jaxrnn native kernel: bf16 matmuls need AMX or AVX512-BF16 (jaxrnn_bf16_available() "
@@ -1571,7 +1583,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
   const int rows = B / members, x_rows = projected ? 0 : I;
-  const auto [spread, groups] = plan_members(forced_groups, members, n, rows, x_rows, H, G);
+  const auto [spread, groups] =
+      plan_members(forced_groups, members, n, rows, x_rows, H, G, small_groups);
   const bool whole = spread || groups > 1;  // one thread per problem
   // One problem per member and group of rows, each cut into chunks of units for the threads
   // that share it (all n of them when a member's rows form one group and the members do not
@@ -1934,7 +1947,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                     ffi::ResultBuffer<ffi::F32> ct_u, ffi::ResultBuffer<ffi::F32> ct_v,
                     ffi::ResultBuffer<ffi::F32> ct_h0, ffi::ResultBuffer<ffi::F32> ct_c0,
                     int32_t kind, bool reverse, int32_t threads, bool duplicate,
-                    int32_t forced_groups, bool huge_pages, bool bf16) {
+                    int32_t forced_groups, bool small_groups, bool huge_pages,
+                    bool bf16) {
   if (bf16 && !bf16_ready())
     return ffi::Error::InvalidArgument(
         "jaxrnn native backward: bf16 matmuls need AMX or AVX512-BF16 "
@@ -1979,7 +1993,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
   const int rows_m = B / members;
-  const auto [spread, groups] = plan_members(forced_groups, members, n, rows_m, 0, H, G);
+  const auto [spread, groups] =
+      plan_members(forced_groups, members, n, rows_m, 0, H, G, small_groups);
   const bool whole = spread || groups > 1;
   std::vector<std::shared_ptr<BackShared>> parts;  // as in `Forward`
   for (int m = 0; m < members; ++m) {
@@ -2359,6 +2374,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                                   .Attr<int32_t>("threads")
                                   .Attr<bool>("duplicate")
                                   .Attr<int32_t>("groups")
+                                  .Attr<bool>("small_groups")  // groups of 4 rows a thread
                                   .Attr<bool>("huge_pages")
                                   .Attr<bool>("bf16"));  // matmuls of bf16 operands (AMX)
 
@@ -2386,6 +2402,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                                   .Attr<int32_t>("threads")
                                   .Attr<bool>("duplicate")
                                   .Attr<int32_t>("groups")
+                                  .Attr<bool>("small_groups")  // groups of 4 rows a thread
                                   .Attr<bool>("huge_pages")
                                   .Attr<bool>("bf16"));  // W_h is bfloat16 (AMX)
 
