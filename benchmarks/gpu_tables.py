@@ -1,9 +1,11 @@
 """Proposes the fast path's GPU tables from what a GPU run measured.
 
-Three constants wait for GPU numbers: ``fastpath.UNROLL_TABLE["gpu"]`` (the scan's unroll
+Four constants wait for GPU numbers: ``fastpath.UNROLL_TABLE["gpu"]`` (the scan's unroll
 factor by ``batch * hidden``), ``fastpath.PALLAS_TABLE`` (per cell and dtype, the largest batch
-whose forward-only pass and gradient pass run their primal on the persistent Pallas kernels) and
-``parallel.AUTO_MIN_TIME`` (from how many steps ``method="auto"`` goes parallel on a GPU).
+whose forward-only pass and gradient pass run their primal on the persistent Pallas kernels),
+``fastpath.PALLAS_BACKWARD_TABLE`` (the largest batch whose gradient pass on the kernels also
+runs its backward loop on them) and ``parallel.AUTO_MIN_TIME`` (from how many steps
+``method="auto"`` goes parallel on a GPU).
 This script reads the JSON that the GPU scripts write and prints the Python for each, with the
 measurements behind every entry. It edits nothing: paste, then run the tests.
 
@@ -22,6 +24,8 @@ Rules (each proposal follows only from its own file):
   ``unroll_pallas`` took at most ``--margin`` of plain ``jaxrnn``'s time; no such batch: 0
   (never); both 0: left out. The third entry is the largest hidden size measured:
   `fastpath.placements` takes the kernels no further.
+- Pallas backward: the same with ``unroll_pallas_bwd`` (its on-device check, and its
+  forward+backward time against ``unroll_pallas``'s): the largest such batch; 0: left out.
 - auto: the smallest measured ``T`` from which quasi-DEER (converged) beat the sequential scan
   forward+backward at every measured ``(T, H, B)`` with at least as many steps; none: keep
   the scan (``1 << 62``).
@@ -71,16 +75,18 @@ def unroll_table(tune_rows: list[dict]) -> tuple[tuple[tuple[int, int], ...], li
     return tuple(rows), reasons
 
 
-def _check_passes(check: dict, kind: str, dtype: str, tolerance: float) -> tuple[bool, list[str]]:
+def _check_passes(
+    check: dict, kind: str, dtype: str, tolerance: float, run: str = "unroll_pallas"
+) -> tuple[bool, list[str]]:
     entries = {k: v for k, v in check.items() if k.split("/")[:2] == [kind, dtype]}
     ok, notes = bool(entries), []
     for key, runs in sorted(entries.items()):
-        errors = runs.get("unroll_pallas", {"error": "not run"})
+        errors = runs.get(run, {"error": "not run"})
         good = "error" not in errors and max(
             errors["out_rel_err"], errors["grad_rel_err"]
         ) <= tolerance * (10 if "bfloat16" in key else 1)
         ok &= good
-        notes.append(f"check {key}: {errors} -> {'ok' if good else 'FAILED'}")
+        notes.append(f"check {key} {run}: {errors} -> {'ok' if good else 'FAILED'}")
     return ok, notes
 
 
@@ -119,6 +125,45 @@ def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
             bounds.append(bound)
         if any(bounds):
             table[(PALLAS_KINDS[kind], dtype)] = (*bounds, hiddens[(kind, dtype)])
+    return table, reasons
+
+
+def _rows_by_key(report: dict) -> dict[tuple[str, str], dict[int, dict]]:
+    by_key: dict[tuple[str, str], dict[int, dict]] = {}
+    for row in report.get("rows", []):
+        kind, batch, _, _ = _cell(row["cell"])
+        by_key.setdefault((kind, row["dtype"]), {})[batch] = row
+    return by_key
+
+
+def pallas_backward_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
+    """``pallas_gpu.py``'s report -> ``(PALLAS_BACKWARD_TABLE, reasons)``: per ``(kind, dtype
+    name)`` whose ``unroll_pallas_bwd`` passed every check, the largest measured batch such that
+    at every measured batch up to it its forward+backward took at most ``margin`` of
+    ``unroll_pallas``'s."""
+    table, reasons = {}, []
+    for (kind, dtype), batches in sorted(_rows_by_key(report).items()):
+        ok, notes = _check_passes(
+            report.get("check", {}), kind, dtype, tolerance, run="unroll_pallas_bwd"
+        )
+        reasons += notes
+        if not ok:
+            reasons.append(f"{kind} {dtype}: left out (the on-device check did not pass)")
+            continue
+        bound = 0
+        for batch in sorted(batches):
+            row = batches[batch]
+            mine = row["ms"].get("unroll_pallas_bwd/fwdbwd")
+            base = row["ms"].get("unroll_pallas/fwdbwd")
+            reasons.append(
+                f"{row['cell']} {dtype} fwdbwd: unroll_pallas_bwd {mine} ms, "
+                f"unroll_pallas {base} ms"
+            )
+            if mine is None or base is None or mine > margin * base:
+                break
+            bound = batch
+        if bound:
+            table[(PALLAS_KINDS[kind], dtype)] = bound
     return table, reasons
 
 
@@ -163,7 +208,9 @@ def main(argv=None) -> dict:
     if args.tune:
         out["UNROLL_TABLE['gpu']"] = unroll_table(load(args.tune)["tune"])
     if args.pallas:
-        out["PALLAS_TABLE"] = pallas_table(load(args.pallas), args.margin, args.tolerance)
+        report = load(args.pallas)
+        out["PALLAS_TABLE"] = pallas_table(report, args.margin, args.tolerance)
+        out["PALLAS_BACKWARD_TABLE"] = pallas_backward_table(report, args.margin, args.tolerance)
     if args.long:
         out["AUTO_MIN_TIME"] = auto_min_time(load(args.long)["rows"])
     if not out:

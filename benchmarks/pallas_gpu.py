@@ -9,7 +9,9 @@
    ``num_warps``; and ``unroll_pallas``, `jaxrnn.unroll` on the fast path's ``"pallas"``
    placement (the forward kernel computes the primal and its residuals; the backward stays
    XLA's transposed linear scan): where it beats plain ``jaxrnn``, per pass, goes into
-   ``fastpath.PALLAS_TABLE``.
+   ``fastpath.PALLAS_TABLE``; and ``unroll_pallas_bwd``, the same with the backward loop of
+   reverse mode on the backward kernel (`pallas_rnn.tangent_transpose`): where its gradient
+   beats ``unroll_pallas``'s, into ``fastpath.PALLAS_BACKWARD_TABLE``.
 
     python benchmarks/pallas_gpu.py --out pallas.json            # on the GPU machine
     python benchmarks/pallas_gpu.py --interpret --cells lstm:4:6:16 --reps 1   # a CPU smoke run
@@ -75,16 +77,19 @@ def _runs(cell, warps, interpret, **flags):
     if "resets" in flags:
         kernel_flags["resets"] = flags["resets"].T
 
-    def on_the_kernels(p, xs):
-        """``jaxrnn.unroll`` with the kernels as its primal in every pass (`PALLAS_TABLE`)."""
-        original = fastpath.placements
+    def on_the_kernels(p, xs, backward=False):
+        """``jaxrnn.unroll`` with the kernels as its primal in every pass (`PALLAS_TABLE`), and
+        with ``backward`` as the backward loop of reverse mode (`PALLAS_BACKWARD_TABLE`)."""
+        original = fastpath.placements, fastpath.pallas_backward
         fastpath.placements = lambda *a, **k: ("pallas", "pallas")
+        fastpath.pallas_backward = lambda *a: backward
         try:  # the placement is read while tracing
             return jaxrnn.unroll(cell, p, xs, **flags)[0]
         finally:
-            fastpath.placements = original
+            fastpath.placements, fastpath.pallas_backward = original
 
     runs["unroll_pallas"] = on_the_kernels
+    runs["unroll_pallas_bwd"] = lambda p, xs: on_the_kernels(p, xs, backward=True)
     for w in warps:
 
         def kernel(p, xs, w=w):

@@ -117,6 +117,36 @@ def test_pallas_table_leaves_out_a_kind_and_dtype_whose_check_failed_or_errored(
     assert gpu_tables.pallas_table(bad, tolerance=1e-2)[0] == {}
 
 
+def test_pallas_backward_table_takes_the_largest_batch_whose_gradient_won_at_every_batch():
+    check = {**_check("lstm"), **_check("gru"), **_check("elman")}
+    for runs in check.values():  # the backward kernel's own check, as good
+        runs["unroll_pallas_bwd"] = dict(runs["unroll_pallas"])
+    check["lstm/bfloat16"]["unroll_pallas_bwd"] = {"error": "CompilationError: shared memory"}
+
+    def row(cell, dtype, bwd_kernel, bwd_xla=2.0):
+        times = {**_times(0.5, bwd_xla), "unroll_pallas_bwd/fwdbwd": bwd_kernel}
+        return _pallas_row(cell, dtype, {**times, "unroll_pallas_bwd/fwd": 0.5})
+
+    report = {
+        "check": check,
+        "rows": [
+            row("elman:8:1000:128", "float32", 1.4),  # wins at 8 and 64
+            row("elman:64:1000:128", "float32", 1.8),
+            row("gru:8:1000:128", "float32", 1.95),  # 0.975 of XLA's: not by the margin
+            row("gru:64:1000:128", "float32", 1.0),  # ... so 64 does not count either
+            row("gru:8:1000:128", "bfloat16", 1.0),  # wins at 8, loses at 64
+            row("gru:64:1000:128", "bfloat16", 2.5),
+            row("lstm:8:1000:128", "bfloat16", 1.0),  # its check errored: left out
+        ],
+    }
+    table, reasons = gpu_tables.pallas_backward_table(report, margin=0.95)
+    assert table == {("elman_tanh", "float32"): 64, ("gru", "bfloat16"): 8}
+    assert "lstm bfloat16: left out (the on-device check did not pass)" in reasons
+    assert "gru:8:1000:128 float32 fwdbwd: unroll_pallas_bwd 1.95 ms, unroll_pallas 2.0 ms" in (
+        reasons
+    )
+
+
 def _long(T, method, fwd_bwd_s, H=16, B=8, converged=True):
     return {
         "T": T,

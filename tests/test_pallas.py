@@ -190,6 +190,28 @@ def test_lowers_to_triton_for_cuda(name, monkeypatch):
         assert calls and set(calls) == {"__gpu$xla.gpu.triton"}, calls
 
 
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "elman_relu", "lstm", "gru"])
+def test_unroll_gradient_on_the_kernels_lowers_to_triton_for_cuda(cell_name, monkeypatch):
+    """`jaxrnn.unroll`'s gradient on the kernels, the backward loop on the backward kernel
+    (`pallas_rnn.tangent_transpose`), with lengths and resets in reverse: Pallas's Triton
+    lowering accepts both kernels; the rest is XLA's."""
+    cell = FAST_CELLS[cell_name](128)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (8, 12, INPUT_SIZE))
+    kwargs = {
+        "seq_lengths": jnp.array([12, 0, 3, 12, 5, 7, 1, 12]),
+        "resets": jax.random.bernoulli(fresh_key(), 0.2, (8, 12)),
+        "reverse": True,
+    }
+    monkeypatch.setattr(fastpath, "placements", lambda *a, **k: ("pallas", "pallas"))
+    monkeypatch.setattr(fastpath, "pallas_backward", lambda *a: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA below
+    grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x, **kwargs)[0] ** 2))
+    text = jax.jit(grad).trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @([\w$.]+)", text)
+    assert calls.count("__gpu$xla.gpu.triton") == 2, calls
+
+
 def test_bad_arguments_are_named():
     cell, params, xs, carry = _inputs("lstm")
     if jax.default_backend() != "gpu":
@@ -227,7 +249,7 @@ def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
     for kind in ("lstm", "gru"):
         for dtype, bound in (("float32", 1e-5), ("bfloat16", 5e-2)):
             for flags in ("", "/lengths_resets_reverse"):
-                for run in ("pallas_w4", "unroll_pallas"):
+                for run in ("pallas_w4", "unroll_pallas", "unroll_pallas_bwd"):
                     errors = report["check"][f"{kind}/{dtype}{flags}"][run]
                     assert errors["out_rel_err"] < bound, errors
                     assert errors["grad_rel_err"] < bound, errors
@@ -235,6 +257,7 @@ def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
     assert set(report["rows"][0]["ms"]) == {
         "jaxrnn/fwd", "jaxrnn/fwdbwd", "pallas_w4/fwd", "pallas_w4/fwdbwd",
         "unroll_pallas/fwd", "unroll_pallas/fwdbwd",
+        "unroll_pallas_bwd/fwd", "unroll_pallas_bwd/fwdbwd",
     }  # fmt: skip
     assert out.exists() and out.with_suffix(".md").exists()
     # benchmarks/gpu_tables.py reads this report (interpreted timings: the bounds mean nothing)
@@ -243,6 +266,10 @@ def test_gpu_benchmark_script_runs_in_the_interpreter(tmp_path):
     assert set(table) <= {(k, d) for k in ("lstm", "gru") for d in ("float32", "bfloat16")}
     assert sum(r.startswith("check ") and r.endswith("-> ok") for r in reasons) == 8
     assert sum("unroll_pallas" in r and " ms, jaxrnn " in r for r in reasons) >= 4
+    table, reasons = gpu_tables.pallas_backward_table(json.loads(out.read_text()))
+    assert set(table) <= {(k, d) for k in ("lstm", "gru") for d in ("float32", "bfloat16")}
+    assert sum(r.startswith("check ") and r.endswith("-> ok") for r in reasons) == 8
+    assert sum("unroll_pallas_bwd" in r and " ms, unroll_pallas " in r for r in reasons) == 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,10 +289,23 @@ PALLAS_CASES += [(c, "everything") for c in ("elman_relu", "elman_nobias", "lstm
 PALLAS_CASES += [("gru_nobias", "everything")]
 
 
-@pytest.fixture
-def on_the_kernels(monkeypatch):
-    """Every pass of `jaxrnn.unroll` on the kernels (in the interpreter, off the GPU)."""
+@pytest.fixture(params=["xla_backward", "kernel_backward"])
+def on_the_kernels(monkeypatch, request):
+    """Every pass of `jaxrnn.unroll` on the kernels (in the interpreter, off the GPU), the
+    backward loop of reverse mode XLA's transposed scan or the backward kernel. Returns
+    ``(whether it is the kernel, the list of the kernel's calls)``: one entry per call of
+    `pallas_rnn.tangent_transpose` (the linear primitive calls it when XLA lowers it)."""
     monkeypatch.setattr(fastpath, "placements", lambda *a, **k: ("pallas", "pallas"))
+    backward = request.param == "kernel_backward"
+    monkeypatch.setattr(fastpath, "pallas_backward", lambda *a: backward)
+    calls, transpose = [], pallas_rnn.tangent_transpose
+
+    def counted(*args):
+        calls.append(args[0])
+        return transpose(*args)
+
+    monkeypatch.setattr(pallas_rnn, "tangent_transpose", counted)
+    return backward, calls
 
 
 @pytest.mark.parametrize("cell_name, mode", PALLAS_CASES)
@@ -282,6 +322,8 @@ def test_unroll_on_the_kernels_equals_the_reference(cell_name, mode, on_the_kern
     jaxpr = str(jax.make_jaxpr(outputs_and_grads)(params, xs, carry))
     assert "pallas_call" in jaxpr
     got = jax.jit(outputs_and_grads)(params, xs, carry)
+    backward, calls = on_the_kernels
+    assert calls == ([cell.kind] if backward else [])  # the backward loop on the kernel
     with reference_path():
         want = jit_fresh(outputs_and_grads)(params, xs, carry)
     assert_trees_close(got, want, rtol=2e-5, atol=2e-5)

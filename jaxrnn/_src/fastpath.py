@@ -585,6 +585,10 @@ def _recurrence_jvp(static, primals, tangents):
         # vmap); the loop itself and its derivatives stay XLA's (`linear`).
         transpose = functools.partial(_native_tangent_transpose, loop, batch_major=batch_major)
         dys, *dcarry_out = linear.apply(loop, transpose, nonlin, lin)
+    elif static[3][1] == "pallas" and pallas_backward(kind, math.prod(xs.shape[1:-1]), xs.dtype):
+        # The persistent backward kernel transposes it (`PALLAS_BACKWARD_TABLE`).
+        transpose = functools.partial(_pallas_tangent_transpose, loop)
+        dys, *dcarry_out = linear.apply(loop, transpose, nonlin, lin)
     else:
         dys, *dcarry_out = loop(nonlin, lin)
     return (ys, carry_out), (dys, tuple(dcarry_out))
@@ -714,6 +718,24 @@ def _native_tangent_transpose(loop, nonlin, cts, batch_major=False):
     return (*us, *(a.reshape(*batch, hidden) for a in ct_carry0))
 
 
+def _pallas_tangent_transpose(loop, nonlin, cts):
+    """`_tangent_loop`'s transpose on the persistent backward kernel
+    (`pallas_rnn.tangent_transpose`): ``cts = (ct_dys, *ct_dcarry_out)`` -> the cotangents
+    of ``lin``."""
+    from jaxrnn._src import pallas_rnn
+
+    kind, n_coef, n_u = loop.keywords["kind"], loop.keywords["n_coef"], loop.keywords["n_u"]
+    inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
+    ct_dys, *ct_carry = cts
+    interpret = jax.default_backend() != "gpu"  # Pallas's interpreter: tests off the GPU
+    ct_u, ct_v, ct_carry0 = pallas_rnn.tangent_transpose(
+        kind, inputs, w_h, mask, resets, loop.keywords["reverse"], ct_dys, tuple(ct_carry),
+        interpret,
+    )  # fmt: skip
+    us = (ct_u,) if n_u == 1 else (ct_u, ct_v)
+    return (*us, *ct_carry0)
+
+
 def projection_modes(kind: str, backend: str | None = None) -> tuple[str, str]:
     """Where the input projection runs: ``(forward-only pass, gradient pass)``.
 
@@ -757,6 +779,30 @@ PALLAS_TABLE: dict[tuple[str, str], tuple[int, int, int]] = {
     ("gru", "bfloat16"): (64, 64, 128),
     ("lstm", "bfloat16"): (64, 64, 128),
 }
+
+
+# Where the gradient pass on the persistent kernels (a "pallas" placement, `PALLAS_TABLE`) also
+# runs its backward loop on them (`pallas_rnn.tangent_transpose`) instead of XLA's transposed
+# scan: ``{(kind, dtype name): largest batch}``. From the H100 run above, the kernel pair of
+# `pallas_rnn.sequence` (the same backward kernels for the Elman RNN and the GRU, the weight
+# gradients one XLA matmul each as here) against `jaxrnn.unroll` on the kernels, fwd+bwd ms:
+# elman B8 float32 3.71 vs 5.34, bfloat16 2.68 vs 4.39; gru bfloat16 B8 6.28 vs 6.76, B64
+# 7.52 vs 8.82; lstm bfloat16 B8 7.80 vs 8.19, B64 9.67 vs 9.49. As for `PALLAS_TABLE`, a
+# batch enters where the pair took at most 0.95 of the time at every measured batch up to
+# it: not the LSTM, whose transpose is a kernel of its own (`_lstm_tangent_backward`, on the
+# fast path's slopes) that no GPU has timed yet. ``benchmarks/pallas_gpu.sh`` times
+# ``unroll`` with and without the backward kernel and prints this table as measured.
+PALLAS_BACKWARD_TABLE: dict[tuple[str, str], int] = {
+    ("elman_tanh", "bfloat16"): 8,
+    ("elman_tanh", "float32"): 8,
+    ("gru", "bfloat16"): 64,
+}
+
+
+def pallas_backward(kind: str, batch: int, dtype) -> bool:
+    """Whether a gradient pass on the persistent kernels runs its backward loop on them too
+    (`PALLAS_BACKWARD_TABLE`)."""
+    return batch <= PALLAS_BACKWARD_TABLE.get((kind, jnp.dtype(dtype).name), -1)
 
 
 # The kinds whose gradient pass runs on the native kernels (primal and backward loop) on CPU

@@ -241,6 +241,38 @@ def _lstm_backward(
     dc0_ref[...] = dc.astype(dc0_ref.dtype)
 
 
+def _lstm_tangent_backward(
+    slopes_ref, f_ref, out_ref, wt_ref, keep_ref, reset_ref, gs_ref, ght_ref, gct_ref, dz_ref,
+    dh0_ref, dc0_ref, *, acc, stream,
+):  # fmt: skip
+    """`_lstm_backward` from the fast path's residuals (`fastpath.lstm_residuals`): the gate
+    slopes ``[g·σ'(i), c_in·σ'(f), i·tanh'(g), tanh(c)·σ'(o)]``, ``f`` and ``o·tanh'(c)``,
+    instead of the gates and cell states. ``gs`` is zero at skipped steps (`tangent_transpose`)."""
+    hidden = f_ref.shape[-1]
+    get_wt = _row_blocks(wt_ref, hidden, 4, stream)
+    steps = f_ref.shape[0]
+
+    def step(k, carry):
+        dh, dc = carry
+        t = steps - 1 - k
+        keep, fresh = _flags(keep_ref, reset_ref, t)
+        d = gs_ref[t].astype(acc) + dh
+        dc_t = dc + d * out_ref[t].astype(acc)
+        dh = jnp.zeros_like(d)
+        for n, ct in enumerate((dc_t, dc_t, dc_t, d)):
+            dz_n = jnp.where(keep, _gate(slopes_ref, n, hidden, t).astype(acc) * ct, 0.0)
+            dz_ref[t, :, pl.ds(n * hidden, hidden)] = dz_n.astype(dz_ref.dtype)
+            dh = dh + jnp.dot(dz_n.astype(wt_ref.dtype), get_wt(n), preferred_element_type=acc)
+        dh = jnp.where(fresh, 0.0, jnp.where(keep, dh, d))
+        dc = jnp.where(fresh, 0.0, jnp.where(keep, dc_t * f_ref[t].astype(acc), dc))
+        return dh, dc
+
+    init = (ght_ref[...].astype(acc), gct_ref[...].astype(acc))
+    dh, dc = lax.fori_loop(0, steps, step, init)
+    dh0_ref[...] = dh.astype(dh0_ref.dtype)
+    dc0_ref[...] = dc.astype(dc0_ref.dtype)
+
+
 def _gru_forward(
     xw_ref, w_ref, bhn_ref, h0_ref, keep_ref, reset_ref, hs_ref, acts_ref, ht_ref, *, acc, stream
 ):  # fmt: skip
@@ -600,17 +632,20 @@ class _Run:
             # step (and, for t = 0, the final carry: `finish`).
             fresh = jnp.concatenate([fresh[:1], self.flip(resets)[:-1]]) if reverse else resets
         acc = jnp.promote_types(xs.dtype, jnp.float32)
-        self.flags = tuple(a[..., None].astype(acc) for a in (keep, fresh))
-        self.xs = self.flip(xs)
+        self.pad = -self.batch % block_batch
+        self.flags = tuple(self.enter(a[..., None].astype(acc), flip=False) for a in (keep, fresh))
+        self.xs = self.enter(xs)
         self.leaves = tuple(a.astype(xs.dtype) for a in leaves)
-        pad = -self.batch % block_batch
-        if pad:
-            self.xs = jnp.pad(self.xs, ((0, 0), (0, pad), (0, 0)))
-            self.leaves = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in self.leaves)
-            self.flags = tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in self.flags)
+        if self.pad:
+            self.leaves = tuple(jnp.pad(a, ((0, self.pad), (0, 0))) for a in self.leaves)
 
     def flip(self, a):
         return a[::-1] if self.reverse else a
+
+    def enter(self, a, flip=True):
+        """A caller's ``(T, B, ·)`` array in the kernels' time order (``flip``) and batch."""
+        a = self.flip(a) if flip else a
+        return jnp.pad(a, ((0, 0), (0, self.pad), (0, 0))) if self.pad else a
 
     def seq(self, a):
         """A kernel's ``(T, B_padded, ·)`` array in the caller's time order and batch."""
@@ -694,3 +729,78 @@ def primal_scan(kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, sav
         res = (hs,)
     stacked = (unflat(run.seq(h_in)), tuple(unflat(run.seq(a)) for a in res))
     return carry_out, (unflat(ys), stacked)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transpose of the fast path's tangent loop on the backward kernels (reverse mode of the
+# "pallas" placement, where `fastpath.PALLAS_BACKWARD_TABLE` gives it).
+
+
+def tangent_transpose(kind, inputs, w_h, mask, resets, reverse, ct_ys, ct_carry, interpret):
+    r"""`fastpath._tangent_loop`'s transpose on the persistent backward kernels: the reverse
+    loop of reverse mode, from the fast path's residuals.
+
+    The tangent loop carries :math:`\dot h` (and :math:`\dot c`) through each step's linear
+    map, :math:`\dot z_t = u_t + \dot h_{t-1} W_h`, the gates' slopes, masks and resets. Its
+    transpose runs the steps backwards from the output and final-carry cotangents, holding
+    :math:`W_h^\top` on chip: per step :math:`\delta_t = \bar z_t`, the cotangent of the
+    step's pre-activation (of ``u_t``), and :math:`\bar h_{t-1} = \delta_t W_h^\top` plus
+    what passes through the carry. Elman and GRU run `_elman_backward` and `_gru_backward`
+    (the `sequence` pair's kernels; the Elman residual is its output, the GRU's ``r, z, n,
+    hn`` and ``h_in``); the LSTM runs `_lstm_tangent_backward` on its slopes.
+
+    ``inputs``: the fast path's coefficient inputs, time-major ``(T, *batch, ·)``; ``mask``,
+    ``resets``: ``(T, *batch)`` bool or ``None``; ``ct_ys: (T, *batch, H)``; ``ct_carry``: a
+    tuple of ``(*batch, H)``. Returns ``(ct_u, ct_v, ct_carry0)``: the cotangents of the
+    hoisted input terms (``ct_v``, the GRU's recurrent part, else ``None``) and of the carry
+    entering the sequence.
+    """
+    steps, *batch_shape, hidden = ct_ys.shape
+    n = math.prod(batch_shape)
+    flat = lambda a: a.reshape(a.shape[0], n, a.shape[-1])  # noqa: E731
+    flags = [None if f is None else f.reshape(steps, n) for f in (mask, resets)]
+    ct_carry = tuple(a.reshape(n, hidden) for a in ct_carry)
+    if reverse and resets is not None:  # the final carry was zeroed after a reset at t = 0
+        zero = flags[1][0][:, None]
+        ct_carry = tuple(jnp.where(zero, jnp.zeros((), a.dtype), a) for a in ct_carry)
+    run = _Run(flat(ct_ys), ct_carry, *flags, reverse, BLOCK_BATCH)
+    keep, fresh = run.flags
+    gs = jnp.where(keep > 0.5, run.xs, jnp.zeros((), run.xs.dtype))  # dys is zero there
+    dt = ct_ys.dtype
+    config = _Config(kind, BLOCK_BATCH, NUM_WARPS, jnp.dtype(dt), interpret, _streamed(w_h, dt))
+    acc = jnp.promote_types(dt, jnp.float32)
+    w_ht = w_h.T.astype(dt)
+    inputs = tuple(run.enter(flat(a).astype(dt)) for a in inputs)
+    row = jax.ShapeDtypeStruct(run.leaves[0].shape, dt)
+    ct_v = None
+    if kind == "lstm":
+        slopes, f, out = inputs
+        dz, *ct_carry0 = _call(
+            _lstm_tangent_backward, (slopes, f, out, w_ht, keep, fresh, gs, *run.leaves),
+            ("seq", "seq", "seq", "full", "seq", "seq", "seq", "row", "row"),
+            (_struct(slopes, dt), row, row), ("seq", "row", "row"), config, acc,
+        )  # fmt: skip
+    elif kind == "gru":
+        r, z, new, hn, h_in = inputs
+        # `_gru_backward` reads the state entering step t as the previous step's output
+        # (`_before`): h_in shifted by one step, its first row the initial state.
+        h_out = jnp.concatenate([h_in[1:], h_in[:1]], axis=0)
+        acts = jnp.concatenate([r, z, new, hn], axis=-1)
+        dz, *ct_carry0 = _call(
+            _gru_backward, (acts, w_ht, h_out, h_in[0], keep, fresh, gs, *run.leaves),
+            ("seq", "full", "seq", "row", "seq", "seq", "seq", "row"),
+            (jax.ShapeDtypeStruct(gs.shape[:2] + (3 * hidden,), dt), row), ("seq", "row"),
+            config, acc,
+        )  # fmt: skip
+        # The recurrent n term is r ⊙ (h W_hn + b_hn): its cotangent carries the factor r.
+        ct_v = jnp.concatenate([dz[..., : 2 * hidden], dz[..., 2 * hidden :] * r], -1)
+    else:
+        (hs,) = inputs
+        dz, *ct_carry0 = _call(
+            _elman_backward, (hs, w_ht, keep, fresh, gs, *run.leaves),
+            ("seq", "full", "seq", "seq", "seq", "row"), (_struct(hs, dt), row),
+            ("seq", "row"), config, acc, relu=kind == "elman_relu",
+        )  # fmt: skip
+    unflat = lambda a: run.seq(a).reshape(steps, *batch_shape, a.shape[-1])  # noqa: E731
+    ct_carry0 = tuple(a[:n].reshape(*batch_shape, hidden) for a in ct_carry0)
+    return unflat(dz), None if ct_v is None else unflat(ct_v), ct_carry0
