@@ -33,7 +33,9 @@ hoisted, one XLA matmul each over all steps:
 `primal_scan` runs the forward kernel as the primal of `jaxrnn.unroll`'s fast path (its
 ``"pallas"`` placement): it returns the fast path's outputs and per-step residuals, and the
 fast path's linear JVP rule does the rest, so forward mode, reverse mode (XLA's transposed
-scan) and higher orders keep working.
+scan) and higher orders keep working. `tangent_transpose` runs that rule's reverse loop on the
+backward kernels instead, from the same residuals, where `fastpath.PALLAS_BACKWARD_TABLE`
+says (its measurement on a GPU is pending: the table comes from the `sequence` pair's).
 
 Status: tested on CPU in Pallas's interpreter (outputs and gradients against the loop over
 ``cell.step`` and against `jaxrnn.unroll`; ``check_grads`` in float64; `jaxrnn.unroll` on the
