@@ -330,6 +330,27 @@ def test_unroll_on_the_kernels_equals_the_reference(cell_name, mode, on_the_kern
 
 
 @pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru"])
+def test_unroll_on_the_kernels_under_vmap(cell_name, on_the_kernels):
+    """Per-example gradients (``vmap`` of ``grad``) of a reversed run with resets: the kernels
+    and their transposes batch as XLA's loops do."""
+    cell = FAST_CELLS[cell_name](PALLAS_HIDDEN)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs = jax.random.normal(fresh_key(), (3, 2, 6, INPUT_SIZE))
+    resets = jax.random.bernoulli(fresh_key(), 0.3, (3, 2, 6))
+
+    def loss(p, x, r):
+        return jnp.sum(jnp.sin(jaxrnn.unroll(cell, p, x, resets=r, reverse=True)[0]))
+
+    per_example = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0))
+    got = jax.jit(per_example)(params, xs, resets)
+    backward, calls = on_the_kernels
+    assert calls == ([cell.kind] if backward else [])
+    with reference_path():
+        want = jit_fresh(per_example)(params, xs, resets)
+    assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru"])
 def test_unroll_on_the_kernels_keeps_forward_mode(cell_name, on_the_kernels):
     """``jax.jvp``, and ``check_grads`` of order 2 in both modes (float64): the kernel is the
     primal under the fast path's linear JVP rule."""
