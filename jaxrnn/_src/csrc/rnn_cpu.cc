@@ -883,12 +883,12 @@ int thread_count(int requested, int pool_threads, int B, int G, int H) {
 // instead (interleaved in one process, groups of 4-6 rows against chunks of units, fwd /
 // fwd+bwd): LSTM B8 H128 0.77-0.82 / 0.90-0.93, GRU B8 H128 0.79-0.82 / 0.90-0.92, Elman B8
 // H128 0.90 / 0.97-1.03, Elman B8 H256 0.82 / 0.92, LSTM B8 H96 0.86 / 0.97, LSTM B8 H64
-// 0.89 / 0.92, GRU B8 H160 0.80 / 0.89, LSTM B12 H128 0.89 / 0.96; while the groups of the
-// other two rules still win or tie there: LSTM B16 H128 1.07 / 1.07, GRU B16 H128 1.07 /
-// 1.09, Elman B16 H128 1.17 / 1.05, LSTM B32 H128 1.05 / 1.05, LSTM B64 H128 1.04 / 1.08,
-// LSTM B64 H256 0.97 / 1.14, LSTM B16 H256 0.99 / 0.99. So the 4-row groups run only where
-// `small_groups` (the caller's choice by the size of L2: native.SMALL_GROUPS). `forced` > 0
-// (tests): that many groups, at most B.
+// 0.89 / 0.92, GRU B8 H64 0.89 / 1.09, GRU B8 H160 0.80 / 0.89, LSTM B12 H128 0.89 / 0.96;
+// while the groups of the other two rules still win or tie there: LSTM B16 H128 1.07 /
+// 1.07, GRU B16 H128 1.07 / 1.09, Elman B16 H128 1.17 / 1.05, LSTM B32 H128 1.05 / 1.05,
+// LSTM B64 H128 1.04 / 1.08, LSTM B64 H256 0.97 / 1.14, LSTM B16 H256 0.99 / 0.99. So the
+// 4-row groups run only where `small_groups` (the caller's choice by the size of L2:
+// native.SMALL_GROUPS). `forced` > 0 (tests): that many groups, at most B.
 constexpr int kGroupRows = 8;
 constexpr int64_t kGroupWeightBytes = int64_t{2} << 20;
 constexpr int kGroupRowsLarge = 32;
