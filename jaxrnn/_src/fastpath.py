@@ -498,10 +498,14 @@ def _kernel_primal(static, save, xs, w_x, b_x, w_h, b_in, carry, mask, resets):
         )
     from jaxrnn._src import pallas_rnn
 
-    interpret = jax.default_backend() != "gpu"  # Pallas's interpreter: tests off the GPU
     return pallas_rnn.primal_scan(
-        kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save, interpret
+        kind, xs, w_x, b_x, w_h, b_in, carry, mask, resets, reverse, save, _pallas_interpret()
     )
+
+
+def _pallas_interpret() -> bool:
+    """Whether the Pallas kernels run in Pallas's interpreter: off the GPU (tests)."""
+    return jax.default_backend() != "gpu"
 
 
 @_kernel_primal.defjvp
@@ -727,10 +731,9 @@ def _pallas_tangent_transpose(loop, nonlin, cts):
     kind, n_coef, n_u = loop.keywords["kind"], loop.keywords["n_coef"], loop.keywords["n_u"]
     inputs, w_h, mask, resets = _split_nonlin(nonlin, n_coef, loop.keywords["flags"])
     ct_dys, *ct_carry = cts
-    interpret = jax.default_backend() != "gpu"  # Pallas's interpreter: tests off the GPU
     ct_u, ct_v, ct_carry0 = pallas_rnn.tangent_transpose(
         kind, inputs, w_h, mask, resets, loop.keywords["reverse"], ct_dys, tuple(ct_carry),
-        interpret,
+        _pallas_interpret(),
     )  # fmt: skip
     us = (ct_u,) if n_u == 1 else (ct_u, ct_v)
     return (*us, *ct_carry0)

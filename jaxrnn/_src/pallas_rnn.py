@@ -203,31 +203,23 @@ def _lstm_forward(
     ct_ref[...] = c.astype(ct_ref.dtype)
 
 
-def _lstm_backward(
-    acts_ref, wt_ref, cs_ref, c0_ref, keep_ref, reset_ref, gs_ref, ght_ref, gct_ref, dz_ref,
+def _lstm_reverse(
+    terms, steps, hidden, wt_ref, keep_ref, reset_ref, gs_ref, ght_ref, gct_ref, dz_ref,
     dh0_ref, dc0_ref, *, acc, stream,
 ):  # fmt: skip
-    hidden = c0_ref.shape[-1]
+    """The LSTM's backward loop, whatever its residuals: ``terms(t, d, dc, fresh)`` gives step
+    ``t``'s gate cotangents ``(dz_i, dz_f, dz_g, dz_o)``, the cell state's cotangent ``dc_t``
+    and the forget gate ``f``, from ``d`` (the cotangent of ``h_t``) and ``dc`` (of ``c_t``,
+    from the step after). Writes ``dz`` (zero at skipped steps) and the initial carry's
+    cotangents."""
     get_wt = _row_blocks(wt_ref, hidden, 4, stream)
-    steps = cs_ref.shape[0]
-    c0 = c0_ref[...].astype(acc)
 
     def step(k, carry):
         dh, dc = carry
         t = steps - 1 - k
         keep, fresh = _flags(keep_ref, reset_ref, t)
-        i, f, g, o = (_gate(acts_ref, n, hidden, t).astype(acc) for n in range(4))
-        c = cs_ref[t].astype(acc)
-        c_prev = _before(cs_ref, t, c0, acc, fresh)
         d = gs_ref[t].astype(acc) + dh
-        tc = jnp.tanh(c)
-        dc_t = dc + d * o * (1.0 - tc * tc)
-        dz = (
-            dc_t * g * i * (1.0 - i),  # i
-            dc_t * c_prev * f * (1.0 - f),  # f
-            dc_t * i * (1.0 - g * g),  # g
-            d * tc * o * (1.0 - o),  # o
-        )
+        dz, dc_t, f = terms(t, d, dc, fresh)
         dh = jnp.zeros_like(d)
         for n in range(4):
             dz_n = jnp.where(keep, dz[n], 0.0)
@@ -243,36 +235,41 @@ def _lstm_backward(
     dc0_ref[...] = dc.astype(dc0_ref.dtype)
 
 
-def _lstm_tangent_backward(
-    slopes_ref, f_ref, out_ref, wt_ref, keep_ref, reset_ref, gs_ref, ght_ref, gct_ref, dz_ref,
-    dh0_ref, dc0_ref, *, acc, stream,
-):  # fmt: skip
-    """`_lstm_backward` from the fast path's residuals (`fastpath.lstm_residuals`): the gate
+def _lstm_backward(acts_ref, wt_ref, cs_ref, c0_ref, *refs, acc, stream):
+    """`_lstm_reverse` from the forward kernel's gates and cell states."""
+    hidden = c0_ref.shape[-1]
+    c0 = c0_ref[...].astype(acc)
+
+    def terms(t, d, dc, fresh):
+        i, f, g, o = (_gate(acts_ref, n, hidden, t).astype(acc) for n in range(4))
+        c_prev = _before(cs_ref, t, c0, acc, fresh)
+        tc = jnp.tanh(cs_ref[t].astype(acc))
+        dc_t = dc + d * o * (1.0 - tc * tc)
+        dz = (
+            dc_t * g * i * (1.0 - i),  # i
+            dc_t * c_prev * f * (1.0 - f),  # f
+            dc_t * i * (1.0 - g * g),  # g
+            d * tc * o * (1.0 - o),  # o
+        )
+        return dz, dc_t, f
+
+    _lstm_reverse(terms, cs_ref.shape[0], hidden, wt_ref, *refs, acc=acc, stream=stream)
+
+
+def _lstm_tangent_backward(slopes_ref, f_ref, out_ref, wt_ref, *refs, acc, stream):
+    """`_lstm_reverse` from the fast path's residuals (`fastpath.lstm_residuals`): the gate
     slopes ``[g·σ'(i), c_in·σ'(f), i·tanh'(g), tanh(c)·σ'(o)]``, ``f`` and ``o·tanh'(c)``,
     instead of the gates and cell states. ``gs`` is zero at skipped steps (`tangent_transpose`)."""
     hidden = f_ref.shape[-1]
-    get_wt = _row_blocks(wt_ref, hidden, 4, stream)
-    steps = f_ref.shape[0]
 
-    def step(k, carry):
-        dh, dc = carry
-        t = steps - 1 - k
-        keep, fresh = _flags(keep_ref, reset_ref, t)
-        d = gs_ref[t].astype(acc) + dh
+    def terms(t, d, dc, fresh):
+        del fresh
         dc_t = dc + d * out_ref[t].astype(acc)
-        dh = jnp.zeros_like(d)
-        for n, ct in enumerate((dc_t, dc_t, dc_t, d)):
-            dz_n = jnp.where(keep, _gate(slopes_ref, n, hidden, t).astype(acc) * ct, 0.0)
-            dz_ref[t, :, pl.ds(n * hidden, hidden)] = dz_n.astype(dz_ref.dtype)
-            dh = dh + jnp.dot(dz_n.astype(wt_ref.dtype), get_wt(n), preferred_element_type=acc)
-        dh = jnp.where(fresh, 0.0, jnp.where(keep, dh, d))
-        dc = jnp.where(fresh, 0.0, jnp.where(keep, dc_t * f_ref[t].astype(acc), dc))
-        return dh, dc
+        slope = lambda n: _gate(slopes_ref, n, hidden, t).astype(acc)  # noqa: E731
+        dz = tuple(slope(n) * ct for n, ct in enumerate((dc_t, dc_t, dc_t, d)))
+        return dz, dc_t, f_ref[t].astype(acc)
 
-    init = (ght_ref[...].astype(acc), gct_ref[...].astype(acc))
-    dh, dc = lax.fori_loop(0, steps, step, init)
-    dh0_ref[...] = dh.astype(dh0_ref.dtype)
-    dc0_ref[...] = dc.astype(dc0_ref.dtype)
+    _lstm_reverse(terms, f_ref.shape[0], hidden, wt_ref, *refs, acc=acc, stream=stream)
 
 
 def _gru_forward(
@@ -330,6 +327,14 @@ def _gru_backward(
 
     dh = lax.fori_loop(0, steps, step, ght_ref[...].astype(acc))
     dh0_ref[...] = dh.astype(dh0_ref.dtype)
+
+
+def _gru_recurrent_cotangent(dz, r):
+    """The GRU's cotangent of its recurrent pre-activations ``h W_h + b_h`` from ``dz``, that of
+    its input ones ``[x_r, x_z, x_n]``: the recurrent n term is ``r ⊙ (h W_hn + b_hn)``, so its
+    cotangent carries the factor ``r``."""
+    hidden = r.shape[-1]
+    return jnp.concatenate([dz[..., : 2 * hidden], dz[..., 2 * hidden :] * r], -1)
 
 
 def _call(kernel, args, roles, outs, out_roles, config, acc, **static):
@@ -483,10 +488,7 @@ def _sequence_bwd(config, residuals, cotangents):
             acc,
         )
         d_carry = (dh0,)
-        # The recurrent n term is r ⊙ (h W_hn + b_hn): its cotangent carries the factor r.
-        dz_h = jnp.concatenate(
-            [dz[..., : 2 * hidden], dz[..., 2 * hidden :] * acts[..., :hidden]], -1
-        )
+        dz_h = _gru_recurrent_cotangent(dz, acts[..., :hidden])
     else:
         (h0,) = carry
         dz, dh0 = _call(
@@ -794,8 +796,7 @@ def tangent_transpose(kind, inputs, w_h, mask, resets, reverse, ct_ys, ct_carry,
             (jax.ShapeDtypeStruct(gs.shape[:2] + (3 * hidden,), dt), row), ("seq", "row"),
             config, acc,
         )  # fmt: skip
-        # The recurrent n term is r ⊙ (h W_hn + b_hn): its cotangent carries the factor r.
-        ct_v = jnp.concatenate([dz[..., : 2 * hidden], dz[..., 2 * hidden :] * r], -1)
+        ct_v = _gru_recurrent_cotangent(dz, r)
     else:
         (hs,) = inputs
         dz, *ct_carry0 = _call(
