@@ -90,50 +90,57 @@ def _check_passes(
     return ok, notes
 
 
-def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
-    """``pallas_gpu.py``'s report -> ``(PALLAS_TABLE, reasons)``, keyed by ``(kind, dtype
-    name)``; bfloat16 checks get ten times ``tolerance``."""
-    table, reasons = {}, []
-    by_key: dict[tuple[str, str], dict[int, dict]] = {}
-    hiddens: dict[tuple[str, str], int] = {}
-    for row in report.get("rows", []):
-        kind, batch, _, hidden = _cell(row["cell"])
-        key = (kind, row["dtype"])
-        by_key.setdefault(key, {})[batch] = row
-        hiddens[key] = max(hiddens.get(key, 0), hidden)
-    for (kind, dtype), batches in sorted(by_key.items()):
-        ok, notes = _check_passes(report.get("check", {}), kind, dtype, tolerance)
-        reasons += notes
-        if not ok:
-            reasons.append(f"{kind} {dtype}: left out (the on-device check did not pass)")
-            continue
-        bounds = []
-        for pass_ in ("fwd", "fwdbwd"):
-            bound = 0
-            for batch in sorted(batches):
-                row = batches[batch]
-                mine, base = (
-                    row["ms"].get(f"unroll_pallas/{pass_}"),
-                    row["ms"].get(f"jaxrnn/{pass_}"),
-                )
-                reasons.append(
-                    f"{row['cell']} {dtype} {pass_}: unroll_pallas {mine} ms, jaxrnn {base} ms"
-                )
-                if mine is None or base is None or mine > margin * base:
-                    break
-                bound = batch
-            bounds.append(bound)
-        if any(bounds):
-            table[(PALLAS_KINDS[kind], dtype)] = (*bounds, hiddens[(kind, dtype)])
-    return table, reasons
-
-
 def _rows_by_key(report: dict) -> dict[tuple[str, str], dict[int, dict]]:
+    """``pallas_gpu.py``'s timed rows by ``(cell kind, dtype name)``, then by batch."""
     by_key: dict[tuple[str, str], dict[int, dict]] = {}
     for row in report.get("rows", []):
         kind, batch, _, _ = _cell(row["cell"])
         by_key.setdefault((kind, row["dtype"]), {})[batch] = row
     return by_key
+
+
+def _checked(report, kind, dtype, tolerance, run, reasons) -> bool:
+    """Whether ``run`` passed every on-device check of ``(kind, dtype)``; notes in ``reasons``."""
+    ok, notes = _check_passes(report.get("check", {}), kind, dtype, tolerance, run)
+    reasons += notes
+    if not ok:
+        reasons.append(f"{kind} {dtype}: left out (the on-device check did not pass)")
+    return ok
+
+
+def _largest_won(batches, dtype, pass_, run, base, margin, reasons) -> int:
+    """The largest batch such that at every measured batch up to it ``run`` took at most
+    ``margin`` of ``base``'s time in ``pass_`` (0: none); the timings in ``reasons``."""
+    bound = 0
+    for batch in sorted(batches):
+        row = batches[batch]
+        mine, theirs = row["ms"].get(f"{run}/{pass_}"), row["ms"].get(f"{base}/{pass_}")
+        reasons.append(f"{row['cell']} {dtype} {pass_}: {run} {mine} ms, {base} {theirs} ms")
+        if mine is None or theirs is None or mine > margin * theirs:
+            break
+        bound = batch
+    return bound
+
+
+def pallas_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
+    """``pallas_gpu.py``'s report -> ``(PALLAS_TABLE, reasons)``, keyed by ``(kind, dtype
+    name)``; bfloat16 checks get ten times ``tolerance``."""
+    table, reasons = {}, []
+    hiddens: dict[tuple[str, str], int] = {}
+    for row in report.get("rows", []):
+        kind, _, _, hidden = _cell(row["cell"])
+        key = (kind, row["dtype"])
+        hiddens[key] = max(hiddens.get(key, 0), hidden)
+    for (kind, dtype), batches in sorted(_rows_by_key(report).items()):
+        if not _checked(report, kind, dtype, tolerance, "unroll_pallas", reasons):
+            continue
+        bounds = [
+            _largest_won(batches, dtype, pass_, "unroll_pallas", "jaxrnn", margin, reasons)
+            for pass_ in ("fwd", "fwdbwd")
+        ]
+        if any(bounds):
+            table[(PALLAS_KINDS[kind], dtype)] = (*bounds, hiddens[(kind, dtype)])
+    return table, reasons
 
 
 def pallas_backward_table(report: dict, margin: float = 0.95, tolerance: float = 1e-2):
@@ -143,25 +150,10 @@ def pallas_backward_table(report: dict, margin: float = 0.95, tolerance: float =
     ``unroll_pallas``'s."""
     table, reasons = {}, []
     for (kind, dtype), batches in sorted(_rows_by_key(report).items()):
-        ok, notes = _check_passes(
-            report.get("check", {}), kind, dtype, tolerance, run="unroll_pallas_bwd"
-        )
-        reasons += notes
-        if not ok:
-            reasons.append(f"{kind} {dtype}: left out (the on-device check did not pass)")
+        if not _checked(report, kind, dtype, tolerance, "unroll_pallas_bwd", reasons):
             continue
-        bound = 0
-        for batch in sorted(batches):
-            row = batches[batch]
-            mine = row["ms"].get("unroll_pallas_bwd/fwdbwd")
-            base = row["ms"].get("unroll_pallas/fwdbwd")
-            reasons.append(
-                f"{row['cell']} {dtype} fwdbwd: unroll_pallas_bwd {mine} ms, "
-                f"unroll_pallas {base} ms"
-            )
-            if mine is None or base is None or mine > margin * base:
-                break
-            bound = batch
+        run, base = "unroll_pallas_bwd", "unroll_pallas"
+        bound = _largest_won(batches, dtype, "fwdbwd", run, base, margin, reasons)
         if bound:
             table[(PALLAS_KINDS[kind], dtype)] = bound
     return table, reasons
