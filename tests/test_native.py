@@ -111,10 +111,10 @@ def test_placement_keeps_xla_where_the_kernel_does_not_apply(kwargs):
 
 @pytest.fixture(params=["in_kernel", "hoisted"])
 def projection(request, monkeypatch):
-    """Where the input projection runs: in each step of the kernel (the shipped table's choice
-    at these sizes), or before it, one matmul (`native.HOIST_TABLE` made to say so)."""
-    if request.param == "hoisted":
-        monkeypatch.setattr(native, "HOIST_TABLE", ((0, 1 << 30),))
+    """Where the input projection runs: in each step of the kernel, or before it, one matmul
+    (`native.HOIST_TABLE` made to say so either way)."""
+    table = ((0, 1 << 30),) if request.param == "hoisted" else ()
+    monkeypatch.setattr(native, "HOIST_TABLE", table)
     return request.param
 
 
@@ -125,14 +125,18 @@ def _hoisted(text):
 
 def test_the_shipped_hoisting_table():
     """At a small batch with a large ``W_x``; not at ``H = 128``, nor at a larger batch; from
-    a smaller ``W_x`` where a core's L2 holds 2 MiB."""
+    a smaller ``W_x`` where a core's L2 holds 2 MiB; where it holds less, at one row from
+    4096 elements of ``W_x``."""
     assert native.HOIST_TABLE == native._hoist_table()
     assert native.hoists(1, 1024, 1024, 4) and native.hoists(16, 1024, 1024, 4)
     assert not native.hoists(64, 1024, 1024, 4) and not native.hoists(32, 512, 512, 4)
     assert native.hoists(4, 512, 512, 4) and native.hoists(4, 512, 512, 1)
     assert not native.hoists(8, 256, 256, 4)
-    assert not any(native.hoists(b, 128, 128, 4) for b in (1, 4, 16))
+    assert not any(native.hoists(b, 128, 128, 4) for b in (2, 4, 16))
+    assert not native.hoists(1, 32, 32, 3)
     large_l2 = native.HOIST_TABLE == native.HOIST_TABLES["l2_2mib"]
+    assert native.hoists(1, 128, 128, 4) == (not large_l2)
+    assert native.hoists(1, 64, 64, 1) == (not large_l2)
     assert native.hoists(8, 512, 512, 4) == large_l2
     assert native.hoists(16, 512, 512, 3) == large_l2
     assert native.hoists(8, 1024, 1024, 1) == large_l2
