@@ -124,9 +124,9 @@ def _hoisted(text):
 
 
 def test_the_shipped_hoisting_table():
-    """At a small batch with a large ``W_x``; not at ``H = 128``, nor at a larger batch; from
-    a smaller ``W_x`` where a core's L2 holds 2 MiB; where it holds less, at one row from
-    4096 elements of ``W_x``."""
+    """At a small batch with a large ``W_x``; not at ``H = 128`` above one row, nor at a
+    larger batch; from a smaller ``W_x`` where a core's L2 holds 2 MiB; where it holds less,
+    at one row from 4096 elements of ``W_x``."""
     assert native.HOIST_TABLE == native._hoist_table()
     assert native.hoists(1, 1024, 1024, 4) and native.hoists(16, 1024, 1024, 4)
     assert not native.hoists(64, 1024, 1024, 4) and not native.hoists(32, 512, 512, 4)
