@@ -13,10 +13,11 @@ hidden size), in its own default layout (jaxrnn and Flax batch-major, PyTorch ti
 functions are jitted; compile time is measured separately (``lower().compile()``) and one
 warm-up call follows, neither counted. Then the runners of a cell are timed *interleaved*,
 one call each per round, for ``--reps`` rounds, so that background load hits every library
-alike, each timed call right after untimed calls of the same runner (for ``--warm-ms``, 10
+alike, each timed call right after untimed calls of the same runner (for ``--warm-ms``, 30
 on CPU), as in a loop calling it, so that it does not share the cores with the previous
-library's spinning worker threads (PyTorch's OpenMP pool spins for milliseconds after each
-call); the table reports the median per runner and the ratio ``peer_time / jaxrnn_time``
+library's spinning worker threads (PyTorch's OpenMP pool spins for about 11 ms after each
+call on the 2-core AMD machine: with 10 ms, a tenth of jaxrnn's calls after PyTorch's took
+up to twice as long); the table reports the median per runner and the ratio ``peer_time / jaxrnn_time``
 (> 1: jaxrnn is faster). Every call ends in ``block_until_ready`` (JAX) or
 ``torch.cuda.synchronize`` (PyTorch on GPU). ``fwd`` computes the outputs; ``fwdbwd`` computes
 ``sum(outputs)`` and its gradient with respect to the weights and the inputs. Peak memory is
@@ -468,7 +469,7 @@ def main(argv=None):
         default=None,
         help="untimed calls of the same runner for this long right before each timed one, so "
         "that the previous library's spinning worker threads (PyTorch's OpenMP pool) have gone "
-        "idle (default: 10 on CPU, 0 on GPU)",
+        "idle (default: 30 on CPU, 0 on GPU)",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of the ratios here")
@@ -504,7 +505,7 @@ def main(argv=None):
     if args.reps is None:
         args.reps = 20 if args.device == "gpu" else 7
     if args.warm_ms is None:
-        args.warm_ms = 0.0 if args.device == "gpu" else 10.0
+        args.warm_ms = 0.0 if args.device == "gpu" else 30.0
     if args.device == "cpu":
         try:
             import torch
