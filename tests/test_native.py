@@ -124,19 +124,21 @@ def _hoisted(text):
 
 
 def test_the_shipped_hoisting_table():
-    """At a small batch with a large ``W_x``; not at ``H = 128`` above one row, nor at a
-    larger batch; from a smaller ``W_x`` where a core's L2 holds 2 MiB; where it holds less,
-    at one row from 4096 elements of ``W_x``."""
+    """At a small batch with a large ``W_x``; not at ``H = 128``, nor at a larger batch;
+    from a smaller ``W_x`` where a core's L2 holds 2 MiB; where it holds less, at most 4 rows
+    only at one row from 2^20 elements of ``W_x`` (the kernel projects blocks of steps
+    itself there)."""
     assert native.HOIST_TABLE == native._hoist_table()
     assert native.hoists(1, 1024, 1024, 4) and native.hoists(16, 1024, 1024, 4)
+    assert native.hoists(1, 1024, 1024, 1) and native.hoists(1, 512, 512, 4)
     assert not native.hoists(64, 1024, 1024, 4) and not native.hoists(32, 512, 512, 4)
-    assert native.hoists(4, 512, 512, 4) and native.hoists(4, 512, 512, 1)
     assert not native.hoists(8, 256, 256, 4)
-    assert not any(native.hoists(b, 128, 128, 4) for b in (2, 4, 16))
-    assert not native.hoists(1, 32, 32, 3)
+    assert not any(native.hoists(b, 128, 128, 4) for b in (1, 2, 4, 16))
+    assert not native.hoists(1, 64, 64, 1) and not native.hoists(1, 32, 32, 3)
     large_l2 = native.HOIST_TABLE == native.HOIST_TABLES["l2_2mib"]
-    assert native.hoists(1, 128, 128, 4) == (not large_l2)
-    assert native.hoists(1, 64, 64, 1) == (not large_l2)
+    assert native.hoists(4, 512, 512, 4) == large_l2
+    assert native.hoists(4, 512, 512, 1) == large_l2
+    assert native.hoists(2, 256, 256, 4) == large_l2
     assert native.hoists(8, 512, 512, 4) == large_l2
     assert native.hoists(16, 512, 512, 3) == large_l2
     assert native.hoists(8, 1024, 1024, 1) == large_l2
@@ -168,6 +170,46 @@ def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, project
     actual = run(params, xs, carry)
     kwargs.pop("unroll", None)
     assert_trees_close(actual, reference_unroll(cell, params, xs, carry, **kwargs))
+
+
+# The input projection in the kernel, a block of steps at once where a step has at most 4
+# rows (16 rows a block, `projection_block` in the C++): blocks of 16, 8, 5 and 4 steps with a
+# shorter last one (37 steps), and none at 5 rows; forward and reverse; several runs of a
+# vmap (rows of a step not one block); chunks of units on 3 threads, each thread also
+# computing the others' chunks (the block recomputed where a thread changes chunks).
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru"])
+def test_blocked_input_projection_over_batches_and_lengths(cell_name, batch, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "3")
+    monkeypatch.setattr(native, "HOIST_TABLE", ())
+    cell = FAST_CELLS[cell_name](48)
+    params = cell.init(fresh_key(), 7)
+    xs = jax.random.normal(fresh_key(), (2, batch, 37, 7))
+    lengths = jnp.asarray(np.resize([37, 20, 1, 33, 16], (2, batch)), jnp.int32)
+    for reverse in (False, True):
+        kwargs = {"seq_lengths": lengths, "reverse": reverse}
+        run = jax.jit(jax.vmap(lambda p, x, n, r=reverse: jaxrnn.unroll(
+            cell, p, x, seq_lengths=n, reverse=r), in_axes=(None, 0, 0)))  # fmt: skip
+        assert not _hoisted(run.lower(params, xs, lengths).as_text())
+        undisturbed = run(params, xs, lengths)
+        for k in range(2):
+            want = reference_unroll(cell, params, xs[k], seq_lengths=lengths[k], reverse=reverse)
+            assert_trees_close(jax.tree_util.tree_map(lambda a, k=k: a[k], undisturbed), want)
+        monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
+        duplicated = jax.jit(jax.vmap(lambda p, x, n, r=reverse: jaxrnn.unroll(
+            cell, p, x, seq_lengths=n, reverse=r), in_axes=(None, 0, 0)))  # fmt: skip
+        for got, want in zip(
+            jax.tree_util.tree_leaves(duplicated(params, xs, lengths)),
+            jax.tree_util.tree_leaves(undisturbed),
+        ):
+            np.testing.assert_array_equal(got, want)
+        monkeypatch.delenv("JAXRNN_NATIVE_DUPLICATE")
+        carry = random_carry(cell, (batch,))
+        grads = _grads(cell, params, xs[0], carry, **{**kwargs, "seq_lengths": lengths[0]})
+        monkeypatch.setenv("JAXRNN_NATIVE", "0")
+        expected = _grads(cell, params, xs[0], carry, **{**kwargs, "seq_lengths": lengths[0]})
+        monkeypatch.delenv("JAXRNN_NATIVE")
+        assert_trees_close(grads, expected, rtol=2e-5, atol=2e-5)
 
 
 # Weights too large to stay in L2, which the kernels' matmuls prefetch block by block

@@ -1089,18 +1089,44 @@ struct Shared : Chunks {
 // One thread's buffers: the chunk's matmul results and its new h, c and outputs.
 // For chunks of up to U units. In bf16 mode, zx and z have their rows and columns rounded up
 // to the tiles' 16, and a16 holds the left operand of a matmul (`gemm_bf16`), at most K wide.
+// With a block of S > 1 steps (`projection_block`), xb holds a block's inputs (S·B rows) and
+// zxb their projection for one chunk (`block_chunk`) from step `block_first` on.
 struct Local {
   Floats zx, z, h, c, y, res, x;  // x: the step's inputs, gathered when there are several runs
+  Floats xb, zxb;
+  int block_chunk = -1, block_first = -1;
   Halves a16;
-  Local(int B, int G, int U, int R, int X, bool bf16 = false, int K = 0)
+  Local(int B, int G, int U, int R, int X, bool bf16 = false, int K = 0, int S = 1, int I = 0)
       : h(B * U), c(B * U), y(B * U), res(B * R * U), x(X) {
     const size_t ldz = bf16 ? round_up(G * U, 16) : G * U;
     const size_t rows = bf16 ? round_up(B, 16) : B;
     zx.assign(rows * ldz, 0.0f);
     z.assign(rows * ldz, 0.0f);
     if (bf16) a16.resize(rows * round_up(K, 32));
+    if (S > 1) {
+      xb.assign(static_cast<size_t>(S) * B * I, 0.0f);
+      zxb.assign(static_cast<size_t>(S) * B * G * U, 0.0f);
+    }
   }
 };
+
+// How many steps' input projections a chunk computes at once, in the kernel (float32, not
+// hoisted): 16 rows' worth where a step has at most 4 rows. One step's product of B rows
+// reads every weight of W_x for B multiply-adds (`row_panels` at B = 1, bound by what L2
+// delivers); a block of S steps reads it once for S·B rows, in the full 8-row tiles of
+// `gemm_acc`. Measured on a 2-core AMD EPYC (Zen 4), forward, interleaved medians, blocked in
+// the kernel against hoisted before it (`native.HOIST_TABLE`), T100 / T1000: Elman B1 H128
+// 0.78 / 0.94, H512 0.80 / 0.99; LSTM B1 H64 0.59 / 0.93, H128 0.87 / 0.85, H512 1.00 /
+// 1.00; GRU B1 H128 0.86 / 0.85, H256 - / 0.65, H512 0.99 / 0.95; LSTM B4 H256 0.70 / -, B4
+// H512 0.99 / 0.87; at B1 H1024 hoisting still wins (Elman 1.17 / 0.99, LSTM 1.34 / 1.11,
+// GRU 1.49 / -). Against the per-step product (this kernel before the blocks, alternating
+// processes, T100): LSTM B2 H128 0.41-0.45 against 0.46-0.53 ms; at B6 (blocks of 2 steps)
+// within the noise, so from 5 rows a step not at all.
+constexpr int kBlockRows = 16;
+inline int projection_block(const Problem& p) {
+  if (p.bf16 || p.projected || p.B > 4) return 1;
+  return std::max(1, std::min(kBlockRows / std::max(p.B, 1), p.T));
+}
 
 void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
   const Problem& p = sh.p;
@@ -1131,6 +1157,26 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
     to_bf16_rows([&](int b) { return p.xs + row_of(p, t, b) * I; }, B, I, Bp, Ip,
                  out.a16.data());
     gemm_bf16(out.a16.data(), Ip, sh.packed_x16(chunk), ldz, zx, ldz, Bp, 0, B);
+  } else if (const int S = projection_block(p); S > 1) {
+    // The projections of the block of steps [first, first + S) (fewer at the end), for this
+    // chunk: computed at its first step, or where this thread last computed another chunk
+    // or block (helping another thread).
+    const int first = s / S * S, steps = std::min(S, T - first);
+    if (out.block_chunk != chunk || out.block_first != first) {
+      const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
+      for (int j = 0; j < steps; ++j) {
+        const int tj = p.reverse ? T - 1 - (first + j) : first + j;
+        for (int b = 0; b < B; ++b) {
+          const size_t r = static_cast<size_t>(j) * B + b;
+          std::memcpy(out.xb.data() + r * I, p.xs + row_of(p, tj, b) * I, I * sizeof(float));
+          std::memcpy(out.zxb.data() + r * N, bias_x, N * sizeof(float));
+        }
+      }
+      gemm_acc(out.xb.data(), I, sh.packed_x(chunk), N, I, out.zxb.data(), steps * B);
+      out.block_chunk = chunk;
+      out.block_first = first;
+    }
+    zx = out.zxb.data() + static_cast<size_t>(s - first) * B * N;
   } else {
     const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
     for (int b = 0; b < B; ++b)
@@ -1308,7 +1354,7 @@ Local make_local(const Shared& sh, int widest) {
   const Problem& p = sh.p;
   const bool gather = !p.bf16 && !p.projected && !rows_contiguous(p);
   return Local(p.B, p.G, widest, p.res[0] ? sh.layout.count : 0, gather ? p.B * p.I : 0,
-               p.bf16, std::max(p.H, p.projected ? 0 : p.I));
+               p.bf16, std::max(p.H, p.projected ? 0 : p.I), projection_block(p), p.I);
 }
 
 // The chunks' weights are packed every call (their panels, `gemm_acc`) by the threads as they
