@@ -16,11 +16,12 @@ one call each per round, for ``--reps`` rounds, so that background load hits eve
 alike, each timed call right after untimed calls of the same runner (for ``--warm-ms``, 30
 on CPU), as in a loop calling it, so that it does not share the cores with the previous
 library's spinning worker threads (PyTorch's OpenMP pool spins for about 11 ms after each
-call on the 2-core AMD machine: with 10 ms, a tenth of jaxrnn's calls after PyTorch's took
-up to twice as long); the table reports the median per runner and the ratio ``peer_time / jaxrnn_time``
-(> 1: jaxrnn is faster). Every call ends in ``block_until_ready`` (JAX) or
-``torch.cuda.synchronize`` (PyTorch on GPU). ``fwd`` computes the outputs; ``fwdbwd`` computes
-``sum(outputs)`` and its gradient with respect to the weights and the inputs. Peak memory is
+call on the 2-core AMD machine: with 10 ms, the slowest tenth of jaxrnn's Elman B16 calls
+after PyTorch's took twice as long as its median); the table reports the median per runner
+and the ratio ``peer_time / jaxrnn_time`` (> 1: jaxrnn is faster). Every call ends in
+``block_until_ready`` (JAX) or ``torch.cuda.synchronize`` (PyTorch on GPU). ``fwd``
+computes the outputs; ``fwdbwd`` computes ``sum(outputs)`` and its gradient with respect to
+the weights and the inputs. Peak memory is
 the compiled program's temporary buffers (JAX, from XLA's memory analysis) and
 ``torch.cuda.max_memory_allocated`` (PyTorch on GPU); it is not measured for PyTorch on CPU.
 
