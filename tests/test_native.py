@@ -173,10 +173,11 @@ def test_kernel_equals_the_loop_over_step_in_every_mode(cell_name, mode, project
 
 
 # The input projection in the kernel, a block of steps at once where a step has at most 4
-# rows (16 rows a block, `projection_block` in the C++): blocks of 16, 8, 5 and 4 steps with a
-# shorter last one (37 steps), and none at 5 rows; forward and reverse; several runs of a
-# vmap (rows of a step not one block); chunks of units on 3 threads, each thread also
-# computing the others' chunks (the block recomputed where a thread changes chunks).
+# rows (16 rows a block, `projection_block` in the C++): one sequence of 37 steps at 1-5 rows
+# (blocks of 16, 8, 5 and 4 steps, each with a shorter last one, and none at 5 rows), and two
+# runs of a vmap (2-10 rows a step, not one block); forward and reverse; chunks of units on
+# 3 threads, each thread also computing the others' chunks (the block recomputed where a
+# thread changes chunks); the gradient pass against XLA's loops.
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru"])
 def test_blocked_input_projection_over_batches_and_lengths(cell_name, batch, monkeypatch):
@@ -186,28 +187,33 @@ def test_blocked_input_projection_over_batches_and_lengths(cell_name, batch, mon
     params = cell.init(fresh_key(), 7)
     xs = jax.random.normal(fresh_key(), (2, batch, 37, 7))
     lengths = jnp.asarray(np.resize([37, 20, 1, 33, 16], (2, batch)), jnp.int32)
+    carry = random_carry(cell, (batch,))
     for reverse in (False, True):
-        kwargs = {"seq_lengths": lengths, "reverse": reverse}
-        run = jax.jit(jax.vmap(lambda p, x, n, r=reverse: jaxrnn.unroll(
-            cell, p, x, seq_lengths=n, reverse=r), in_axes=(None, 0, 0)))  # fmt: skip
-        assert not _hoisted(run.lower(params, xs, lengths).as_text())
-        undisturbed = run(params, xs, lengths)
+        kwargs = {"seq_lengths": lengths[0], "reverse": reverse}
+
+        def run(p, x, c, n, r=reverse):
+            return jaxrnn.unroll(cell, p, x, c, seq_lengths=n, reverse=r)
+
+        one = jax.jit(run)
+        assert not _hoisted(one.lower(params, xs[0], carry, lengths[0]).as_text())
+        undisturbed = one(params, xs[0], carry, lengths[0])
+        assert_trees_close(undisturbed, reference_unroll(cell, params, xs[0], carry, **kwargs))
+        runs = jax.jit(jax.vmap(run, in_axes=(None, 0, None, 0)))(params, xs, carry, lengths)
         for k in range(2):
-            want = reference_unroll(cell, params, xs[k], seq_lengths=lengths[k], reverse=reverse)
-            assert_trees_close(jax.tree_util.tree_map(lambda a, k=k: a[k], undisturbed), want)
+            want = reference_unroll(
+                cell, params, xs[k], carry, seq_lengths=lengths[k], reverse=reverse
+            )
+            assert_trees_close(jax.tree_util.tree_map(lambda a, k=k: a[k], runs), want)
         monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
-        duplicated = jax.jit(jax.vmap(lambda p, x, n, r=reverse: jaxrnn.unroll(
-            cell, p, x, seq_lengths=n, reverse=r), in_axes=(None, 0, 0)))  # fmt: skip
+        duplicated = jax.jit(lambda *a: run(*a))(params, xs[0], carry, lengths[0])
         for got, want in zip(
-            jax.tree_util.tree_leaves(duplicated(params, xs, lengths)),
-            jax.tree_util.tree_leaves(undisturbed),
+            jax.tree_util.tree_leaves(duplicated), jax.tree_util.tree_leaves(undisturbed)
         ):
             np.testing.assert_array_equal(got, want)
         monkeypatch.delenv("JAXRNN_NATIVE_DUPLICATE")
-        carry = random_carry(cell, (batch,))
-        grads = _grads(cell, params, xs[0], carry, **{**kwargs, "seq_lengths": lengths[0]})
+        grads = _grads(cell, params, xs[0], carry, **kwargs)
         monkeypatch.setenv("JAXRNN_NATIVE", "0")
-        expected = _grads(cell, params, xs[0], carry, **{**kwargs, "seq_lengths": lengths[0]})
+        expected = _grads(cell, params, xs[0], carry, **kwargs)
         monkeypatch.delenv("JAXRNN_NATIVE")
         assert_trees_close(grads, expected, rtol=2e-5, atol=2e-5)
 
