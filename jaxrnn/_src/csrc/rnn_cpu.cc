@@ -856,7 +856,7 @@ int cpu_count() {
 // AMD EPYC (Zen 4), forward, two threads / one, interleaved, two to six runs: GRU B1 H128
 // 0.61-0.87, H112 0.67, LSTM B1 H96 0.64-0.97, Elman B2 H128 0.74-0.85 (1.43 in one run),
 // LSTM B2 H64 0.69-1.15, Elman B1 H192 0.67-1.07; below it GRU B1 H96 1.06, Elman B1 H128
-// 1.15-1.40.
+// 1.15-1.40 (0.73 in one later run: the second core's availability on the host decides).
 int thread_count(int requested, int pool_threads, int B, int G, int H, int I = 0) {
   int n = requested > 0 ? requested : std::min(cpu_count(), pool_threads + 1);
   if (requested <= 0 && static_cast<int64_t>(B) * G * H * (H + I) < (1 << 16)) n = 1;
