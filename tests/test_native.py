@@ -205,6 +205,8 @@ def test_blocked_input_projection_over_batches_and_lengths(cell_name, batch, mon
             )
             assert_trees_close(jax.tree_util.tree_map(lambda a, k=k: a[k], runs), want)
         monkeypatch.setenv("JAXRNN_NATIVE_DUPLICATE", "1")
+        # A new function, so that it is traced again and the kernel call takes the setting
+        # (jit caches by function: `one` would run its first compilation).
         duplicated = jax.jit(lambda *a: run(*a))(params, xs[0], carry, lengths[0])
         for got, want in zip(
             jax.tree_util.tree_leaves(duplicated), jax.tree_util.tree_leaves(undisturbed)
