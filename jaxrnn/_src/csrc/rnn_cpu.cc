@@ -49,6 +49,7 @@
 #if defined(__linux__)
 #include <sched.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #if defined(__AVX512F__)
@@ -211,17 +212,18 @@ inline V relu_(V x) { return (x > 0.0f) | (x != x) ? x : splat<V>(0.0f); }
 
 inline int panel_width(int N, int j) { return N - j >= 32 ? 32 : (N - j >= 16 ? 16 : N - j); }
 
-// One tile: R rows × NV·16 columns of z kept in registers over K rows of a panel. With
-// kPrefetch, it meanwhile prefetches `pf_lines` cache lines from `pf` into L2 (`gemm_acc`: its
-// share of the next block of W), spread over the k loop, a few every 4 k.
+// One tile: R rows × NV·16 columns of z kept in registers over K rows of a panel, starting
+// from `z0` (rows `ld0` apart: z itself, or 0 for one row of biases that every row starts
+// from). With kPrefetch, it meanwhile prefetches `pf_lines` cache lines from `pf` into L2
+// (`gemm_acc`: its share of the next block of W), spread over the k loop, a few every 4 k.
 template <int R, int NV, bool kPrefetch>
-inline void tile(const float* h, int ldh, const float* W, int K, float* z, int ldz,
-                 const char* pf, int pf_lines) {
+inline void tile(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
+                 float* z, int ldz, const char* pf, int pf_lines) {
   constexpr int ldw = 16 * NV;
   v16 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = load<v16>(z + r * ldz + 16 * v);
+    for (int v = 0; v < NV; ++v) acc[r][v] = load<v16>(z0 + r * ld0 + 16 * v);
   auto step = [&](int k) {
     v16 w[NV];
     for (int v = 0; v < NV; ++v) w[v] = load<v16>(W + k * ldw + 16 * v);
@@ -250,8 +252,8 @@ inline void tile(const float* h, int ldh, const float* W, int K, float* z, int l
 // The row tiles of one block of a panel (8 rows at a time, then 4, 2 and 1), which share out
 // the prefetching of `pf_lines` lines from `pf`.
 template <int NV, bool kPrefetch>
-inline void panel(const float* h, int ldh, const float* W, int K, float* z, int ldz, int B,
-                  const char* pf, int pf_lines) {
+inline void panel(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
+                  float* z, int ldz, int B, const char* pf, int pf_lines) {
   int share = 0, done = 0;
   if constexpr (kPrefetch) {
     const int tiles = B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2);
@@ -266,21 +268,21 @@ inline void panel(const float* h, int ldh, const float* W, int K, float* z, int 
   int b = 0;
   for (; b + 8 <= B; b += 8) {
     auto [p, n] = lines();
-    tile<8, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
+    tile<8, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
   }
   if (b + 4 <= B) {
     auto [p, n] = lines();
-    tile<4, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
+    tile<4, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
     b += 4;
   }
   if (b + 2 <= B) {
     auto [p, n] = lines();
-    tile<2, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
+    tile<2, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
     b += 2;
   }
   if (b < B) {
     auto [p, n] = lines();
-    tile<1, NV, kPrefetch>(h + b * ldh, ldh, W, K, z + b * ldz, ldz, p, n);
+    tile<1, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
   }
 }
 
@@ -289,11 +291,11 @@ inline void panel(const float* h, int ldh, const float* W, int K, float* z, int 
 // per cycle) holds them to a quarter of the peak rate. The order of each sum's terms is that
 // of the tiles (k ascending), so the results are the same bit for bit.
 template <int P>
-inline void row_panels(const float* h, const float* W, int K, float* z) {
+inline void row_panels(const float* h, const float* W, int K, const float* z0, float* z) {
   const size_t panel = static_cast<size_t>(K) * 32;
   v16 acc[P][2];
   for (int q = 0; q < P; ++q)
-    for (int v = 0; v < 2; ++v) acc[q][v] = load<v16>(z + 32 * q + 16 * v);
+    for (int v = 0; v < 2; ++v) acc[q][v] = load<v16>(z0 + 32 * q + 16 * v);
   for (int k = 0; k < K; ++k) {
     const float x = h[k];
     for (int q = 0; q < P; ++q)
@@ -303,7 +305,14 @@ inline void row_panels(const float* h, const float* W, int K, float* z) {
     for (int v = 0; v < 2; ++v) store(z + 32 * q + 16 * v, acc[q][v]);
 }
 
-// In blocks of 256 rows of a panel (32 KiB), which stay in L1 while the row tiles pass over.
+// In blocks of kPanelRows rows of a panel (32 KiB at 256), which stay in L1 while the row
+// tiles pass over, where L1 has room for them beside the rows of h (48 KiB or more; Intel
+// Sapphire Rapids). Where it has less, all K rows at once (`panel_rows`): on a 2-core AMD EPYC
+// (Zen 4, 32 KiB of L1) the tiles then ran 1-9 % faster, one thread, B × K × N (multiply-adds
+// a second, blocks of 256 / all rows, G): 64 × 512 × 1024 54.6 / 56.8, 64 × 1024 × 2048 54.6
+// / 55.6, 64 × 1024 × 256 53.2 / 57.9, 64 × 2048 × 256 56.2 / 57.6, 8 × 512 × 1024 56.3 /
+// 57.2, 4 × 1024 × 1024 39.2 / 40.3, 2 × 1024 × 2048 30.4 / 32.4 (blocks of 128 rows: 52.6
+// at 64 × 512 × 1024). The sums are the same either way (each tile adds k in order).
 // An odd last row goes across the 32-column panels four at a time instead (`row_panels`).
 // While the tiles run over a block, they prefetch the next one (the packed panels are one
 // array): where W does not fit in L2, the first tile over each block would otherwise wait for
@@ -315,10 +324,29 @@ inline void row_panels(const float* h, const float* W, int K, float* z) {
 // least kPrefetchBytes: where it stays in L2 the prefetches only cost (LSTM B8 T100 H128 6 %
 // slower, GRU B16 T256 H128 fwd+bwd up to 18 %), and the tiles run without them.
 constexpr int64_t kPrefetchBytes = int64_t{1} << 20;
+constexpr int kPanelRows = 256;
+
+// kPanelRows, or 0 for all rows (this CPU's L1, asked once).
+int panel_rows() {
+  static const int rows = [] {
+#if defined(__linux__) && defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);  // 0 or -1 where unknown
+    if (l1 > 0 && l1 < 48 * 1024) return 0;
+#endif
+    return kPanelRows;
+  }();
+  return rows;
+}
 
 template <bool kPrefetch>
-void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, int B) {
-  constexpr int kBlock = 256;
+void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, int B,
+               const float* bias) {
+  if (K == 0) {  // no terms: z keeps its values, or takes the biases
+    for (int b = 0; bias != nullptr && b < B; ++b)
+      std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
+    return;
+  }
+  const int kBlock = panel_rows() > 0 ? panel_rows() : K;
   const int tiled = B & ~1;  // rows the tiles of the 32-column panels take
   const float* W0 = W;
   for (int j = 0; j < N;) {
@@ -326,6 +354,10 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
     for (int k0 = 0; k0 < K; k0 += kBlock) {
       const int kn = std::min(kBlock, K - k0);
       const float* Wk = W + static_cast<size_t>(k0) * width;
+      // The first block starts from the biases, if given; the others from z.
+      const bool from_bias = bias != nullptr && k0 == 0;
+      const float* z0 = from_bias ? bias + j : z + j;
+      const int ld0 = from_bias ? 0 : N;
       // The next block: this panel's next rows, or the next panel's first ones.
       const bool last = k0 + kn >= K;
       const int next_width = last ? (j + width < N ? panel_width(N, j + width) : 0) : width;
@@ -333,13 +365,13 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
       const int next_lines = static_cast<int>((int64_t{next_rows} * next_width * 4 + 63) / 64);
       const char* next = reinterpret_cast<const char*>(Wk + static_cast<size_t>(kn) * width);
       if (width == 32) {
-        panel<2, kPrefetch>(h + k0, ldh, Wk, kn, z + j, N, tiled, next, next_lines);
+        panel<2, kPrefetch>(h + k0, ldh, Wk, kn, z0, ld0, z + j, N, tiled, next, next_lines);
       } else if (width == 16) {
-        panel<1, kPrefetch>(h + k0, ldh, Wk, kn, z + j, N, B, next, next_lines);
+        panel<1, kPrefetch>(h + k0, ldh, Wk, kn, z0, ld0, z + j, N, B, next, next_lines);
       } else {
         for (int b = 0; b < B; ++b)
           for (int c = 0; c < width; ++c) {
-            float acc = z[b * N + j + c];
+            float acc = z0[b * ld0 + c];
             for (int k = 0; k < kn; ++k) acc += h[b * ldh + k0 + k] * Wk[k * width + c];
             z[b * N + j + c] = acc;
           }
@@ -351,17 +383,21 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
   if (tiled == B) return;
   const float* row = h + static_cast<size_t>(tiled) * ldh;
   float* out = z + static_cast<size_t>(tiled) * N;
+  const float* out0 = bias != nullptr ? bias : out;
   const size_t panel = static_cast<size_t>(K) * 32;
   int j = 0;
-  for (; j + 128 <= N; j += 128) row_panels<4>(row, W0 + j / 32 * panel, K, out + j);
-  for (; j + 32 <= N; j += 32) row_panels<1>(row, W0 + j / 32 * panel, K, out + j);
+  for (; j + 128 <= N; j += 128) row_panels<4>(row, W0 + j / 32 * panel, K, out0 + j, out + j);
+  for (; j + 32 <= N; j += 32) row_panels<1>(row, W0 + j / 32 * panel, K, out0 + j, out + j);
 }
 
-void gemm_acc(const float* h, int ldh, const float* W, int N, int K, float* z, int B) {
+// z[B][N] += h[B][K] · W[K][N] (h's rows ldh apart, W in panels), or, given `bias` (N
+// values), z = bias + h · W without reading z.
+void gemm_acc(const float* h, int ldh, const float* W, int N, int K, float* z, int B,
+              const float* bias = nullptr) {
   if (int64_t{4} * N * K >= kPrefetchBytes) {
-    gemm_acc_<true>(h, ldh, W, N, K, z, B);
+    gemm_acc_<true>(h, ldh, W, N, K, z, B, bias);
   } else {
-    gemm_acc_<false>(h, ldh, W, N, K, z, B);
+    gemm_acc_<false>(h, ldh, W, N, K, z, B, bias);
   }
 }
 
@@ -1145,8 +1181,6 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
   float* zx = out.zx.data();
   float* z = out.z.data();
   const int ldz = p.bf16 ? round_up(N, 16) : N;  // the rows of zx and z (`Local`)
-  for (int b = 0; b < B; ++b)
-    std::memcpy(z + static_cast<size_t>(b) * ldz, bias, N * sizeof(float));
   if (p.projected) {  // the chunk's columns of the projected inputs
     for (int b = 0; b < B; ++b) {
       const float* row = p.xs + row_of(p, t, b) * I + u0;
@@ -1174,18 +1208,15 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
         for (int b = 0; b < B; ++b) {
           const size_t r = static_cast<size_t>(j) * B + b;
           std::memcpy(out.xb.data() + r * I, p.xs + row_of(p, tj, b) * I, I * sizeof(float));
-          std::memcpy(out.zxb.data() + r * N, bias_x, N * sizeof(float));
         }
       }
-      gemm_acc(out.xb.data(), I, sh.packed_x(chunk), N, I, out.zxb.data(), steps * B);
+      gemm_acc(out.xb.data(), I, sh.packed_x(chunk), N, I, out.zxb.data(), steps * B, bias_x);
       out.block_chunk = chunk;
       out.block_first = first;
     }
     zx = out.zxb.data() + static_cast<size_t>(s - first) * B * N;
   } else {
     const float* bias_x = sh.bias_x.data() + static_cast<size_t>(G) * u0;
-    for (int b = 0; b < B; ++b)
-      std::memcpy(zx + static_cast<size_t>(b) * N, bias_x, N * sizeof(float));
     const float* x = p.xs + row_of(p, t, 0) * I;  // one run: the step's rows, a block
     if (!rows_contiguous(p)) {  // gathered, a run's block at a time
       for (int b = 0, len; b < B; b += len) {
@@ -1195,15 +1226,17 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
       }
       x = out.x.data();
     }
-    gemm_acc(x, I, sh.packed_x(chunk), N, I, zx, B);
+    gemm_acc(x, I, sh.packed_x(chunk), N, I, zx, B, bias_x);
   }
   if (p.bf16) {
+    for (int b = 0; b < B; ++b)
+      std::memcpy(z + static_cast<size_t>(b) * ldz, bias, N * sizeof(float));
     const int Bp = round_up(B, 16), Hp = round_up(H, 32);
     to_bf16_rows([&](int b) { return h_in + static_cast<size_t>(b) * H; }, B, H, Bp, Hp,
                  out.a16.data());
     gemm_bf16(out.a16.data(), Hp, sh.packed_h16(chunk), ldz, z, ldz, Bp, 0, B);
   } else {
-    gemm_acc(h_in, H, sh.packed_h(chunk), N, H, z, B);
+    gemm_acc(h_in, H, sh.packed_h(chunk), N, H, z, B, bias);
   }
   const auto fn = row_fn<ForwardRow, Row>(p.kind);
   for (int b = 0; b < B; ++b) {
