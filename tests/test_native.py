@@ -245,6 +245,35 @@ def test_weights_larger_than_a_cache(cell_name, projection, monkeypatch):
     assert_trees_close(actual, expected(params, xs, carry), rtol=2e-5, atol=2e-5)
 
 
+# The float32 matmuls run over a panel of W in blocks of rows (`panel_rows` in the C++: 256 where
+# L1 has 48 KiB or more, else all rows at once), the first block's tiles starting from the
+# biases. Blocks of 16, 100 and 256 rows and all rows (K = 290 and 300 in the forward pass,
+# 1200 in the backward one; 9 rows, so an odd last one; a 16-column panel and 8 columns left
+# over) give the sums of the kernel's own choice bit for bit, and the loop over `step`.
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_panel_blocks_give_the_same_sums(cell_name, monkeypatch):
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    monkeypatch.setattr(native, "HOIST_TABLE", ())
+    cell = FAST_CELLS[cell_name](300)
+    params = cell.init(fresh_key(), 290)
+    xs = jax.random.normal(fresh_key(), (9, 4, 290))
+    carry = random_carry(cell, (9,))
+
+    def both(p, x, c):  # jitted anew per setting, so that the kernel calls take it
+        grad = jax.grad(lambda *a: fast_loss(cell, *a, {}), argnums=(0, 1, 2))
+        return jaxrnn.unroll(cell, p, x, c), grad(p, x, c)
+
+    grad = jax.jit(jax.grad(lambda *a: fast_loss(cell, *a, {}), argnums=(0, 1, 2)))
+    assert _hlo(grad, params, xs, carry)[0] == [native.TARGET, native.TARGET_BACKWARD]
+    chosen = jax.jit(lambda *a: both(*a))(params, xs, carry)
+    assert_trees_close(chosen[0], reference_unroll(cell, params, xs, carry))
+    for rows in (16, 100, 256, 1 << 20):
+        monkeypatch.setenv("JAXRNN_NATIVE_PANEL_ROWS", str(rows))
+        blocked = jax.jit(lambda *a: both(*a))(params, xs, carry)
+        for got, want in zip(jax.tree_util.tree_leaves(blocked), jax.tree_util.tree_leaves(chosen)):
+            np.testing.assert_array_equal(got, want)
+
+
 # Batch-major callers (the default) and time-major ones: the forward pass's kernel reads and
 # writes the caller's layout, so XLA cancels the runner's moves to time-major and back.
 LAYOUT_MODES = [

@@ -338,6 +338,9 @@ def _attributes(kind, reverse):
         # Transparent huge pages under large fresh result buffers (`advise_huge_pages` in the
         # C++); JAXRNN_NATIVE_HUGEPAGES=0 leaves them to the system's default.
         "huge_pages": os.environ.get("JAXRNN_NATIVE_HUGEPAGES") != "0",
+        # Tests only: the rows of W a block of the float32 matmuls takes (0: the kernel's
+        # choice by the size of L1, `panel_rows` in the C++). The sums are the same.
+        "panel_rows": np.int32(_count("JAXRNN_NATIVE_PANEL_ROWS")),
     }
 
 

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <new>
@@ -305,9 +306,9 @@ inline void row_panels(const float* h, const float* W, int K, const float* z0, f
     for (int v = 0; v < 2; ++v) store(z + 32 * q + 16 * v, acc[q][v]);
 }
 
-// In blocks of kPanelRows rows of a panel (32 KiB at 256), which stay in L1 while the row
-// tiles pass over, where L1 has room for them beside the rows of h (48 KiB or more; Intel
-// Sapphire Rapids). Where it has less, all K rows at once (`panel_rows`): on a 2-core AMD EPYC
+// In blocks of `rows` rows of a panel: 256 (32 KiB), which stay in L1 while the row tiles
+// pass over, where L1 has room for them beside the rows of h (48 KiB or more; Intel Sapphire
+// Rapids). Where it has less, all K rows at once (`panel_rows`): on a 2-core AMD EPYC
 // (Zen 4, 32 KiB of L1) the tiles then ran 1-9 % faster, one thread, B × K × N (multiply-adds
 // a second, blocks of 256 / all rows, G): 64 × 512 × 1024 54.6 / 56.8, 64 × 1024 × 2048 54.6
 // / 55.6, 64 × 1024 × 256 53.2 / 57.9, 64 × 2048 × 256 56.2 / 57.6, 8 × 512 × 1024 56.3 /
@@ -324,29 +325,30 @@ inline void row_panels(const float* h, const float* W, int K, const float* z0, f
 // least kPrefetchBytes: where it stays in L2 the prefetches only cost (LSTM B8 T100 H128 6 %
 // slower, GRU B16 T256 H128 fwd+bwd up to 18 %), and the tiles run without them.
 constexpr int64_t kPrefetchBytes = int64_t{1} << 20;
-constexpr int kPanelRows = 256;
+constexpr int kAllRows = std::numeric_limits<int>::max();
 
-// kPanelRows, or 0 for all rows (this CPU's L1, asked once).
-int panel_rows() {
+// The rows of a panel block on this CPU (its L1, asked once), or `forced` where positive
+// (tests).
+int panel_rows(int forced) {
   static const int rows = [] {
 #if defined(__linux__) && defined(_SC_LEVEL1_DCACHE_SIZE)
     const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);  // 0 or -1 where unknown
-    if (l1 > 0 && l1 < 48 * 1024) return 0;
+    if (l1 > 0 && l1 < 48 * 1024) return kAllRows;
 #endif
-    return kPanelRows;
+    return 256;
   }();
-  return rows;
+  return forced > 0 ? forced : rows;
 }
 
 template <bool kPrefetch>
 void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, int B,
-               const float* bias) {
+               int rows, const float* bias) {
   if (K == 0) {  // no terms: z keeps its values, or takes the biases
     for (int b = 0; bias != nullptr && b < B; ++b)
       std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
     return;
   }
-  const int kBlock = panel_rows() > 0 ? panel_rows() : K;
+  const int kBlock = std::min(rows, K);
   const int tiled = B & ~1;  // rows the tiles of the 32-column panels take
   const float* W0 = W;
   for (int j = 0; j < N;) {
@@ -390,14 +392,14 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
   for (; j + 32 <= N; j += 32) row_panels<1>(row, W0 + j / 32 * panel, K, out0 + j, out + j);
 }
 
-// z[B][N] += h[B][K] · W[K][N] (h's rows ldh apart, W in panels), or, given `bias` (N
-// values), z = bias + h · W without reading z.
-void gemm_acc(const float* h, int ldh, const float* W, int N, int K, float* z, int B,
+// z[B][N] += h[B][K] · W[K][N] (h's rows ldh apart, W in panels, blocks of `rows` rows:
+// `panel_rows`), or, given `bias` (N values), z = bias + h · W without reading z.
+void gemm_acc(const float* h, int ldh, const float* W, int N, int K, float* z, int B, int rows,
               const float* bias = nullptr) {
   if (int64_t{4} * N * K >= kPrefetchBytes) {
-    gemm_acc_<true>(h, ldh, W, N, K, z, B, bias);
+    gemm_acc_<true>(h, ldh, W, N, K, z, B, rows, bias);
   } else {
-    gemm_acc_<false>(h, ldh, W, N, K, z, B, bias);
+    gemm_acc_<false>(h, ldh, W, N, K, z, B, rows, bias);
   }
 }
 
@@ -999,6 +1001,7 @@ struct Problem {
   float* res[4];
   int b0 = 0;  // the first row of the call's arrays this problem covers (`row_of`)
   bool bf16 = false;  // matmul_dtype=bfloat16: the matmuls on AMX tiles (`gemm_bf16`)
+  int panel_rows = kAllRows;  // `gemm_acc`'s blocks (`panel_rows`)
 };
 
 // Residual j of a kind goes to output array out[j] at gate column gate[j] (of width H).
@@ -1210,7 +1213,8 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
           std::memcpy(out.xb.data() + r * I, p.xs + row_of(p, tj, b) * I, I * sizeof(float));
         }
       }
-      gemm_acc(out.xb.data(), I, sh.packed_x(chunk), N, I, out.zxb.data(), steps * B, bias_x);
+      gemm_acc(out.xb.data(), I, sh.packed_x(chunk), N, I, out.zxb.data(), steps * B,
+               p.panel_rows, bias_x);
       out.block_chunk = chunk;
       out.block_first = first;
     }
@@ -1226,7 +1230,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
       }
       x = out.x.data();
     }
-    gemm_acc(x, I, sh.packed_x(chunk), N, I, zx, B, bias_x);
+    gemm_acc(x, I, sh.packed_x(chunk), N, I, zx, B, p.panel_rows, bias_x);
   }
   if (p.bf16) {
     for (int b = 0; b < B; ++b)
@@ -1236,7 +1240,7 @@ void step_chunk(const Shared& sh, int chunk, int s, Local& out) {
                  out.a16.data());
     gemm_bf16(out.a16.data(), Hp, sh.packed_h16(chunk), ldz, z, ldz, Bp, 0, B);
   } else {
-    gemm_acc(h_in, H, sh.packed_h(chunk), N, H, z, B, bias);
+    gemm_acc(h_in, H, sh.packed_h(chunk), N, H, z, B, p.panel_rows, bias);
   }
   const auto fn = row_fn<ForwardRow, Row>(p.kind);
   for (int b = 0; b < B; ++b) {
@@ -1617,7 +1621,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                    ffi::ResultBuffer<ffi::F32> res2, ffi::ResultBuffer<ffi::F32> res3,
                    int32_t kind, bool reverse, int32_t threads, bool duplicate,
                    int32_t forced_groups, bool small_groups, bool huge_pages,
-                   bool bf16) {
+                   bool bf16, int32_t forced_panel_rows) {
   if (bf16 && !bf16_ready())
     return ffi::Error::InvalidArgument(
         "jaxrnn native kernel: bf16 matmuls need AMX or AVX512-BF16 (jaxrnn_bf16_available() "
@@ -1654,6 +1658,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                resets.element_count() ? resets.typed_data() : nullptr, ys->typed_data(),
                nullptr, {nullptr, nullptr, nullptr, nullptr}};
   base.bf16 = bf16;
+  base.panel_rows = panel_rows(forced_panel_rows);
   const ResidualLayout layout = residual_layout(kind);
   if (res0->element_count() != 0) {  // the gradient pass: residuals, unless empty
     ffi::Result<ffi::Buffer<ffi::F32>>* outs[4] = {&res0, &res1, &res2, &res3};
@@ -1771,6 +1776,7 @@ struct BackProblem {
   float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
   int b0 = 0;             // the first row this problem covers, as in `Problem`
   bool bf16 = false;      // W_h is bfloat16: ct_v W_hᵀ on AMX tiles, ct_v in three parts
+  int panel_rows = kAllRows;  // `gemm_acc`'s blocks (`panel_rows`)
                           // (from 16 rows; below, the float32 matmul gives the same)
 };
 
@@ -1898,7 +1904,7 @@ void finish_lambda(const BackShared& sh, int chunk, int s, float* lh, float* lc,
       gemm_bf16(parts + q * size, Kp, sh.wt16.data() + sh.wt_offset[chunk], ldl, lh, ldl, Bp, 0,
                 B);
   } else {
-    gemm_acc(v, GH, sh.packed_t(chunk), U, GH, lh, B);
+    gemm_acc(v, GH, sh.packed_t(chunk), U, GH, lh, B, p.panel_rows);
   }
   if (p.resets != nullptr && !p.reverse) {
     const int t_prev = back_time(p, s - 1);
@@ -2043,7 +2049,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                     ffi::ResultBuffer<ffi::F32> ct_h0, ffi::ResultBuffer<ffi::F32> ct_c0,
                     int32_t kind, bool reverse, int32_t threads, bool duplicate,
                     int32_t forced_groups, bool small_groups, bool huge_pages,
-                    bool bf16) {
+                    bool bf16, int32_t forced_panel_rows) {
   if (bf16 && !bf16_ready())
     return ffi::Error::InvalidArgument(
         "jaxrnn native backward: bf16 matmuls need AMX or AVX512-BF16 "
@@ -2082,6 +2088,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
                    kind == kGru ? ct_v->typed_data() : nullptr};
   for (int k = 0; k < 6; ++k) base.coef[k] = k < n_coef ? coefs[k]->typed_data() : nullptr;
   base.bf16 = bf16;
+  base.panel_rows = panel_rows(forced_panel_rows);
   // ct_u takes coef[0]'s buffer (written by the forward kernel; the Elman's, ct_ys's); ct_v is
   // new.
   if (huge_pages && base.ct_v != nullptr) advise_huge_pages(base.ct_v, flags * GH);
@@ -2471,7 +2478,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnForward, Forward,
                                   .Attr<int32_t>("groups")
                                   .Attr<bool>("small_groups")  // groups of 4 rows a thread
                                   .Attr<bool>("huge_pages")
-                                  .Attr<bool>("bf16"));  // matmuls of bf16 operands (AMX)
+                                  .Attr<bool>("bf16")  // matmuls of bf16 operands (AMX)
+                                  .Attr<int32_t>("panel_rows"));  // tests: `panel_rows`
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                               ffi::Ffi::Bind()
@@ -2499,7 +2507,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnBackward, Backward,
                                   .Attr<int32_t>("groups")
                                   .Attr<bool>("small_groups")  // groups of 4 rows a thread
                                   .Attr<bool>("huge_pages")
-                                  .Attr<bool>("bf16"));  // W_h is bfloat16 (AMX)
+                                  .Attr<bool>("bf16")  // W_h is bfloat16 (AMX)
+                                  .Attr<int32_t>("panel_rows"));  // tests: `panel_rows`
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnGradients, Gradients,
                               ffi::Ffi::Bind()
