@@ -1776,8 +1776,8 @@ struct BackProblem {
   float* ct_v;            // the GRU: (T, B, 3H), the cotangent of its recurrent input; else null
   int b0 = 0;             // the first row this problem covers, as in `Problem`
   bool bf16 = false;      // W_h is bfloat16: ct_v W_hᵀ on AMX tiles, ct_v in three parts
-  int panel_rows = kAllRows;  // `gemm_acc`'s blocks (`panel_rows`)
                           // (from 16 rows; below, the float32 matmul gives the same)
+  int panel_rows = kAllRows;  // `gemm_acc`'s blocks (`panel_rows`)
 };
 
 struct BackShared : Chunks {
