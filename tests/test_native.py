@@ -248,8 +248,9 @@ def test_weights_larger_than_a_cache(cell_name, projection, monkeypatch):
 # The float32 matmuls run over a panel of W in blocks of rows (`panel_rows` in the C++: 256 where
 # L1 has 48 KiB or more, else all rows at once), the first block's tiles starting from the
 # biases. Blocks of 16, 100 and 256 rows and all rows (K = 290 and 300 in the forward pass,
-# 1200 in the backward one; 9 rows, so an odd last one; a 16-column panel and 8 columns left
-# over) give the sums of the kernel's own choice bit for bit, and the loop over `step`.
+# 1200 in the backward one; 9 rows, so an odd last one; chunks of 144 and 156 units, so
+# 16-column panels and, for the GRU's forward and the backward, 4 and 12 columns left over)
+# give the sums of the kernel's own choice bit for bit, and the loop over `step`.
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
 def test_panel_blocks_give_the_same_sums(cell_name, monkeypatch):
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
