@@ -260,11 +260,11 @@ def test_panel_blocks_give_the_same_sums(cell_name, monkeypatch):
     xs = jax.random.normal(fresh_key(), (9, 4, 290))
     carry = random_carry(cell, (9,))
 
+    grad = jax.grad(_loss(cell, {}), argnums=(0, 1, 2))
+
     def both(p, x, c):  # jitted anew per setting, so that the kernel calls take it
-        grad = jax.grad(lambda *a: fast_loss(cell, *a, {}), argnums=(0, 1, 2))
         return jaxrnn.unroll(cell, p, x, c), grad(p, x, c)
 
-    grad = jax.jit(jax.grad(lambda *a: fast_loss(cell, *a, {}), argnums=(0, 1, 2)))
     assert _hlo(grad, params, xs, carry)[0] == [native.TARGET, native.TARGET_BACKWARD]
     chosen = jax.jit(lambda *a: both(*a))(params, xs, carry)
     assert_trees_close(chosen[0], reference_unroll(cell, params, xs, carry))
