@@ -689,7 +689,11 @@ def test_duplicated_chunks_publish_once(cell_name, groups, monkeypatch):
 
 
 def test_thread_counts_agree_at_a_benchmark_size(monkeypatch):
-    """B16 T64 H128 LSTM: one thread against two and three (the kernel's own partitions)."""
+    """B16 T64 H128 LSTM: one thread against two and three (the kernel's own partitions).
+    The weight and bias gradients, 1024 rows each summed on the gradient kernel in runs of
+    rows, one per thread (`native.kernel_gradients`), agree to float32 sums in another
+    order."""
+    assert native.kernel_gradients(16 * 64, 32, 128)
     cell = jaxrnn.lstm(128)
     params = cell.init(fresh_key(), 32)
     xs = jax.random.normal(fresh_key(), (16, 64, 32))
@@ -697,8 +701,9 @@ def test_thread_counts_agree_at_a_benchmark_size(monkeypatch):
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("JAXRNN_NATIVE_THREADS", threads)
         outs[threads] = forward(cell, params, xs), _grads(cell, params, xs, None)
-    assert_trees_close(outs["2"], outs["1"], rtol=1e-6, atol=1e-6)
-    assert_trees_close(outs["3"], outs["1"], rtol=1e-6, atol=1e-6)
+    for threads in ("2", "3"):
+        assert_trees_close(outs[threads][0], outs["1"][0], rtol=1e-6, atol=1e-6)
+        assert_sums_close(outs[threads][1], outs["1"][1], rtol=1e-6, atol=1e-6, scale=1e-5)
     monkeypatch.setenv("JAXRNN_NATIVE", "0")
     assert_trees_close(forward(cell, params, xs), outs["1"][0])  # XLA's loop
 
@@ -1000,3 +1005,150 @@ def test_a_bad_thread_count_is_named(value, monkeypatch):
     msg = f"JAXRNN_NATIVE_THREADS must be a non-negative integer, got '{value}'"
     with pytest.raises(ValueError, match=msg):
         forward(cell, params, xs)
+
+
+# ---- the float32 input and weight gradients on the kernel (`native.kernel_gradients`) -------
+
+
+@pytest.fixture
+def gradients_on_the_kernel(monkeypatch):
+    """`native.kernel_gradients` made to say yes at every size."""
+    monkeypatch.setattr(native, "GRADIENT_MIN_ROWS", 0)
+    monkeypatch.setattr(native, "GRADIENT_NARROW", 1 << 30)
+
+
+def test_the_shipped_gradient_rule():
+    """From 200 rows where the inputs and units are 256 or fewer together; wider, from 8 rows
+    per input and unit."""
+    assert (native.GRADIENT_MIN_ROWS, native.GRADIENT_NARROW) == (200, 256)
+    assert native.GRADIENT_ROWS_PER_WIDTH == 8
+    assert native.kernel_gradients(200, 128, 128) and not native.kernel_gradients(199, 128, 128)
+    assert native.kernel_gradients(200, 16, 40) and not native.kernel_gradients(100, 16, 40)
+    assert not native.kernel_gradients(4095, 256, 256) and native.kernel_gradients(4096, 256, 256)
+    assert not native.kernel_gradients(8191, 512, 512) and native.kernel_gradients(8192, 512, 512)
+    assert not native.kernel_gradients(1000, 1024, 1024)
+    cell = jaxrnn.gru(16)
+    params = cell.init(fresh_key(), 8)
+    grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x)[0]))
+    for batch, on_kernel in ((3, False), (4, True)):  # 150 and 200 rows
+        text = jax.jit(grad).lower(params, jnp.ones((batch, 50, 8))).as_text()
+        assert (native.TARGET_GRADIENTS in text) == on_kernel
+        assert native.TARGET_BACKWARD in text
+
+
+@pytest.mark.parametrize(
+    "rows, features, hidden, gates, merged, want_dx, threads",
+    [
+        (7, 5, 3, 4, True, True, 0),  # one block of 8 rows, every width off the tiles
+        (300, 33, 40, 3, False, True, 2),  # two blocks of 152 rows, the GRU's separate ct_h
+        (513, 64, 48, 4, True, False, 3),  # three threads on two cores, no dx
+        (1000, 17, 130, 1, True, True, 1),  # four blocks of 250 rows, one thread
+        (260, 20, 70, 4, False, True, 2),  # 280 columns: a slice of 256, then 24
+        (777, 300, 100, 3, True, True, 2),  # 300 inputs: panels of 32, 16 and 12 columns
+    ],
+)
+def test_the_float32_gradient_kernel(
+    rows, features, hidden, gates, merged, want_dx, threads, monkeypatch
+):
+    """`native.input_and_weight_gradients` in float32 against float64 products: ``ct_x
+    W_xᵀ``, ``xᵀ ct_x``, ``hᵀ ct_h`` and the sums of ``ct_x`` and ``ct_h`` over the rows (the
+    bias gradients), within float32 rounding of sums of up to a thousand terms; and bit for
+    bit the same in a second call."""
+    assert native.available()  # registers the kernels
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    width = gates * hidden
+    x, h, w, ct_x, ct_h = (
+        jax.random.normal(fresh_key(), shape)
+        for shape in ((rows, features), (rows, hidden), (features, width), (rows, width),
+                      (rows, width))
+    )  # fmt: skip
+    ct_h = None if merged else ct_h
+
+    def fn(*a):
+        return native.input_and_weight_gradients(*a, want_dx=want_dx, f32_operands=True)
+
+    dx, *rest = jax.jit(fn)(x, h, w, ct_x, ct_h)
+    # The same sums from call to call, whichever thread took which rows.
+    jax.tree.map(np.testing.assert_array_equal, (dx, *rest), jax.jit(fn)(x, h, w, ct_x, ct_h))
+    c_x, x64, h64, w64 = (np.asarray(a, np.float64) for a in (ct_x, x, h, w))
+    c_h = c_x if merged else np.asarray(ct_h, np.float64)
+    expected = (c_x @ w64.T, x64.T @ c_x, h64.T @ c_h, c_x.sum(0), c_h.sum(0))
+    assert (dx is None) == (not want_dx)
+    for got, want in zip((dx, *rest), expected):
+        if got is None:
+            continue
+        assert got.shape == want.shape
+        scale = max(1.0, float(np.max(np.abs(want))))
+        assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) <= 2e-6 * scale
+
+
+def test_the_float32_gradient_kernel_under_vmap():
+    """Under ``vmap`` the examples become the kernel's members, each with its own rows and
+    weight gradients: ``W_x`` shared, or batched (an ensemble), and nested."""
+    assert native.available()
+    rows, features, hidden, width = 40, 9, 16, 48
+    x, h, ct = (jax.random.normal(fresh_key(), (2, 3, rows, n)) for n in (features, hidden, width))
+    ws = jax.random.normal(fresh_key(), (2, 3, features, width))
+
+    def fn(*a):
+        return native.input_and_weight_gradients(*a, f32_operands=True)
+
+    def reference(x, h, w, ct):
+        c, x, h, w = (np.asarray(a, np.float64) for a in (ct, x, h, w))
+        return c @ w.T, x.T @ c, h.T @ c, c.sum(0), c.sum(0)
+
+    def check(got, index, w):
+        want = reference(x[index], h[index], w, ct[index])
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float64)[index], e, atol=1e-5)
+
+    shared = jax.jit(jax.vmap(jax.vmap(fn, (0, 0, None, 0)), (0, 0, None, 0)))(x, h, ws[0, 0], ct)
+    batched = jax.jit(jax.vmap(jax.vmap(fn)))(x, h, ws, ct)
+    for i in range(2):
+        for j in range(3):
+            check(shared, (i, j), ws[0, 0])
+            check(batched, (i, j), ws[i, j])
+
+
+@pytest.mark.parametrize("mode", ["no_batch", "two_batch_dims", "everything",
+                                  "everything_time_major_reverse"])  # fmt: skip
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_derivatives_with_the_gradient_kernel_equal_xla(
+    cell_name, mode, gradients_on_the_kernel, monkeypatch
+):
+    """The input and weight gradients on the kernel, in every layout and with lengths,
+    resets and reverse: the same derivatives of first and second order as XLA's scan."""
+    cell = FAST_CELLS[cell_name](40)
+    params = cell.init(fresh_key(), INPUT_SIZE)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    carry = random_carry(cell, xs.shape[:-2] if not kwargs.get("time_major") else xs.shape[1:-1])
+    text = jax.jit(jax.grad(_loss(cell, kwargs))).lower(params, xs, carry).as_text()
+    assert native.TARGET_GRADIENTS in text
+    _derivatives_equal_xla(cell_name, mode, monkeypatch)
+
+
+@pytest.mark.parametrize("mode", ["batch_major", "everything_time_major_reverse"])
+@pytest.mark.parametrize("name", MAIN)
+def test_vmapped_gradients_on_the_gradient_kernel(monkeypatch, name, mode, gradients_on_the_kernel):
+    """Per-example gradients and an ensemble's: each kernel runs once over every example, equal
+    to XLA's loops."""
+    cell = FAST_CELLS[name](16)
+    xs, carry, arrays, static = _stacked_inputs(cell, mode)
+    axes = (0, None if carry is None else 0, 0)
+
+    def loss(p, x, c, a):
+        return fast_loss(cell, p, x, c, {**a, **static})
+
+    per_example = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(None, *axes))
+    ensemble = jax.grad(
+        lambda p, *a: jnp.sum(jax.vmap(loss, in_axes=(0, *axes))(p, *a) ** 2), argnums=(0, 1, 2)
+    )
+    kernels = [native.TARGET, native.TARGET_BACKWARD, native.TARGET_GRADIENTS]
+    for fn, params in ((per_example, cell.init(fresh_key(), INPUT_SIZE)),
+                       (ensemble, _ensemble(cell, 3))):  # fmt: skip
+        args = (params, xs, carry, arrays)
+        assert _hlo(fn, *args) == (kernels, 0)
+        actual = jax.jit(fn)(*args)
+        with monkeypatch.context() as m:
+            m.setenv("JAXRNN_NATIVE", "0")
+            assert_trees_close(actual, jax.jit(fn)(*args), rtol=2e-5, atol=2e-5)

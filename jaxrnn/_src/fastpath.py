@@ -571,9 +571,11 @@ def _recurrence_jvp(static, primals, tangents):
     d_biases = tuple(d for d, b in zip((db_x, db_in), biases) if b is not None)
     nonlin, lin = (to_rows(xs), to_rows(h_in), w_x), (to_rows(dxs), dw_x, dw_h, *d_biases)
     terms = functools.partial(_input_terms, md=md, merged=merged, biases=biases)
-    if native and md is not None and _amx():
+    if native and (_amx() if md is not None else _kernel_gradients(xs, w_h)):
         # Transposed by one kernel call for the three matmuls and the bias gradients.
-        transpose = functools.partial(_input_terms_t, merged=merged, biases=biases)
+        transpose = functools.partial(
+            _input_terms_t, merged=merged, biases=biases, f32_operands=md is None
+        )
         terms = linear.apply(terms, transpose, nonlin, lin, prune=True)
     else:
         terms = terms(nonlin, lin)
@@ -606,6 +608,14 @@ def _amx() -> bool:
     return native.amx_available()
 
 
+def _kernel_gradients(xs, w_h) -> bool:
+    """Whether the float32 input and weight gradients of ``xs: (time, *batch, I)`` run on the
+    native kernel (`native.kernel_gradients`)."""
+    from jaxrnn._src import native
+
+    return native.kernel_gradients(math.prod(xs.shape[:-1]), xs.shape[-1], w_h.shape[0])
+
+
 def _plus(a, *biases):
     """``a`` plus each bias that is not ``None``."""
     for b in biases:
@@ -626,12 +636,14 @@ def _input_terms(nonlin, lin, *, md, merged, biases=(None, None)):
     return (dxw + dhw,) if merged else (dxw, dhw)
 
 
-def _input_terms_t(nonlin, cts, *, merged, biases=(None, None), needed=(True,)):
-    """`_input_terms`' transpose with ``matmul_dtype=bfloat16`` on the native kernel
-    (`native.input_and_weight_gradients`): ``dxs = ct_x bf16(W_x)ᵀ``, ``dW_x = bf16(xs)ᵀ
-    ct_x``, ``dW_h = bf16(h_in)ᵀ ct_h`` and the bias gradients (the cotangents summed over
-    the rows), each float32 cotangent read once and split into exact bfloat16 parts for all
-    three matmuls. Measured on 2 cores (Sapphire Rapids, AMX), against XLA's
+def _input_terms_t(nonlin, cts, *, merged, biases=(None, None), needed=(True,), f32_operands=False):
+    """`_input_terms`' transpose on the native kernel (`native.input_and_weight_gradients`):
+    ``dxs = ct_x W_xᵀ``, ``dW_x = xsᵀ ct_x``, ``dW_h = h_inᵀ ct_h`` and the bias gradients
+    (the cotangents summed over the rows), each cotangent read from memory once for all three
+    matmuls. In float32 (``f32_operands``) where `native.kernel_gradients` says so, which has
+    the measurements. With ``matmul_dtype=bfloat16`` on AMX, ``W_x``, ``xs`` and ``h_in`` are
+    rounded to bfloat16 and each float32 cotangent split into exact bfloat16 parts. Measured
+    on 2 cores (Sapphire Rapids, AMX), against XLA's
     three float32 dots (medians of 5, ms; without ``dxs`` in brackets): LSTM B64 T128 H512
     (8192 rows, 512 inputs) 96 against 209 (66 against 145); LSTM B16 T256 H128 4.0 against
     8.9 (2.5 against 8.9); GRU 3.2 against 7.3 (3.3 against 5.1); Elman 1.5 against 3.0
@@ -646,7 +658,7 @@ def _input_terms_t(nonlin, cts, *, merged, biases=(None, None), needed=(True,)):
     ct_h = None if merged else cts[1].reshape(-1, cts[1].shape[-1])
     dxs, dw_x, dw_h, db_x, db_h = native.input_and_weight_gradients(
         xs.reshape(-1, features), h_in.reshape(-1, hidden), w_x, ct_x, ct_h,
-        want_dx=needed[0],
+        want_dx=needed[0], f32_operands=f32_operands,
     )  # fmt: skip
     dxs = jnp.zeros(xs.shape, xs.dtype) if dxs is None else dxs.reshape(xs.shape)
     sums = tuple(s.reshape(b) for s, b in zip((db_x, db_h), biases) if b is not None)

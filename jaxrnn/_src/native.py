@@ -316,6 +316,34 @@ def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
     return any(size >= least and batch <= most for least, most in HOIST_TABLE)
 
 
+# Where the float32 gradient pass's input and weight gradients (``dx = ct W_xᵀ``, ``dW_x = xᵀ
+# ct``, ``dW_h = h_inᵀ ct``, the bias sums) run on the kernel (`input_and_weight_gradients`)
+# rather than as XLA's dots: at least GRADIENT_MIN_ROWS rows (steps × batch), and ``features +
+# hidden`` at most GRADIENT_NARROW or the rows at least GRADIENT_ROWS_PER_WIDTH times it.
+# Measured on a 2-core AMD EPYC (Zen 4), the three products and the sums alone, interleaved
+# medians, XLA's time / the kernel's, rows × I × H × G·H: narrow, where XLA's dots run at
+# 30-80 G multiply-adds a second: 200 × 128 × 128 × 512 1.52, 400 1.40, 1000 1.91, 6400
+# 1.55, 25600 1.29; GRU (two cotangents) 800 × 128 × 128 × 384 1.17, 25600 1.24; 256 × 64 ×
+# 64 × 256 1.27; but 100 × 128 × 128 × 512 0.88-0.95. Wider, where both run at 90-100:
+# 1000 × 256 × 256 × 1024 1.01, 4096 1.09, 25600 1.21; 4096 × 384 × 384 × 1536 1.00;
+# 6400 × 512 × 512 × 2048 1.04-1.11, 8192 1.03; and where a block of rows is few against the
+# weights (each thread sums all of them): 100 × 256 × 256 × 1024 0.71, 800 × 512 × 512 ×
+# 2048 0.86, 1000 0.95, 100 × 1024 × 1024 × 4096 0.54, 800 0.88.
+GRADIENT_MIN_ROWS = 200
+GRADIENT_NARROW = 256
+GRADIENT_ROWS_PER_WIDTH = 8
+
+
+def kernel_gradients(rows: int, features: int, hidden: int) -> bool:
+    """Whether the float32 gradient pass's input and weight gradients run on the kernel
+    (`input_and_weight_gradients`) for ``rows`` rows of ``features`` inputs and ``hidden``
+    units (the batch as traced: under ``vmap``, of one example)."""
+    width = features + hidden
+    return rows >= GRADIENT_MIN_ROWS and (
+        width <= GRADIENT_NARROW or rows >= GRADIENT_ROWS_PER_WIDTH * width
+    )
+
+
 def _flags(mask, resets):
     """``mask`` and ``resets`` as the kernels take them: ``(time, batch)`` bool, or empty."""
     return tuple(jnp.zeros((0,), bool) if f is None else f for f in (mask, resets))
@@ -534,25 +562,32 @@ def backward(
     return ct_u, ct_v, ct_carry0
 
 
-def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
-    r"""The bf16 gradient pass's three matmuls after the backward loop, over all rows at once,
-    on AMX tiles (`amx_available`), and the bias gradients:
+def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True, f32_operands=False):
+    r"""The gradient pass's three matmuls after the backward loop, over all rows at once, and
+    the bias gradients: in float32 (``f32_operands``, `kernel_gradients` says where)
+
+    .. math::
+
+        dx = ct_x W_x^T, \quad dW_x = x^T ct_x, \quad dW_h = h_{in}^T ct_h, \quad
+        db_x = \textstyle\sum_r ct_x, \quad db_h = \textstyle\sum_r ct_h
+
+    the transpose of the tangent rule's input terms ``dx W_x + x dW_x + db_x`` and ``h_{in}
+    dW_h + db_h`` (`fastpath._input_terms`), or else on AMX tiles (`amx_available`)
 
     .. math::
 
         dx = ct_x \, \mathrm{bf16}(W_x)^T, \quad dW_x = \mathrm{bf16}(x)^T ct_x, \quad
-        dW_h = \mathrm{bf16}(h_{in})^T ct_h, \quad db_x = \textstyle\sum_r ct_x, \quad
-        db_h = \textstyle\sum_r ct_h
+        dW_h = \mathrm{bf16}(h_{in})^T ct_h
 
-    the transpose of ``matmul_dtype=bfloat16``'s tangent terms ``dx W_x + x dW_x`` and
-    ``h_{in} dW_h`` (`fastpath._dot`: the float32 tangent times the bfloat16 operand, in
-    float32). ``xs: (rows, I)``, ``h_in: (rows, H)``, ``w_x: (I, gates·H)``, ``ct_x, ct_h:
-    (rows, gates·H)`` (``ct_h`` ``None``: ``ct_x``, as for the cells whose two terms are
-    summed). The kernel reads each block of rows of a float32 cotangent once: it adds it to
-    the bias gradient and splits it into three exact bfloat16 parts (`backward`'s
-    ``split3``) for all three products, so each product is float32's and only the order of
-    the float32 sums differs from XLA's dots. Returns ``(dx, dW_x, dW_h, db_x, db_h)``;
-    ``dx`` is ``None`` unless ``want_dx``.
+    the transpose of ``matmul_dtype=bfloat16``'s terms (`fastpath._dot`: the float32 tangent
+    times the bfloat16 operand, in float32). ``xs: (rows, I)``, ``h_in: (rows, H)``, ``w_x:
+    (I, gates·H)``, ``ct_x, ct_h: (rows, gates·H)`` (``ct_h`` ``None``: ``ct_x``, as for the
+    cells whose two terms are summed). The kernel reads each block of rows of a cotangent
+    from memory once for all three products and the bias gradient: in float32 it packs each
+    slice of its columns for the tiles of the float32 matmuls; for AMX it splits it into three
+    exact bfloat16 parts (`backward`'s ``split3``), so each product is float32's. Either way
+    only the order of the float32 sums differs from XLA's dots. Returns ``(dx, dW_x, dW_h,
+    db_x, db_h)``; ``dx`` is ``None`` unless ``want_dx``.
 
     Under ``vmap`` the kernel runs once: the vmapped axis becomes a leading axis of members,
     each with its own rows and weight gradients (and its own ``W_x`` where that is batched).
@@ -571,7 +606,8 @@ def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True):
         call = jax.ffi.ffi_call(
             TARGET_GRADIENTS, out_shapes(x.shape[0], x.shape[1], x.shape[2], h.shape[2])
         )
-        return call(x, h, w, cx, ch, threads=np.int32(_count("JAXRNN_NATIVE_THREADS")))
+        threads = np.int32(_count("JAXRNN_NATIVE_THREADS"))
+        return call(x, h, w, cx, ch, threads=threads, f32=bool(f32_operands))
 
     call = jax.custom_batching.custom_vmap(kernel)
 

@@ -217,7 +217,8 @@ inline int panel_width(int N, int j) { return N - j >= 32 ? 32 : (N - j >= 16 ? 
 // from `z0` (rows `ld0` apart: z itself, or 0 for one row of biases that every row starts
 // from). With kPrefetch, it meanwhile prefetches `pf_lines` cache lines from `pf` into L2
 // (`gemm_acc`: its share of the next block of W), spread over the k loop, a few every 4 k.
-template <int R, int NV, bool kPrefetch>
+// Row r of the left operand is h[r · ldh + k], or with kT (`gemm_acc_t`) h[k · ldh + r].
+template <int R, int NV, bool kPrefetch, bool kT = false>
 inline void tile(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
                  float* z, int ldz, const char* pf, int pf_lines) {
   constexpr int ldw = 16 * NV;
@@ -230,7 +231,7 @@ inline void tile(const float* h, int ldh, const float* W, int K, const float* z0
     for (int v = 0; v < NV; ++v) w[v] = load<v16>(W + k * ldw + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      float x = h[r * ldh + k];
+      float x = kT ? h[k * ldh + r] : h[r * ldh + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += x * w[v];
     }
   };
@@ -252,9 +253,10 @@ inline void tile(const float* h, int ldh, const float* W, int K, const float* z0
 
 // The row tiles of one block of a panel (8 rows at a time, then 4, 2 and 1), which share out
 // the prefetching of `pf_lines` lines from `pf`.
-template <int NV, bool kPrefetch>
+template <int NV, bool kPrefetch, bool kT = false>
 inline void panel(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
                   float* z, int ldz, int B, const char* pf, int pf_lines) {
+  const int step = kT ? 1 : ldh;  // from one row of the left operand to the next
   int share = 0, done = 0;
   if constexpr (kPrefetch) {
     const int tiles = B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2);
@@ -269,36 +271,42 @@ inline void panel(const float* h, int ldh, const float* W, int K, const float* z
   int b = 0;
   for (; b + 8 <= B; b += 8) {
     auto [p, n] = lines();
-    tile<8, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
+    tile<8, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
+                               n);
   }
   if (b + 4 <= B) {
     auto [p, n] = lines();
-    tile<4, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
+    tile<4, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
+                               n);
     b += 4;
   }
   if (b + 2 <= B) {
     auto [p, n] = lines();
-    tile<2, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
+    tile<2, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
+                               n);
     b += 2;
   }
   if (b < B) {
     auto [p, n] = lines();
-    tile<1, NV, kPrefetch>(h + b * ldh, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p, n);
+    tile<1, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
+                               n);
   }
 }
 
 // One row across P consecutive 32-column panels at once, over all K rows: 2·P independent
 // sums. Alone, a panel gives a row two, and the latency of a multiply-add (4 cycles, 2 issued
 // per cycle) holds them to a quarter of the peak rate. The order of each sum's terms is that
-// of the tiles (k ascending), so the results are the same bit for bit.
-template <int P>
-inline void row_panels(const float* h, const float* W, int K, const float* z0, float* z) {
+// of the tiles (k ascending), so the results are the same bit for bit. The row's k-th value
+// is h[k], or with kT h[k · ldh].
+template <int P, bool kT = false>
+inline void row_panels(const float* h, int ldh, const float* W, int K, const float* z0,
+                       float* z) {
   const size_t panel = static_cast<size_t>(K) * 32;
   v16 acc[P][2];
   for (int q = 0; q < P; ++q)
     for (int v = 0; v < 2; ++v) acc[q][v] = load<v16>(z0 + 32 * q + 16 * v);
   for (int k = 0; k < K; ++k) {
-    const float x = h[k];
+    const float x = kT ? h[static_cast<size_t>(k) * ldh] : h[k];
     for (int q = 0; q < P; ++q)
       for (int v = 0; v < 2; ++v) acc[q][v] += x * load<v16>(W + q * panel + k * 32 + 16 * v);
   }
@@ -340,12 +348,12 @@ int panel_rows(int forced) {
   return forced > 0 ? forced : rows;
 }
 
-template <bool kPrefetch>
-void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, int B,
+template <bool kPrefetch, bool kT = false>
+void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, int ldz, int B,
                int rows, const float* bias) {
   if (K == 0) {  // no terms: z keeps its values, or takes the biases
     for (int b = 0; bias != nullptr && b < B; ++b)
-      std::memcpy(z + static_cast<size_t>(b) * N, bias, N * sizeof(float));
+      std::memcpy(z + static_cast<size_t>(b) * ldz, bias, N * sizeof(float));
     return;
   }
   const int kBlock = std::min(rows, K);
@@ -359,23 +367,25 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
       // The first block starts from the biases, if given; the others from z.
       const bool from_bias = bias != nullptr && k0 == 0;
       const float* z0 = from_bias ? bias + j : z + j;
-      const int ld0 = from_bias ? 0 : N;
+      const int ld0 = from_bias ? 0 : ldz;
       // The next block: this panel's next rows, or the next panel's first ones.
       const bool last = k0 + kn >= K;
       const int next_width = last ? (j + width < N ? panel_width(N, j + width) : 0) : width;
       const int next_rows = last ? std::min(kBlock, K) : std::min(kBlock, K - k0 - kn);
       const int next_lines = static_cast<int>((int64_t{next_rows} * next_width * 4 + 63) / 64);
       const char* next = reinterpret_cast<const char*>(Wk + static_cast<size_t>(kn) * width);
+      const float* hk = kT ? h + static_cast<size_t>(k0) * ldh : h + k0;  // from row k0
       if (width == 32) {
-        panel<2, kPrefetch>(h + k0, ldh, Wk, kn, z0, ld0, z + j, N, tiled, next, next_lines);
+        panel<2, kPrefetch, kT>(hk, ldh, Wk, kn, z0, ld0, z + j, ldz, tiled, next, next_lines);
       } else if (width == 16) {
-        panel<1, kPrefetch>(h + k0, ldh, Wk, kn, z0, ld0, z + j, N, B, next, next_lines);
+        panel<1, kPrefetch, kT>(hk, ldh, Wk, kn, z0, ld0, z + j, ldz, B, next, next_lines);
       } else {
         for (int b = 0; b < B; ++b)
           for (int c = 0; c < width; ++c) {
             float acc = z0[b * ld0 + c];
-            for (int k = 0; k < kn; ++k) acc += h[b * ldh + k0 + k] * Wk[k * width + c];
-            z[b * N + j + c] = acc;
+            for (int k = 0; k < kn; ++k)
+              acc += (kT ? hk[k * ldh + b] : hk[b * ldh + k]) * Wk[k * width + c];
+            z[static_cast<size_t>(b) * ldz + j + c] = acc;
           }
       }
     }
@@ -383,23 +393,38 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
     j += width;
   }
   if (tiled == B) return;
-  const float* row = h + static_cast<size_t>(tiled) * ldh;
-  float* out = z + static_cast<size_t>(tiled) * N;
+  const float* row = kT ? h + tiled : h + static_cast<size_t>(tiled) * ldh;
+  float* out = z + static_cast<size_t>(tiled) * ldz;
   const float* out0 = bias != nullptr ? bias : out;
   const size_t panel = static_cast<size_t>(K) * 32;
   int j = 0;
-  for (; j + 128 <= N; j += 128) row_panels<4>(row, W0 + j / 32 * panel, K, out0 + j, out + j);
-  for (; j + 32 <= N; j += 32) row_panels<1>(row, W0 + j / 32 * panel, K, out0 + j, out + j);
+  for (; j + 128 <= N; j += 128)
+    row_panels<4, kT>(row, ldh, W0 + j / 32 * panel, K, out0 + j, out + j);
+  for (; j + 32 <= N; j += 32)
+    row_panels<1, kT>(row, ldh, W0 + j / 32 * panel, K, out0 + j, out + j);
 }
 
 // z[B][N] += h[B][K] · W[K][N] (h's rows ldh apart, W in panels, blocks of `rows` rows:
-// `panel_rows`), or, given `bias` (N values), z = bias + h · W without reading z.
+// `panel_rows`, z's rows `ldz` apart, 0: N), or, given `bias` (N values), z = bias + h · W
+// without reading z.
 void gemm_acc(const float* h, int ldh, const float* W, int N, int K, float* z, int B, int rows,
-              const float* bias = nullptr) {
+              const float* bias = nullptr, int ldz = 0) {
+  ldz = ldz > 0 ? ldz : N;
   if (int64_t{4} * N * K >= kPrefetchBytes) {
-    gemm_acc_<true>(h, ldh, W, N, K, z, B, rows, bias);
+    gemm_acc_<true>(h, ldh, W, N, K, z, ldz, B, rows, bias);
   } else {
-    gemm_acc_<false>(h, ldh, W, N, K, z, B, rows, bias);
+    gemm_acc_<false>(h, ldh, W, N, K, z, ldz, B, rows, bias);
+  }
+}
+
+// z[B][N] += aᵀ · W for a (K, B) matrix (rows lda apart): `gemm_acc` with the left operand
+// transposed, B rows of z from B columns of a.
+void gemm_acc_t(const float* a, int lda, const float* W, int N, int K, float* z, int ldz,
+                int B, int rows) {
+  if (int64_t{4} * N * K >= kPrefetchBytes) {
+    gemm_acc_<true, true>(a, lda, W, N, K, z, ldz, B, rows, nullptr);
+  } else {
+    gemm_acc_<false, true>(a, lda, W, N, K, z, ldz, B, rows, nullptr);
   }
 }
 
@@ -2158,8 +2183,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
 // parts (`split3`), so each product is float32's and the sums are float32 sums in another
 // order. The rows go in blocks of kGradRows; each block's cotangent is read and split once
 // for all three matmuls and the sums (XLA's float32 dots and reduction read it four times).
-// A thread claims blocks one at a time and sums its gradients in its own float32
-// accumulators, added up at the end; dx's rows are each block's own.
+// The blocks go in runs, one per thread at most (`over_slots`), each run's weight and bias
+// gradients summed in float32 accumulators of its own, added up at the end in a fixed order;
+// dx's rows are each block's own.
 
 constexpr int kGradRows = 256;
 // Columns of the cotangent split and multiplied at a time: a slice's parts (3 × 256 × 256 in
@@ -2172,13 +2198,40 @@ struct GradShared {
   float* dx;                         // null: not wanted
   float *dw_x, *dw_h, *db_x, *db_h;  // the results (I × GH, H × GH, GH, GH or null)
   const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
-  std::atomic<int> next{0}, slots{0}, active{0};
+  bool f32 = false;                  // float32 products (`grad_blocks_f32`), not bf16 parts
+  const float* wxt32 = nullptr;      // f32: W_xᵀ packed for `gemm_acc`, slice by slice
+  int panel_rows = kAllRows;         // f32: `gemm_acc`'s blocks
+  int block_rows = kGradRows;        // f32: rows a block (`grad_block_rows`)
+  int blocks = 0, slots = 0;         // blocks of rows; slots, each a run of them (`over_slots`)
+  std::atomic<int> next{0}, active{0};  // the next slot to claim; threads at work
   std::atomic<int> next_rows{0}, summing{0};
-  int used = 0;                      // slots, once every block is done
   // Per slot, rows of GHp: dW_x (Ip rows), dW_h (Hp rows), then the column sums of ct_x and
   // of ct_h (the bias gradients).
   std::vector<Floats> acc;
 };
+
+// The slots one after another as a thread claims them, each slot's blocks in order:
+// `block(b, acc)` for each block b of the slot, into the slot's accumulators (zeroed first,
+// `size` floats). The slots are runs of blocks as even as can be, fixed by their count, and
+// `sum_slots` adds them up in order: the sums do not depend on which thread ran which slot,
+// so the results are the same from call to call.
+template <class Block>
+void over_slots(GradShared& sh, size_t size, Block&& block) {
+  for (int s; (s = sh.next.fetch_add(1, std::memory_order_acq_rel)) < sh.slots;) {
+    Floats& acc = sh.acc[s];
+    acc.assign(size, 0.0f);
+    const int first = static_cast<int>(int64_t{s} * sh.blocks / sh.slots);
+    const int end = static_cast<int>(int64_t{s + 1} * sh.blocks / sh.slots);
+    for (int b = first; b < end; ++b) block(b, acc.data());
+  }
+}
+
+// Whether a slot is left to claim; if not, the thread leaves (`active` counted it first).
+bool slots_left(GradShared& sh) {
+  if (sh.next.load(std::memory_order_acquire) < sh.slots) return true;
+  sh.active.fetch_sub(1, std::memory_order_acq_rel);
+  return false;
+}
 
 // Accumulator slots at most, so that a many-core machine does not hold one (I + H) × G·H
 // float32 copy of the weight gradients per core: kGradSlotBytes in all.
@@ -2198,12 +2251,12 @@ void sum_slots(GradShared& sh) {
                                 : sh.db_h;
       const int row = i < I ? i : i < I + H ? sh.Ip + i - I : sh.Ip + sh.Hp + i - I - H;
       const size_t at = static_cast<size_t>(row) * sh.GHp;
-      if (sh.used == 0) {
+      if (sh.slots == 0) {
         std::fill_n(out, GH, 0.0f);
         continue;
       }
       std::memcpy(out, sh.acc[0].data() + at, GH * sizeof(float));
-      for (int s = 1; s < sh.used; ++s) {
+      for (int s = 1; s < sh.slots; ++s) {
         const float* add = sh.acc[s].data() + at;
         for (int j = 0; j < GH; ++j) out[j] += add[j];
       }
@@ -2327,19 +2380,10 @@ void split_block(const float* ct, size_t ld, int real, int width, int r0, int n,
 
 void grad_blocks(GradShared& sh) {
   sh.active.fetch_add(1, std::memory_order_acq_rel);
-  int block = sh.next.fetch_add(1, std::memory_order_acq_rel);
-  const int blocks = (sh.R + kGradRows - 1) / kGradRows;
-  if (block >= blocks) {
-    sh.active.fetch_sub(1, std::memory_order_acq_rel);
-    return;
-  }
+  if (!slots_left(sh)) return;
   if (!amx_ready()) std::abort();  // the caller checked
-  const int slot = sh.slots.fetch_add(1, std::memory_order_acq_rel);
   const int I = sh.I, H = sh.H, GH = sh.GH, Ip = sh.Ip, Hp = sh.Hp, GHp = sh.GHp;
   const int Kp = kGradRows;
-  Floats& acc = sh.acc[slot];
-  acc.assign(static_cast<size_t>(Ip + Hp + 2) * GHp, 0.0f);
-  float* sums = acc.data() + static_cast<size_t>(Ip + Hp) * GHp;
   const int S = std::min(kGradSlice, GHp);
   const size_t ldq = static_cast<size_t>(Kp) * S;
   Halves ax(static_cast<size_t>(Ip) * Kp, 0), ah(static_cast<size_t>(Hp) * Kp, 0);
@@ -2347,7 +2391,8 @@ void grad_blocks(GradShared& sh) {
   Halves scratch(6 * static_cast<size_t>(S)), rows(32 * static_cast<size_t>(std::max(I, H)));
   Floats z(sh.dx ? static_cast<size_t>(Kp) * Ip : 0);
   set_tiles();
-  for (; block < blocks; block = sh.next.fetch_add(1, std::memory_order_acq_rel)) {
+  over_slots(sh, static_cast<size_t>(Ip + Hp + 2) * GHp, [&](int block, float* acc) {
+    float* sums = acc + static_cast<size_t>(Ip + Hp) * GHp;
     const int r0 = block * kGradRows, n = std::min(kGradRows, sh.R - r0);
     transposed_bf16(sh.x, I, r0, n, Kp, ax.data(), rows.data());
     transposed_bf16(sh.h, H, r0, n, Kp, ah.data(), rows.data());
@@ -2359,9 +2404,9 @@ void grad_blocks(GradShared& sh) {
       if (sh.ct_h)
         split_block(sh.ct_h + s0, GH, real, width, r0, n, Kp, right_h.data(), ldq, nullptr,
                     scratch.data(), sums + GHp + s0);
-      gemm_parts3(ax.data(), Ip, Kp, right.data(), ldq, width, acc.data() + s0, GHp);
+      gemm_parts3(ax.data(), Ip, Kp, right.data(), ldq, width, acc + s0, GHp);
       gemm_parts3(ah.data(), Hp, Kp, sh.ct_h ? right_h.data() : right.data(), ldq, width,
-                  acc.data() + static_cast<size_t>(Ip) * GHp + s0, GHp);
+                  acc + static_cast<size_t>(Ip) * GHp + s0, GHp);
       if (sh.dx) {  // rows s0.. of bf16(W_x)ᵀ: the packed matrix's column blocks GHp · 16 apart
         for (int q = 0; q < 3; ++q)
           gemm_bf16(left.data() + q * ldq, width, sh.wxt + static_cast<size_t>(s0) * 16, Ip,
@@ -2373,10 +2418,109 @@ void grad_blocks(GradShared& sh) {
       for (int r = 0; r < n; ++r)
         std::memcpy(sh.dx + static_cast<size_t>(r0 + r) * I, z.data() + static_cast<size_t>(r) * Ip,
                     I * sizeof(float));
-  }
+  });
 #ifdef JAXRNN_AMX
   _tile_release();
 #endif
+  sh.active.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+// ---- the same in float32 (the default computation) ----------------------------------------
+//
+// The transpose of the float32 tangent rule's input terms (`fastpath._input_terms`), after the
+// backward loop, over all R rows at once:
+//
+//   dx = ct_x · W_xᵀ,   dW_x = xᵀ · ct_x,   dW_h = h_inᵀ · ct_h,   db_x = Σ_rows ct_x,
+//   db_h = Σ_rows ct_h
+//
+// on `gemm_acc`'s tiles, in the runs of blocks of rows and the slices of columns of the bf16
+// mode: each slice of a block's cotangent read once from memory and packed into panels (the
+// right operand of both weight gradients, summed into the bias gradients on the way; the
+// left operand of dx, which stays in L2 meanwhile), x and h_in read as the left operands
+// of the weight gradients as they lie, transposed by the tiles (`gemm_acc_t`). A run's
+// weight gradients accumulate in its slot, added up at the end (`sum_slots`); dx's rows are
+// each block's own. The sums are float32 sums in another order than XLA's dots: each
+// product's terms in order of rows within a block, the blocks of a run in order, then the
+// runs in order, the same in every call. The blocks are as many as a multiple of the
+// threads, of equal size (`grad_block_rows`), so each thread gets an equal run. Measured
+// against XLA's dots: `native.kernel_gradients`.
+
+// Rows [r0, r0 + n) and columns [s0, s0 + w) of a row-major matrix (rows `ld` apart) as
+// `gemm_acc`'s panels (K = n rows); adds the rows' column sums (in row order, from zero) to
+// `sums` (w values).
+void packed_slice(const float* src, size_t ld, int r0, int n, int s0, int w, float* out,
+                  float* block_sums, float* sums) {
+  std::fill_n(block_sums, w, 0.0f);
+  for (int r = 0; r < n; ++r) {
+    const float* row = src + static_cast<size_t>(r0 + r) * ld + s0;
+    for (int j = 0; j < w;) {
+      const int width = panel_width(w, j);
+      std::memcpy(out + static_cast<size_t>(n) * j + static_cast<size_t>(r) * width, row + j,
+                  width * sizeof(float));
+      j += width;
+    }
+    for (int j = 0; j < w; ++j) block_sums[j] += row[j];
+  }
+  for (int j = 0; j < w; ++j) sums[j] += block_sums[j];
+}
+
+// W_xᵀ (GH × I, from W_x: I × GH) as `gemm_acc`'s panels, one slice of kGradSlice rows after
+// another (slice s at s0 · I, its K = the slice's rows).
+void packed_transpose(const float* w, int I, int GH, float* out) {
+  for (int s0 = 0; s0 < GH; s0 += kGradSlice) {
+    const int rows = std::min(kGradSlice, GH - s0);
+    float* slice = out + static_cast<size_t>(s0) * I;
+    for (int j = 0; j < I;) {
+      const int width = panel_width(I, j);
+      for (int c = 0; c < width; ++c) {
+        const float* col = w + static_cast<size_t>(j + c) * GH + s0;  // W_x's row j + c
+        for (int k = 0; k < rows; ++k)
+          slice[static_cast<size_t>(rows) * j + static_cast<size_t>(k) * width + c] = col[k];
+      }
+      j += width;
+    }
+  }
+}
+
+// Rows a block in float32: at most kGradRows, as many blocks as a multiple of the n threads,
+// of equal size (a multiple of 8 rows, the tiles').
+int grad_block_rows(int R, int n) {
+  const int blocks = round_up((R + kGradRows - 1) / kGradRows, n);
+  return std::min(kGradRows, round_up((R + blocks - 1) / blocks, 8));
+}
+
+void grad_blocks_f32(GradShared& sh) {
+  sh.active.fetch_add(1, std::memory_order_acq_rel);
+  if (!slots_left(sh)) return;
+  const int I = sh.I, H = sh.H, GH = sh.GH, rows = sh.panel_rows, per = sh.block_rows;
+  const int S = std::min(kGradSlice, GH);
+  Floats right(static_cast<size_t>(kGradRows) * S), right_h(sh.ct_h ? right.size() : 0);
+  Floats block_sums(S), zeros(sh.dx ? I : 0, 0.0f);
+  over_slots(sh, static_cast<size_t>(I + H + 2) * GH, [&](int block, float* acc) {
+    float* dw_x = acc;
+    float* dw_h = dw_x + static_cast<size_t>(I) * GH;
+    float* sums = dw_h + static_cast<size_t>(H) * GH;
+    const int r0 = block * per, n = std::min(per, sh.R - r0);
+    float* dx = sh.dx ? sh.dx + static_cast<size_t>(r0) * I : nullptr;
+    for (int s0 = 0; s0 < GH; s0 += S) {  // a slice of the cotangent's columns
+      const int w = std::min(S, GH - s0);
+      packed_slice(sh.ct_x, GH, r0, n, s0, w, right.data(), block_sums.data(), sums + s0);
+      const float* right_of_h = right.data();
+      if (sh.ct_h) {
+        packed_slice(sh.ct_h, GH, r0, n, s0, w, right_h.data(), block_sums.data(),
+                     sums + GH + s0);
+        right_of_h = right_h.data();
+      }
+      gemm_acc_t(sh.x + static_cast<size_t>(r0) * I, I, right.data(), w, n, dw_x + s0, GH, I,
+                 rows);
+      gemm_acc_t(sh.h + static_cast<size_t>(r0) * H, H, right_of_h, w, n, dw_h + s0, GH, H,
+                 rows);
+      if (dx)  // the slice's rows of W_xᵀ; the first slice starts from zero
+        gemm_acc(sh.ct_x + static_cast<size_t>(r0) * GH + s0, GH,
+                 sh.wxt32 + static_cast<size_t>(s0) * I, I, w, dx, n, rows,
+                 s0 == 0 ? zeros.data() : nullptr);
+    }
+  });
   sh.active.fetch_sub(1, std::memory_order_acq_rel);
 }
 
@@ -2385,8 +2529,8 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
                      ffi::Buffer<ffi::F32> ct_h, ffi::ResultBuffer<ffi::F32> dx,
                      ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
                      ffi::ResultBuffer<ffi::F32> db_x, ffi::ResultBuffer<ffi::F32> db_h,
-                     int32_t threads) {
-  if (!amx_ready())
+                     int32_t threads, bool f32) {
+  if (!f32 && !amx_ready())
     return ffi::Error::InvalidArgument("jaxrnn gradient kernel: no AMX tiles on this CPU");
   const auto xd = xs.dimensions(), hd = h_in.dimensions(), wd = w_x.dimensions();
   const auto cd = ct_x.dimensions();
@@ -2406,8 +2550,11 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     return ffi::Error::InvalidArgument("jaxrnn gradient kernel: inconsistent shapes");
   const int n = threads > 0 ? threads
                             : std::min(cpu_count(), static_cast<int>(pool.num_threads()) + 1);
-  const int Ip = round_up(std::max(I, 1), 16), Hp = round_up(H, 16), GHp = round_up(GH, 32);
+  // The bf16 parts' operands are padded to the tiles' multiples; float32's are not.
+  const int Ip = f32 ? I : round_up(std::max(I, 1), 16), Hp = f32 ? H : round_up(H, 16);
+  const int GHp = f32 ? GH : round_up(GH, 32);
   Halves wxt;
+  Floats wxt32(f32 && want_dx ? static_cast<size_t>(I) * GH : 0);
   std::vector<size_t> offsets;
   for (int m = 0; m < E; ++m) {
     const size_t per = static_cast<size_t>(R);
@@ -2420,26 +2567,35 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     sh->dx = want_dx ? dx->typed_data() + m * per * I : nullptr;
     if (want_dx && (m == 0 || Ew > 1)) {  // bf16(W_x)ᵀ[k][i] = W_x[i][k]
       const float* w = w_x.typed_data() + static_cast<size_t>(Ew > 1 ? m : 0) * I * GH;
-      pack_chunks_bf16({0, I}, 1, 1, GH, [&](int, int k, float* dst) {
-        for (int i = 0; i < I; ++i) dst[i] = w[static_cast<size_t>(i) * GH + k];
-      }, &wxt, &offsets);
+      if (f32) {
+        packed_transpose(w, I, GH, wxt32.data());
+      } else {
+        pack_chunks_bf16({0, I}, 1, 1, GH, [&](int, int k, float* dst) {
+          for (int i = 0; i < I; ++i) dst[i] = w[static_cast<size_t>(i) * GH + k];
+        }, &wxt, &offsets);
+      }
     }
-    sh->wxt = want_dx ? wxt.data() : nullptr;
+    sh->wxt = want_dx && !f32 ? wxt.data() : nullptr;
+    sh->f32 = f32;
+    sh->wxt32 = want_dx && f32 ? wxt32.data() : nullptr;
+    sh->panel_rows = panel_rows(0);
     sh->dw_x = dw_x->typed_data() + static_cast<size_t>(m) * I * GH;
     sh->dw_h = dw_h->typed_data() + static_cast<size_t>(m) * H * GH;
     sh->db_x = db_x->typed_data() + static_cast<size_t>(m) * GH;
     sh->db_h = merged ? nullptr : db_h->typed_data() + static_cast<size_t>(m) * GH;
-    const int blocks = (R + kGradRows - 1) / kGradRows;
+    sh->block_rows = f32 ? grad_block_rows(R, n) : kGradRows;
+    sh->blocks = (R + sh->block_rows - 1) / sh->block_rows;
     const size_t slot_bytes = static_cast<size_t>(Ip + Hp) * GHp * sizeof(float);
     const int t = static_cast<int>(std::max<size_t>(
-        1, std::min<size_t>(std::min(n, blocks), kGradSlotBytes / slot_bytes)));
+        1, std::min<size_t>(std::min(n, sh->blocks), kGradSlotBytes / slot_bytes)));
+    sh->slots = R > 0 ? t : 0;
     sh->acc.resize(t);
-    for (int k = 1; k < t; ++k) pool.Schedule([sh] { grad_blocks(*sh); });
-    grad_blocks(*sh);
-    // Every block is claimed once this thread's claims run out; a thread that claimed one
+    void (*blocks_of)(GradShared&) = f32 ? grad_blocks_f32 : grad_blocks;
+    for (int k = 1; k < t; ++k) pool.Schedule([sh, blocks_of] { blocks_of(*sh); });
+    blocks_of(*sh);
+    // Every slot is claimed once this thread's claims run out; a thread that claimed one
     // counted itself active first.
     wait_for_none(sh->active);
-    sh->used = sh->slots.load(std::memory_order_acquire);
     const int sums = std::min(n, (I + H + 2 + kSumRows - 1) / kSumRows);
     for (int k = 1; k < sums; ++k) pool.Schedule([sh] { sum_slots(*sh); });
     sum_slots(*sh);
@@ -2523,7 +2679,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnGradients, Gradients,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW_h (E, H, G*H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // db_x (E, G*H): Σ ct_x
                                   .Ret<ffi::Buffer<ffi::F32>>()   // db_h (E, G*H) or empty
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Attr<bool>("f32"));  // float32 products, not bf16 parts
 
 // Whether AMX tiles run here (compiled with AMX, and the OS grants the tiles' state), as the
 // gradient kernel and the backward kernel's bf16 products need to be worth it: 1 or 0. Called
