@@ -252,3 +252,62 @@ def assert_sums_close(actual, expected, rtol=2e-5, atol=2e-5, scale=2e-6):
         np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=bound)
 
     jax.tree_util.tree_map(check, actual, expected)
+
+
+# ---- `native.input_and_weight_gradients` (float32 here, bfloat16 parts on AMX) --------------
+
+
+def gradient_kernel_operands(rows, features, hidden, gates, merged):
+    """Fresh operands of the gradient kernel: ``(x, h, W_x, ct_x, ct_h)``, ``ct_h`` ``None``
+    where ``merged`` (the cells whose two input terms are summed)."""
+    width = gates * hidden
+    x, h, w, ct_x, ct_h = (
+        jax.random.normal(fresh_key(), shape)
+        for shape in ((rows, features), (rows, hidden), (features, width), (rows, width),
+                      (rows, width))
+    )  # fmt: skip
+    return x, h, w, ct_x, None if merged else ct_h
+
+
+def gradient_kernel_reference(x, h, w, ct_x, ct_h=None, cast=None):
+    """In float64, ``(ct_x W_xᵀ, xᵀ ct_x, hᵀ ct_h, Σ_rows ct_x, Σ_rows ct_h)``, with ``x``,
+    ``h`` and ``W_x`` through ``cast`` first where given (their bfloat16 rounding)."""
+    cast = cast or (lambda a: np.asarray(a, np.float64))
+    c_x = np.asarray(ct_x, np.float64)
+    c_h = c_x if ct_h is None else np.asarray(ct_h, np.float64)
+    return c_x @ cast(w).T, cast(x).T @ c_x, cast(h).T @ c_h, c_x.sum(0), c_h.sum(0)
+
+
+def assert_gradient_kernel(got, expected, tol):
+    """Each of ``got`` (``dx`` may be ``None``) within ``tol`` of its expected array's scale."""
+    for g, e in zip(got, expected):
+        if g is None:
+            continue
+        assert g.shape == e.shape
+        scale = max(1.0, float(np.max(np.abs(e))))
+        assert float(np.max(np.abs(np.asarray(g, np.float64) - e))) <= tol * scale
+
+
+def check_gradient_kernel_under_vmap(fn, cast=None):
+    """Under ``vmap`` the examples become the kernel's members, each with its own rows and
+    weight gradients: ``W_x`` shared, or batched (an ensemble), and nested."""
+    rows, features, hidden, width = 40, 9, 16, 48
+    x, h, ct = (jax.random.normal(fresh_key(), (2, 3, rows, n)) for n in (features, hidden, width))
+    ws = jax.random.normal(fresh_key(), (2, 3, features, width))
+
+    def check(got, index, w):
+        want = gradient_kernel_reference(x[index], h[index], w, ct[index], cast=cast)
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float64)[index], e, atol=1e-5)
+
+    shared = jax.jit(jax.vmap(jax.vmap(fn, (0, 0, None, 0)), (0, 0, None, 0)))(x, h, ws[0, 0], ct)
+    batched = jax.jit(jax.vmap(jax.vmap(fn)))(x, h, ws, ct)
+    inner = jax.jit(jax.vmap(fn, (0, 0, 0, 0)))(x[0], h[0], ws[0], ct[0])
+    for i in range(2):
+        for j in range(3):
+            check(shared, (i, j), ws[0, 0])
+            check(batched, (i, j), ws[i, j])
+    for j in range(3):
+        want = gradient_kernel_reference(x[0, j], h[0, j], ws[0, j], ct[0, j], cast=cast)
+        for g, e in zip(inner, want):
+            np.testing.assert_allclose(np.asarray(g, np.float64)[j], e, atol=1e-5)

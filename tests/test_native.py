@@ -19,10 +19,14 @@ from conftest import (
     INPUT_SIZE,
     MODES,
     TIME,
+    assert_gradient_kernel,
     assert_sums_close,
     assert_trees_close,
+    check_gradient_kernel_under_vmap,
     fast_loss,
     fresh_key,
+    gradient_kernel_operands,
+    gradient_kernel_reference,
     mode_inputs,
     random_carry,
     reference_unroll,
@@ -1056,58 +1060,24 @@ def test_the_float32_gradient_kernel(
     bit the same in a second call."""
     assert native.available()  # registers the kernels
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
-    width = gates * hidden
-    x, h, w, ct_x, ct_h = (
-        jax.random.normal(fresh_key(), shape)
-        for shape in ((rows, features), (rows, hidden), (features, width), (rows, width),
-                      (rows, width))
-    )  # fmt: skip
-    ct_h = None if merged else ct_h
+    operands = gradient_kernel_operands(rows, features, hidden, gates, merged)
 
     def fn(*a):
         return native.input_and_weight_gradients(*a, want_dx=want_dx, f32_operands=True)
 
-    dx, *rest = jax.jit(fn)(x, h, w, ct_x, ct_h)
+    got = jax.jit(fn)(*operands)
     # The same sums from call to call, whichever thread took which rows.
-    jax.tree.map(np.testing.assert_array_equal, (dx, *rest), jax.jit(fn)(x, h, w, ct_x, ct_h))
-    c_x, x64, h64, w64 = (np.asarray(a, np.float64) for a in (ct_x, x, h, w))
-    c_h = c_x if merged else np.asarray(ct_h, np.float64)
-    expected = (c_x @ w64.T, x64.T @ c_x, h64.T @ c_h, c_x.sum(0), c_h.sum(0))
-    assert (dx is None) == (not want_dx)
-    for got, want in zip((dx, *rest), expected):
-        if got is None:
-            continue
-        assert got.shape == want.shape
-        scale = max(1.0, float(np.max(np.abs(want))))
-        assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) <= 2e-6 * scale
+    jax.tree.map(np.testing.assert_array_equal, got, jax.jit(fn)(*operands))
+    assert (got[0] is None) == (not want_dx)
+    assert_gradient_kernel(got, gradient_kernel_reference(*operands), 2e-6)
 
 
 def test_the_float32_gradient_kernel_under_vmap():
-    """Under ``vmap`` the examples become the kernel's members, each with its own rows and
-    weight gradients: ``W_x`` shared, or batched (an ensemble), and nested."""
+    """Under ``vmap`` the examples become the kernel's members (`conftest`'s check)."""
     assert native.available()
-    rows, features, hidden, width = 40, 9, 16, 48
-    x, h, ct = (jax.random.normal(fresh_key(), (2, 3, rows, n)) for n in (features, hidden, width))
-    ws = jax.random.normal(fresh_key(), (2, 3, features, width))
-
-    def fn(*a):
-        return native.input_and_weight_gradients(*a, f32_operands=True)
-
-    def reference(x, h, w, ct):
-        c, x, h, w = (np.asarray(a, np.float64) for a in (ct, x, h, w))
-        return c @ w.T, x.T @ c, h.T @ c, c.sum(0), c.sum(0)
-
-    def check(got, index, w):
-        want = reference(x[index], h[index], w, ct[index])
-        for g, e in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g, np.float64)[index], e, atol=1e-5)
-
-    shared = jax.jit(jax.vmap(jax.vmap(fn, (0, 0, None, 0)), (0, 0, None, 0)))(x, h, ws[0, 0], ct)
-    batched = jax.jit(jax.vmap(jax.vmap(fn)))(x, h, ws, ct)
-    for i in range(2):
-        for j in range(3):
-            check(shared, (i, j), ws[0, 0])
-            check(batched, (i, j), ws[i, j])
+    check_gradient_kernel_under_vmap(
+        lambda *a: native.input_and_weight_gradients(*a, f32_operands=True)
+    )
 
 
 @pytest.mark.parametrize("mode", ["no_batch", "two_batch_dims", "everything",

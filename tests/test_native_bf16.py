@@ -20,7 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_CELLS, INPUT_SIZE, fast_loss, fresh_key, mode_inputs, random_carry
+from conftest import (
+    FAST_CELLS,
+    INPUT_SIZE,
+    assert_gradient_kernel,
+    check_gradient_kernel_under_vmap,
+    fast_loss,
+    fresh_key,
+    gradient_kernel_operands,
+    gradient_kernel_reference,
+    mode_inputs,
+    random_carry,
+)
 
 import jaxrnn
 from jaxrnn._src import fastpath, native
@@ -352,56 +363,17 @@ def test_the_gradient_kernel_is_float32s(
     cotangents go in as three exact bfloat16 parts, so only float32 sums round (within 1e-6
     of scale; with the third part dropped, the weight gradients are 9e-6 to 1e-5 off)."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
-    width = gates * hidden
-    x, h, w, ct_x, ct_h = (
-        jax.random.normal(fresh_key(), shape)
-        for shape in ((rows, features), (rows, hidden), (features, width), (rows, width),
-                      (rows, width))
-    )  # fmt: skip
-    ct_h = None if merged else ct_h
+    operands = gradient_kernel_operands(rows, features, hidden, gates, merged)
 
     def fn(*a):
         return native.input_and_weight_gradients(*a, want_dx=want_dx)
 
-    dx, *rest = jax.jit(fn)(x, h, w, ct_x, ct_h)
-    c_x = np.asarray(ct_x, np.float64)
-    c_h = c_x if merged else np.asarray(ct_h, np.float64)
-    expected = (c_x @ _bf16_64(w).T, _bf16_64(x).T @ c_x, _bf16_64(h).T @ c_h)
-    expected += (c_x.sum(0), c_h.sum(0))  # the bias gradients
-    assert (dx is None) == (not want_dx)
-    for got, want in zip((dx, *rest), expected):
-        if got is None:
-            continue
-        assert got.shape == want.shape
-        scale = max(1.0, float(np.max(np.abs(want))))
-        assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) <= 1e-6 * scale
+    got = jax.jit(fn)(*operands)
+    assert (got[0] is None) == (not want_dx)
+    assert_gradient_kernel(got, gradient_kernel_reference(*operands, cast=_bf16_64), 1e-6)
 
 
 @needs_amx
 def test_the_gradient_kernel_under_vmap():
-    """Under ``vmap`` the examples become the kernel's members, each with its own rows and
-    weight gradients: ``W_x`` shared, or batched (an ensemble), and nested."""
-    rows, features, hidden, width = 40, 9, 16, 48
-    x, h, ct = (jax.random.normal(fresh_key(), (2, 3, rows, n)) for n in (features, hidden, width))
-    ws = jax.random.normal(fresh_key(), (2, 3, features, width))
-    fn = native.input_and_weight_gradients
-
-    def reference(x, h, w, ct):
-        c = np.asarray(ct, np.float64)
-        return c @ _bf16_64(w).T, _bf16_64(x).T @ c, _bf16_64(h).T @ c, c.sum(0), c.sum(0)
-
-    def check(got, index, w):
-        want = reference(x[index], h[index], w, ct[index])
-        for g, e in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g, np.float64)[index], e, atol=1e-5)
-
-    shared = jax.jit(jax.vmap(jax.vmap(fn, (0, 0, None, 0)), (0, 0, None, 0)))(x, h, ws[0, 0], ct)
-    batched = jax.jit(jax.vmap(jax.vmap(fn)))(x, h, ws, ct)
-    inner = jax.jit(jax.vmap(fn, (0, 0, 0, 0)))(x[0], h[0], ws[0], ct[0])
-    for i in range(2):
-        for j in range(3):
-            check(shared, (i, j), ws[0, 0])
-            check(batched, (i, j), ws[i, j])
-    for j in range(3):
-        for g, e in zip(inner, reference(x[0, j], h[0, j], ws[0, j], ct[0, j])):
-            np.testing.assert_allclose(np.asarray(g, np.float64)[j], e, atol=1e-5)
+    """Under ``vmap`` the examples become the kernel's members (`conftest`'s check)."""
+    check_gradient_kernel_under_vmap(native.input_and_weight_gradients, cast=_bf16_64)
