@@ -37,12 +37,21 @@ def test_worker_has_two_cpu_devices(report):
     assert sorted(report["cases"]) == sorted(_sharded_worker.CASES)
 
 
+# With bfloat16 matmuls the replicated run takes the native CPU kernel and the sharded one
+# XLA's loop; their float32 carries differ in the last bits (the kernel's exp is a
+# polynomial), and now and then that flips the bfloat16 rounding of an element of h: on an
+# AMD EPYC (AVX512-BF16), 2 seeds in 300 moved the outputs by 2.4e-5 and 2.6e-5 (relative to
+# their largest), one more in a full test run by 5.2e-5; the others by about 1e-7.
+TOLERANCE = {"lstm-bf16-matmul": 5e-4}
+
+
 @pytest.mark.parametrize("case", list(_sharded_worker.CASES))
 def test_batch_sharded_equals_replicated(report, case):
     result = report["cases"][case]
     assert "error" not in result, result.get("error")
-    assert result["out"] < 1e-5, result
-    assert result["grad"] < 1e-5, result
+    tolerance = TOLERANCE.get(case, 1e-5)
+    assert result["out"] < tolerance, result
+    assert result["grad"] < tolerance, result
     # The outputs keep the batch sharding of the inputs: nothing was gathered.
     assert result["ys_spec"] == result["xs_spec"], result
 
