@@ -2198,9 +2198,7 @@ struct GradShared {
   float* dx;                         // null: not wanted
   float *dw_x, *dw_h, *db_x, *db_h;  // the results (I × GH, H × GH, GH, GH or null)
   const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
-  bool f32 = false;                  // float32 products (`grad_blocks_f32`), not bf16 parts
   const float* wxt32 = nullptr;      // f32: W_xᵀ packed for `gemm_acc`, slice by slice
-  int panel_rows = kAllRows;         // f32: `gemm_acc`'s blocks
   int block_rows = kGradRows;        // f32: rows a block (`grad_block_rows`)
   int blocks = 0, slots = 0;         // blocks of rows; slots, each a run of them (`over_slots`)
   std::atomic<int> next{0}, active{0};  // the next slot to claim; threads at work
@@ -2492,7 +2490,7 @@ int grad_block_rows(int R, int n) {
 void grad_blocks_f32(GradShared& sh) {
   sh.active.fetch_add(1, std::memory_order_acq_rel);
   if (!slots_left(sh)) return;
-  const int I = sh.I, H = sh.H, GH = sh.GH, rows = sh.panel_rows, per = sh.block_rows;
+  const int I = sh.I, H = sh.H, GH = sh.GH, rows = panel_rows(0), per = sh.block_rows;
   const int S = std::min(kGradSlice, GH);
   Floats right(static_cast<size_t>(kGradRows) * S), right_h(sh.ct_h ? right.size() : 0);
   Floats block_sums(S), zeros(sh.dx ? I : 0, 0.0f);
@@ -2576,9 +2574,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
       }
     }
     sh->wxt = want_dx && !f32 ? wxt.data() : nullptr;
-    sh->f32 = f32;
     sh->wxt32 = want_dx && f32 ? wxt32.data() : nullptr;
-    sh->panel_rows = panel_rows(0);
     sh->dw_x = dw_x->typed_data() + static_cast<size_t>(m) * I * GH;
     sh->dw_h = dw_h->typed_data() + static_cast<size_t>(m) * H * GH;
     sh->db_x = db_x->typed_data() + static_cast<size_t>(m) * GH;
