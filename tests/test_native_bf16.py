@@ -3,7 +3,8 @@
 Where the CPU has AMX or AVX512-BF16 (`native.bf16_available`), ``jaxrnn.unroll(...,
 matmul_dtype=jnp.bfloat16)`` runs the forward kernel with bfloat16 operands summed in float32,
 and the backward kernel with ``W_h`` rounded to bfloat16 (the tangent rule's ``_dot``); with
-AMX (`native.amx_available`) also the input and weight gradients' kernel. XLA's loop with
+AMX (`native.amx_available`) also the input and weight gradients' kernel, without it that
+kernel's float32 mode on rounded operands where `native.kernel_gradients` says so. XLA's loop with
 the same ``matmul_dtype`` is the reference: it is tested against a loop over ``cell.step`` with
 rounded operands in ``test_fastpath.py``. The two sum the same exact products in another
 order, so they agree to float32 rounding, except where that rounding moves an ``h`` across a
@@ -54,6 +55,22 @@ needs_amx = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def every_gradient_on_the_kernels(monkeypatch):
     monkeypatch.setattr(fastpath, "NATIVE_GRADIENT_KINDS", tuple(native.KIND_CODES))
+
+
+@pytest.fixture(params=["shipped_rule", "kernel_everywhere"])
+def gradient_rule(request, monkeypatch):
+    """The shipped `native.kernel_gradients`, or one saying yes at every size (so that without
+    AMX the input and weight gradients take the float32 kernel on rounded operands)."""
+    if request.param == "kernel_everywhere":
+        monkeypatch.setattr(native, "GRADIENT_MIN_ROWS", 0)
+        monkeypatch.setattr(native, "GRADIENT_NARROW", 1 << 30)
+
+
+def _on_the_gradient_kernel(xs, hidden):
+    """Whether ``matmul_dtype=bfloat16``'s input and weight gradients of ``xs`` run on the
+    gradient kernel: always on AMX, else where `native.kernel_gradients` says so."""
+    rows = int(np.prod(xs.shape[:-1]))
+    return native.amx_available() or native.kernel_gradients(rows, xs.shape[-1], hidden)
 
 
 def _close_to_bf16_rounding(actual, expected, float32, worst=3e-3, share=0.05):
@@ -139,10 +156,10 @@ def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
 @needs_bf16
 @pytest.mark.parametrize("mode", ["batch_major", "everything", "everything_time_major_reverse"])
 @pytest.mark.parametrize("cell_name", MAIN)
-def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
+def test_bf16_derivatives_equal_xla(cell_name, mode, gradient_rule, monkeypatch):
     """The gradient pass (the kernels: forward, backward with ``W_h`` rounded, and the input,
-    weight and bias gradients) and forward mode, against XLA's loop with the same
-    ``matmul_dtype``."""
+    weight and bias gradients, on the tiles or in float32 on rounded operands, or XLA's dots)
+    and forward mode, against XLA's loop with the same ``matmul_dtype``."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
     cell = FAST_CELLS[cell_name](40)
     params = cell.init(fresh_key(), INPUT_SIZE)
@@ -165,8 +182,7 @@ def test_bf16_derivatives_equal_xla(cell_name, mode, monkeypatch):
     grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": BF16}))
     lowered = _lowered(grad, params, xs, carry)
     assert native.TARGET_BACKWARD in lowered
-    # Without AMX the input and weight gradients are XLA's dots (`native.amx_available`).
-    assert (native.TARGET_GRADIENTS in lowered) == native.amx_available()
+    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 40)
     actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
     _close_to_bf16_rounding(actual, expected, float32)
 
@@ -265,7 +281,7 @@ def test_bf16_kernel_under_vmap_and_an_ensemble(monkeypatch):
 
 @needs_bf16
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
-def test_bf16_gradients_under_vmap(cell_name, monkeypatch):
+def test_bf16_gradients_under_vmap(cell_name, gradient_rule, monkeypatch):
     """Per-example gradients (``vmap`` of ``grad``), the gradient of a vmapped loss and an
     ensemble's gradients: the gradient kernel then runs once over members (the vmapped axis),
     each with its own weight and bias gradients."""
@@ -288,7 +304,7 @@ def test_bf16_gradients_under_vmap(cell_name, monkeypatch):
         return all_three
 
     lowered = _lowered(make(BF16), params, members, xs)
-    assert (native.TARGET_GRADIENTS in lowered) == native.amx_available()
+    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 24)
     actual, expected, float32 = _on_both(monkeypatch, make, params, members, xs)
     _close_to_bf16_rounding(actual, expected, float32)
 
@@ -377,3 +393,51 @@ def test_the_gradient_kernel_is_float32s(
 def test_the_gradient_kernel_under_vmap():
     """Under ``vmap`` the examples become the kernel's members (`conftest`'s check)."""
     check_gradient_kernel_under_vmap(native.input_and_weight_gradients, cast=_bf16_64)
+
+
+@pytest.mark.parametrize(
+    "rows, features, hidden, gates, merged, want_dx, threads",
+    [
+        (7, 5, 3, 4, True, True, 0),  # one block: 35 elements of x to round, 16 at a time
+        (300, 33, 40, 3, False, True, 2),  # two blocks, the GRU's separate ct_h
+        (513, 64, 48, 4, True, False, 3),  # three threads on two cores, no dx
+        (260, 20, 70, 4, False, True, 2),  # 280 columns: a slice of 256, then 24
+    ],
+)
+def test_the_float32_gradient_kernel_on_rounded_operands(
+    rows, features, hidden, gates, merged, want_dx, threads, monkeypatch
+):
+    """Without AMX, ``matmul_dtype=bfloat16``'s input and weight gradients: the float32
+    kernel rounding ``x``, ``h_in`` and ``W_x`` to bfloat16 itself (``rounded``), against
+    float64 products of the operands XLA rounds (to nearest, ties to even: the first rows of
+    ``x`` hold ties and values that round up to the next power of two), within float32
+    rounding of the sums; bit for bit the same in a second call."""
+    assert native.available()
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
+    x, h, w, ct_x, ct_h = gradient_kernel_operands(rows, features, hidden, gates, merged)
+    one = 1.0 + 2.0**-8  # halfway between 1 and the next bfloat16: rounds to 1 (even)
+    ties = np.array([one, 1.0 + 3 * 2.0**-8, -one, 2.0 - 2.0**-9, 3.0 + 2.0**-7], np.float32)
+    x = x.at[:2].set(np.resize(ties, (2, features)))
+
+    def fn(*a):
+        return native.input_and_weight_gradients(
+            *a, want_dx=want_dx, f32_operands=True, rounded=True
+        )
+
+    operands = (x, h, w, ct_x, ct_h)
+    got = jax.jit(fn)(*operands)
+    jax.tree.map(np.testing.assert_array_equal, got, jax.jit(fn)(*operands))
+    assert (got[0] is None) == (not want_dx)
+    assert_gradient_kernel(got, gradient_kernel_reference(*operands, cast=_bf16_64), 2e-6)
+    # The operands really were rounded: unrounded ones give other weight gradients.
+    unrounded = gradient_kernel_reference(*operands)
+    assert float(np.max(np.abs(np.asarray(got[1], np.float64) - unrounded[1]))) > 1e-3
+
+
+def test_the_float32_gradient_kernel_on_rounded_operands_under_vmap():
+    """Under ``vmap`` the examples become the kernel's members (`conftest`'s check)."""
+    assert native.available()
+    check_gradient_kernel_under_vmap(
+        lambda *a: native.input_and_weight_gradients(*a, f32_operands=True, rounded=True),
+        cast=_bf16_64,
+    )

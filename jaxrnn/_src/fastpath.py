@@ -571,11 +571,16 @@ def _recurrence_jvp(static, primals, tangents):
     d_biases = tuple(d for d, b in zip((db_x, db_in), biases) if b is not None)
     nonlin, lin = (to_rows(xs), to_rows(h_in), w_x), (to_rows(dxs), dw_x, dw_h, *d_biases)
     terms = functools.partial(_input_terms, md=md, merged=merged, biases=biases)
-    if native and (_amx() if md is not None else _kernel_gradients(xs, w_h)):
+    # With ``matmul_dtype`` on AMX: bfloat16 products on the tiles at any size. Otherwise the
+    # float32 kernel where `native.kernel_gradients` says so, a ``matmul_dtype``'s operands
+    # rounded to it by the kernel (the products XLA's dots of the rounded operands sum).
+    tiles = md is not None and _amx()
+    if native and (tiles or _kernel_gradients(xs, w_h)):
         # Transposed by one kernel call for the three matmuls and the bias gradients.
         transpose = functools.partial(
-            _input_terms_t, merged=merged, biases=biases, f32_operands=md is None
-        )
+            _input_terms_t, merged=merged, biases=biases, f32_operands=not tiles,
+            rounded=md is not None and not tiles,
+        )  # fmt: skip
         terms = linear.apply(terms, transpose, nonlin, lin, prune=True)
     else:
         terms = terms(nonlin, lin)
@@ -636,20 +641,23 @@ def _input_terms(nonlin, lin, *, md, merged, biases=(None, None)):
     return (dxw + dhw,) if merged else (dxw, dhw)
 
 
-def _input_terms_t(nonlin, cts, *, merged, biases=(None, None), needed=(True,), f32_operands=False):
+def _input_terms_t(
+    nonlin, cts, *, merged, biases=(None, None), needed=(True,), f32_operands=False, rounded=False
+):
     """`_input_terms`' transpose on the native kernel (`native.input_and_weight_gradients`):
     ``dxs = ct_x W_xᵀ``, ``dW_x = xsᵀ ct_x``, ``dW_h = h_inᵀ ct_h`` and the bias gradients
     (the cotangents summed over the rows), each cotangent read from memory once for all three
     matmuls. In float32 (``f32_operands``) where `native.kernel_gradients` says so, which has
-    the measurements. With ``matmul_dtype=bfloat16`` on AMX, ``W_x``, ``xs`` and ``h_in`` are
-    rounded to bfloat16 and each float32 cotangent split into exact bfloat16 parts. Measured
-    on 2 cores (Sapphire Rapids, AMX), against XLA's
-    three float32 dots (medians of 5, ms; without ``dxs`` in brackets): LSTM B64 T128 H512
-    (8192 rows, 512 inputs) 96 against 209 (66 against 145); LSTM B16 T256 H128 4.0 against
-    8.9 (2.5 against 8.9); GRU 3.2 against 7.3 (3.3 against 5.1); Elman 1.5 against 3.0
-    (1.0 against 2.0); 600 rows, 16 inputs, H32 0.3 against 0.4. Every 256 rows of the
-    cotangent go in slices of 256 columns, whose parts stay in L2 between the split and the
-    matmuls (the whole width at once at LSTM B64 H512: 102 ms)."""
+    the measurements; there ``matmul_dtype=bfloat16`` without AMX multiplies ``W_x``, ``xs``
+    and ``h_in`` rounded to it (``rounded``: the same products as XLA's dots). With
+    ``matmul_dtype=bfloat16`` on AMX, ``W_x``, ``xs`` and ``h_in`` are rounded to bfloat16 and
+    each float32 cotangent split into exact bfloat16 parts. Measured on 2 cores (Sapphire
+    Rapids, AMX), against XLA's three float32 dots (medians of 5, ms; without ``dxs`` in
+    brackets): LSTM B64 T128 H512 (8192 rows, 512 inputs) 96 against 209 (66 against 145);
+    LSTM B16 T256 H128 4.0 against 8.9 (2.5 against 8.9); GRU 3.2 against 7.3 (3.3 against
+    5.1); Elman 1.5 against 3.0 (1.0 against 2.0); 600 rows, 16 inputs, H32 0.3 against 0.4.
+    Every 256 rows of the cotangent go in slices of 256 columns, whose parts stay in L2
+    between the split and the matmuls (the whole width at once at LSTM B64 H512: 102 ms)."""
     from jaxrnn._src import native
 
     xs, h_in, w_x = nonlin
@@ -658,7 +666,7 @@ def _input_terms_t(nonlin, cts, *, merged, biases=(None, None), needed=(True,), 
     ct_h = None if merged else cts[1].reshape(-1, cts[1].shape[-1])
     dxs, dw_x, dw_h, db_x, db_h = native.input_and_weight_gradients(
         xs.reshape(-1, features), h_in.reshape(-1, hidden), w_x, ct_x, ct_h,
-        want_dx=needed[0], f32_operands=f32_operands,
+        want_dx=needed[0], f32_operands=f32_operands, rounded=rounded,
     )  # fmt: skip
     dxs = jnp.zeros(xs.shape, xs.dtype) if dxs is None else dxs.reshape(xs.shape)
     sums = tuple(s.reshape(b) for s, b in zip((db_x, db_h), biases) if b is not None)

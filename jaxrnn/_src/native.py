@@ -30,9 +30,11 @@ residuals of the linear JVP rule (``h`` entering each step and the per-kind arra
 transpose of that rule's tangent loop, with the same chunks of units, each step finishing
 ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.
 Its input cotangent takes the buffer of the residual of the same width (each element is
-read at its step before it is written). With ``matmul_dtype=bfloat16`` a third kernel
-(`input_and_weight_gradients`) computes the input, weight and bias gradients after that
-loop, the three matmuls over all steps on the tiles, each cotangent read once for all.
+read at its step before it is written). A third kernel (`input_and_weight_gradients`)
+computes the input, weight and bias gradients after that loop, the three matmuls over all
+steps, each cotangent read once for all: in float32 where `kernel_gradients` says so (with
+``matmul_dtype=bfloat16`` without AMX, of the operands rounded to it), and on the tiles with
+``matmul_dtype=bfloat16`` on AMX.
 It enters through `linear` (a linear primitive with a transpose of its own), so forward mode
 and derivatives of every order keep XLA's loops; derivatives of the kernels' own outputs
 (order two and more) are those of XLA's scan. Under ``vmap`` the kernels run once over all
@@ -329,15 +331,25 @@ def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
 # 6400 × 512 × 512 × 2048 1.04-1.11, 8192 1.03; and where a block of rows is few against the
 # weights (each thread sums all of them): 100 × 256 × 256 × 1024 0.71, 800 × 512 × 512 ×
 # 2048 0.86, 1000 0.95, 100 × 1024 × 1024 × 4096 0.54, 800 0.88.
+# The same rule places ``matmul_dtype=bfloat16``'s gradients where there is no AMX, the kernel
+# rounding the operands itself (``rounded``). Against XLA's dots of bfloat16 operands and
+# float32 cotangents (faster than its float32 dots at these sizes), alone: 200 × 128 × 128 ×
+# 512 0.91-1.05, 1000 0.98, 4096 1.22; 800 × 128 × 128 × 128 1.34, 1600 1.47, 8000 1.42;
+# 3200 × 128 × 128 × 512 1.21; 8192 × 512 × 512 × 2048 0.83-0.91 (end to end even there:
+# LSTM B64 T128 H512, 551-561 against 552-556 ms). End to end, fwd+bwd, kernel / XLA's dots
+# in one process: Elman B8 T100 H128 1.39 / 1.66 ms, LSTM B8 4.87 / 5.30, Elman B16 T256
+# 6.10 / 7.39. Rounding ``x`` and ``h_in`` in XLA before the kernel instead cost 2.4 ms a call
+# at GRU B64 T100 H128 and pushed its temporaries past 32 MiB (fresh pages every call).
 GRADIENT_MIN_ROWS = 200
 GRADIENT_NARROW = 256
 GRADIENT_ROWS_PER_WIDTH = 8
 
 
 def kernel_gradients(rows: int, features: int, hidden: int) -> bool:
-    """Whether the float32 gradient pass's input and weight gradients run on the kernel
-    (`input_and_weight_gradients`) for ``rows`` rows of ``features`` inputs and ``hidden``
-    units (the batch as traced: under ``vmap``, of one example)."""
+    """Whether the float32 gradient pass's input and weight gradients (also those of
+    ``matmul_dtype=bfloat16`` without AMX) run on the kernel (`input_and_weight_gradients`)
+    for ``rows`` rows of ``features`` inputs and ``hidden`` units (the batch as traced: under
+    ``vmap``, of one example)."""
     width = features + hidden
     return rows >= GRADIENT_MIN_ROWS and (
         width <= GRADIENT_NARROW or rows >= GRADIENT_ROWS_PER_WIDTH * width
@@ -562,7 +574,9 @@ def backward(
     return ct_u, ct_v, ct_carry0
 
 
-def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True, f32_operands=False):
+def input_and_weight_gradients(
+    xs, h_in, w_x, ct_x, ct_h=None, want_dx=True, f32_operands=False, rounded=False
+):
     r"""The gradient pass's three matmuls after the backward loop, over all rows at once, and
     the bias gradients: in float32 (``f32_operands``, `kernel_gradients` says where)
 
@@ -580,7 +594,9 @@ def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True, f32
         dW_h = \mathrm{bf16}(h_{in})^T ct_h
 
     the transpose of ``matmul_dtype=bfloat16``'s terms (`fastpath._dot`: the float32 tangent
-    times the bfloat16 operand, in float32). ``xs: (rows, I)``, ``h_in: (rows, H)``, ``w_x:
+    times the bfloat16 operand, in float32). The same products without AMX: ``f32_operands``
+    and ``rounded`` (the kernel rounds ``x`` and ``h_in`` block by block, so no rounded copy
+    of them is made). ``xs: (rows, I)``, ``h_in: (rows, H)``, ``w_x:
     (I, gates·H)``, ``ct_x, ct_h: (rows, gates·H)`` (``ct_h`` ``None``: ``ct_x``, as for the
     cells whose two terms are summed). The kernel reads each block of rows of a cotangent
     from memory once for all three products and the bias gradient: in float32 it packs each
@@ -607,7 +623,8 @@ def input_and_weight_gradients(xs, h_in, w_x, ct_x, ct_h=None, want_dx=True, f32
             TARGET_GRADIENTS, out_shapes(x.shape[0], x.shape[1], x.shape[2], h.shape[2])
         )
         threads = np.int32(_count("JAXRNN_NATIVE_THREADS"))
-        return call(x, h, w, cx, ch, threads=threads, f32=bool(f32_operands))
+        f32 = bool(f32_operands)
+        return call(x, h, w, cx, ch, threads=threads, f32=f32, rounded=f32 and bool(rounded))
 
     call = jax.custom_batching.custom_vmap(kernel)
 

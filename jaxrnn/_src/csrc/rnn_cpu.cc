@@ -465,25 +465,50 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
 }
 
+// `to_bf16`'s value back in float32: f rounded to bfloat16's precision.
+inline float bf16_rounded(float f) {
+  const uint32_t u = uint32_t{to_bf16(f)} << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// `to_bf16` of 16 floats' bits, each in the low half of its 32-bit lane.
+inline __m512i to_bf16_lanes(__m512i u) {
+  const __m512i high = _mm512_srli_epi32(u, 16);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                       _mm512_and_si512(high, _mm512_set1_epi32(1))),
+      16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+}
+#endif
+
 // n floats to bfloat16 (`to_bf16`), 16 at a time with AVX-512 (the compiler left the scalar
 // loop unvectorized: 0.9 cycles an element at B64 K300).
 inline void to_bf16_row(const float* src, uint16_t* dst, int n) {
   int k = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __m512i lsb = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-  const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-  const __m512i quiet = _mm512_set1_epi32(0x40);
   for (; k + 16 <= n; k += 16) {
-    const __m512i u = _mm512_loadu_si512(src + k);
-    const __m512i high = _mm512_srli_epi32(u, 16);
-    const __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(high, lsb)), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
-    const __m512i out = _mm512_mask_or_epi32(rounded, nan, high, quiet);
+    const __m512i out = to_bf16_lanes(_mm512_loadu_si512(src + k));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(out));
   }
 #endif
   for (; k < n; ++k) dst[k] = to_bf16(src[k]);
+}
+
+// n floats rounded to bfloat16's precision (`bf16_rounded`), kept in float32.
+inline void bf16_rounded_row(const float* src, float* dst, int n) {
+  int k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; k + 16 <= n; k += 16)
+    _mm512_storeu_si512(dst + k,
+                        _mm512_slli_epi32(to_bf16_lanes(_mm512_loadu_si512(src + k)), 16));
+#endif
+  for (; k < n; ++k) dst[k] = bf16_rounded(src[k]);
 }
 
 // Rows [0, B) of a float32 matrix (rows at `row(b)`, K wide) as P left operands of
@@ -2199,6 +2224,7 @@ struct GradShared {
   float *dw_x, *dw_h, *db_x, *db_h;  // the results (I × GH, H × GH, GH, GH or null)
   const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
   const float* wxt32 = nullptr;      // f32: W_xᵀ packed for `gemm_acc`, slice by slice
+  bool rounded = false;              // f32: x and h_in (and W_x) rounded to bfloat16 first
   int block_rows = kGradRows;        // f32: rows a block (`grad_block_rows`)
   int blocks = 0, slots = 0;         // blocks of rows; slots, each a run of them (`over_slots`)
   std::atomic<int> next{0}, active{0};  // the next slot to claim; threads at work
@@ -2441,7 +2467,11 @@ void grad_blocks(GradShared& sh) {
 // product's terms in order of rows within a block, the blocks of a run in order, then the
 // runs in order, the same in every call. The blocks are as many as a multiple of the
 // threads, of equal size (`grad_block_rows`), so each thread gets an equal run. Measured
-// against XLA's dots: `native.kernel_gradients`.
+// against XLA's dots: `native.kernel_gradients`. With `rounded` (`matmul_dtype=bfloat16`
+// without AMX) the products are those of bf16(x), bf16(h_in) and bf16(W_x) with the float32
+// cotangents, as XLA's dots of `fastpath._dot` take them: a block's rows of x and h_in are
+// rounded into a buffer of the thread's (no array of the call's size, which could push
+// XLA's temporaries past what glibc keeps between calls), W_x as it is packed.
 
 // Rows [r0, r0 + n) and columns [s0, s0 + w) of a row-major matrix (rows `ld` apart) as
 // `gemm_acc`'s panels (K = n rows); adds the rows' column sums (in row order, from zero) to
@@ -2463,8 +2493,9 @@ void packed_slice(const float* src, size_t ld, int r0, int n, int s0, int w, flo
 }
 
 // W_xᵀ (GH × I, from W_x: I × GH) as `gemm_acc`'s panels, one slice of kGradSlice rows after
-// another (slice s at s0 · I, its K = the slice's rows).
-void packed_transpose(const float* w, int I, int GH, float* out) {
+// another (slice s at s0 · I, its K = the slice's rows); each element `bf16_rounded` where
+// `rounded`.
+void packed_transpose(const float* w, int I, int GH, float* out, bool rounded) {
   for (int s0 = 0; s0 < GH; s0 += kGradSlice) {
     const int rows = std::min(kGradSlice, GH - s0);
     float* slice = out + static_cast<size_t>(s0) * I;
@@ -2473,7 +2504,8 @@ void packed_transpose(const float* w, int I, int GH, float* out) {
       for (int c = 0; c < width; ++c) {
         const float* col = w + static_cast<size_t>(j + c) * GH + s0;  // W_x's row j + c
         for (int k = 0; k < rows; ++k)
-          slice[static_cast<size_t>(rows) * j + static_cast<size_t>(k) * width + c] = col[k];
+          slice[static_cast<size_t>(rows) * j + static_cast<size_t>(k) * width + c] =
+              rounded ? bf16_rounded(col[k]) : col[k];
       }
       j += width;
     }
@@ -2494,12 +2526,22 @@ void grad_blocks_f32(GradShared& sh) {
   const int S = std::min(kGradSlice, GH);
   Floats right(static_cast<size_t>(kGradRows) * S), right_h(sh.ct_h ? right.size() : 0);
   Floats block_sums(S), zeros(sh.dx ? I : 0, 0.0f);
+  // The block's rows of x and h_in rounded to bfloat16 (`rounded`), read from L2 after.
+  Floats x_rounded(sh.rounded ? static_cast<size_t>(per) * I : 0);
+  Floats h_rounded(sh.rounded ? static_cast<size_t>(per) * H : 0);
   over_slots(sh, static_cast<size_t>(I + H + 2) * GH, [&](int block, float* acc) {
     float* dw_x = acc;
     float* dw_h = dw_x + static_cast<size_t>(I) * GH;
     float* sums = dw_h + static_cast<size_t>(H) * GH;
     const int r0 = block * per, n = std::min(per, sh.R - r0);
     float* dx = sh.dx ? sh.dx + static_cast<size_t>(r0) * I : nullptr;
+    const float* x = sh.x + static_cast<size_t>(r0) * I;
+    const float* h = sh.h + static_cast<size_t>(r0) * H;
+    if (sh.rounded) {
+      bf16_rounded_row(x, x_rounded.data(), n * I);
+      bf16_rounded_row(h, h_rounded.data(), n * H);
+      x = x_rounded.data(), h = h_rounded.data();
+    }
     for (int s0 = 0; s0 < GH; s0 += S) {  // a slice of the cotangent's columns
       const int w = std::min(S, GH - s0);
       packed_slice(sh.ct_x, GH, r0, n, s0, w, right.data(), block_sums.data(), sums + s0);
@@ -2509,10 +2551,8 @@ void grad_blocks_f32(GradShared& sh) {
                      sums + GH + s0);
         right_of_h = right_h.data();
       }
-      gemm_acc_t(sh.x + static_cast<size_t>(r0) * I, I, right.data(), w, n, dw_x + s0, GH, I,
-                 rows);
-      gemm_acc_t(sh.h + static_cast<size_t>(r0) * H, H, right_of_h, w, n, dw_h + s0, GH, H,
-                 rows);
+      gemm_acc_t(x, I, right.data(), w, n, dw_x + s0, GH, I, rows);
+      gemm_acc_t(h, H, right_of_h, w, n, dw_h + s0, GH, H, rows);
       if (dx)  // the slice's rows of W_xᵀ; the first slice starts from zero
         gemm_acc(sh.ct_x + static_cast<size_t>(r0) * GH + s0, GH,
                  sh.wxt32 + static_cast<size_t>(s0) * I, I, w, dx, n, rows,
@@ -2527,7 +2567,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
                      ffi::Buffer<ffi::F32> ct_h, ffi::ResultBuffer<ffi::F32> dx,
                      ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
                      ffi::ResultBuffer<ffi::F32> db_x, ffi::ResultBuffer<ffi::F32> db_h,
-                     int32_t threads, bool f32) {
+                     int32_t threads, bool f32, bool rounded) {
   if (!f32 && !amx_ready())
     return ffi::Error::InvalidArgument("jaxrnn gradient kernel: no AMX tiles on this CPU");
   const auto xd = xs.dimensions(), hd = h_in.dimensions(), wd = w_x.dimensions();
@@ -2566,7 +2606,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     if (want_dx && (m == 0 || Ew > 1)) {  // bf16(W_x)ᵀ[k][i] = W_x[i][k]
       const float* w = w_x.typed_data() + static_cast<size_t>(Ew > 1 ? m : 0) * I * GH;
       if (f32) {
-        packed_transpose(w, I, GH, wxt32.data());
+        packed_transpose(w, I, GH, wxt32.data(), rounded);
       } else {
         pack_chunks_bf16({0, I}, 1, 1, GH, [&](int, int k, float* dst) {
           for (int i = 0; i < I; ++i) dst[i] = w[static_cast<size_t>(i) * GH + k];
@@ -2575,6 +2615,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     }
     sh->wxt = want_dx && !f32 ? wxt.data() : nullptr;
     sh->wxt32 = want_dx && f32 ? wxt32.data() : nullptr;
+    sh->rounded = f32 && rounded;
     sh->dw_x = dw_x->typed_data() + static_cast<size_t>(m) * I * GH;
     sh->dw_h = dw_h->typed_data() + static_cast<size_t>(m) * H * GH;
     sh->db_x = db_x->typed_data() + static_cast<size_t>(m) * GH;
@@ -2676,7 +2717,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnRnnGradients, Gradients,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // db_x (E, G*H): Σ ct_x
                                   .Ret<ffi::Buffer<ffi::F32>>()   // db_h (E, G*H) or empty
                                   .Attr<int32_t>("threads")
-                                  .Attr<bool>("f32"));  // float32 products, not bf16 parts
+                                  .Attr<bool>("f32")       // float32 products, not bf16 parts
+                                  .Attr<bool>("rounded"));  // f32: of operands rounded to bf16
 
 // Whether AMX tiles run here (compiled with AMX, and the OS grants the tiles' state), as the
 // gradient kernel and the backward kernel's bf16 products need to be worth it: 1 or 0. Called
