@@ -1022,15 +1022,16 @@ def gradients_on_the_kernel(monkeypatch):
 
 
 def test_the_shipped_gradient_rule():
-    """From 200 rows where the inputs and units are 256 or fewer together; wider, from 8 rows
-    per input and unit."""
+    """From 200 rows where the inputs and units are 256 or fewer together; up to 512, from 8
+    rows per input and unit; wider, never."""
     assert (native.GRADIENT_MIN_ROWS, native.GRADIENT_NARROW) == (200, 256)
-    assert native.GRADIENT_ROWS_PER_WIDTH == 8
+    assert (native.GRADIENT_WIDEST, native.GRADIENT_ROWS_PER_WIDTH) == (512, 8)
     assert native.kernel_gradients(200, 128, 128) and not native.kernel_gradients(199, 128, 128)
     assert native.kernel_gradients(200, 16, 40) and not native.kernel_gradients(100, 16, 40)
     assert not native.kernel_gradients(4095, 256, 256) and native.kernel_gradients(4096, 256, 256)
-    assert not native.kernel_gradients(8191, 512, 512) and native.kernel_gradients(8192, 512, 512)
-    assert not native.kernel_gradients(1000, 1024, 1024)
+    assert not native.kernel_gradients(3071, 128, 256) and native.kernel_gradients(3072, 128, 256)
+    assert not native.kernel_gradients(1 << 20, 512, 1)  # 513 wide
+    assert not native.kernel_gradients(1 << 20, 512, 512)
     cell = jaxrnn.gru(16)
     params = cell.init(fresh_key(), 8)
     grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x)[0]))

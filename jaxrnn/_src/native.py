@@ -321,7 +321,8 @@ def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
 # Where the float32 gradient pass's input and weight gradients (``dx = ct W_xᵀ``, ``dW_x = xᵀ
 # ct``, ``dW_h = h_inᵀ ct``, the bias sums) run on the kernel (`input_and_weight_gradients`)
 # rather than as XLA's dots: at least GRADIENT_MIN_ROWS rows (steps × batch), and ``features +
-# hidden`` at most GRADIENT_NARROW or the rows at least GRADIENT_ROWS_PER_WIDTH times it.
+# hidden`` at most GRADIENT_NARROW, or at most GRADIENT_WIDEST with the rows at least
+# GRADIENT_ROWS_PER_WIDTH times it.
 # Measured on a 2-core AMD EPYC (Zen 4), the three products and the sums alone, interleaved
 # medians, XLA's time / the kernel's, rows × I × H × G·H: narrow, where XLA's dots run at
 # 30-80 G multiply-adds a second: 200 × 128 × 128 × 512 1.52, 400 1.40, 1000 1.91, 6400
@@ -340,8 +341,13 @@ def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
 # in one process: Elman B8 T100 H128 1.39 / 1.66 ms, LSTM B8 4.87 / 5.30, Elman B16 T256
 # 6.10 / 7.39. Rounding ``x`` and ``h_in`` in XLA before the kernel instead cost 2.4 ms a call
 # at GRU B64 T100 H128 and pushed its temporaries past 32 MiB (fresh pages every call).
+# Past 512 inputs and units, measured again on 2026-12-06 (same machine): 8192 × 512 × 512 ×
+# 2048 0.84-0.94 in six runs, 16384 0.90-0.94; end to end (fwd+bwd, in one process, kernel /
+# XLA's dots) LSTM B64 T128 H512 667 / 611 and 632 / 618 ms, where at 512 LSTM B32 T128 H256
+# measured 83.0 / 85.1 and B64 160.3 / 159.9. So the kernel stops at GRADIENT_WIDEST.
 GRADIENT_MIN_ROWS = 200
 GRADIENT_NARROW = 256
+GRADIENT_WIDEST = 512
 GRADIENT_ROWS_PER_WIDTH = 8
 
 
@@ -352,7 +358,8 @@ def kernel_gradients(rows: int, features: int, hidden: int) -> bool:
     ``vmap``, of one example)."""
     width = features + hidden
     return rows >= GRADIENT_MIN_ROWS and (
-        width <= GRADIENT_NARROW or rows >= GRADIENT_ROWS_PER_WIDTH * width
+        width <= GRADIENT_NARROW
+        or (width <= GRADIENT_WIDEST and rows >= GRADIENT_ROWS_PER_WIDTH * width)
     )
 
 
