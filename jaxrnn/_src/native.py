@@ -336,11 +336,12 @@ def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
 # rounding the operands itself (``rounded``). Against XLA's dots of bfloat16 operands and
 # float32 cotangents (faster than its float32 dots at these sizes), alone: 200 × 128 × 128 ×
 # 512 0.91-1.05, 1000 0.98, 4096 1.22; 800 × 128 × 128 × 128 1.34, 1600 1.47, 8000 1.42;
-# 3200 × 128 × 128 × 512 1.21; 8192 × 512 × 512 × 2048 0.83-0.91 (end to end even there:
-# LSTM B64 T128 H512, 551-561 against 552-556 ms). End to end, fwd+bwd, kernel / XLA's dots
-# in one process: Elman B8 T100 H128 1.39 / 1.66 ms, LSTM B8 4.87 / 5.30, Elman B16 T256
-# 6.10 / 7.39. Rounding ``x`` and ``h_in`` in XLA before the kernel instead cost 2.4 ms a call
-# at GRU B64 T100 H128 and pushed its temporaries past 32 MiB (fresh pages every call).
+# 3200 × 128 × 128 × 512 1.21; 8192 × 512 × 512 × 2048 0.83-0.91 (end to end even there,
+# LSTM B64 T128 H512 551-561 against 552-556 ms; XLA's dots take it, below). End to end,
+# fwd+bwd, kernel / XLA's dots in one process: Elman B8 T100 H128 1.39 / 1.66 ms, LSTM B8
+# 4.87 / 5.30, Elman B16 T256 6.10 / 7.39. Rounding ``x`` and ``h_in`` in XLA before the
+# kernel instead cost 2.4 ms a call at GRU B64 T100 H128 and pushed its temporaries past
+# 32 MiB (fresh pages every call).
 # Past 512 inputs and units, measured again on 2026-12-06 (same machine): 8192 × 512 × 512 ×
 # 2048 0.84-0.94 in six runs, 16384 0.90-0.94; end to end (fwd+bwd, in one process, kernel /
 # XLA's dots) LSTM B64 T128 H512 667 / 611 and 632 / 618 ms, where at 512 LSTM B32 T128 H256
