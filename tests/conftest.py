@@ -288,6 +288,16 @@ def assert_gradient_kernel(got, expected, tol):
         assert float(np.max(np.abs(np.asarray(g, np.float64) - e))) <= tol * scale
 
 
+def gradient_kernel_at_every_size(monkeypatch):
+    """`native.kernel_gradients` made to say yes at every size: the input and weight
+    gradients on the float32 gradient kernel (without AMX, ``matmul_dtype=bfloat16``'s too,
+    on rounded operands)."""
+    from jaxrnn._src import native
+
+    monkeypatch.setattr(native, "GRADIENT_MIN_ROWS", 0)
+    monkeypatch.setattr(native, "GRADIENT_NARROW", 1 << 30)
+
+
 def check_gradient_kernel_under_vmap(fn, cast=None):
     """Under ``vmap`` the examples become the kernel's members, each with its own rows and
     weight gradients: ``W_x`` shared, or batched (an ensemble), and nested."""

@@ -25,6 +25,7 @@ from conftest import (
     check_gradient_kernel_under_vmap,
     fast_loss,
     fresh_key,
+    gradient_kernel_at_every_size,
     gradient_kernel_operands,
     gradient_kernel_reference,
     mode_inputs,
@@ -1017,8 +1018,7 @@ def test_a_bad_thread_count_is_named(value, monkeypatch):
 @pytest.fixture
 def gradients_on_the_kernel(monkeypatch):
     """`native.kernel_gradients` made to say yes at every size."""
-    monkeypatch.setattr(native, "GRADIENT_MIN_ROWS", 0)
-    monkeypatch.setattr(native, "GRADIENT_NARROW", 1 << 30)
+    gradient_kernel_at_every_size(monkeypatch)
 
 
 def test_the_shipped_gradient_rule():

@@ -28,6 +28,7 @@ from conftest import (
     check_gradient_kernel_under_vmap,
     fast_loss,
     fresh_key,
+    gradient_kernel_at_every_size,
     gradient_kernel_operands,
     gradient_kernel_reference,
     mode_inputs,
@@ -62,8 +63,7 @@ def gradient_rule(request, monkeypatch):
     """The shipped `native.kernel_gradients`, or one saying yes at every size (so that without
     AMX the input and weight gradients take the float32 kernel on rounded operands)."""
     if request.param == "kernel_everywhere":
-        monkeypatch.setattr(native, "GRADIENT_MIN_ROWS", 0)
-        monkeypatch.setattr(native, "GRADIENT_NARROW", 1 << 30)
+        gradient_kernel_at_every_size(monkeypatch)
 
 
 def _on_the_gradient_kernel(xs, hidden):
