@@ -289,13 +289,14 @@ def assert_gradient_kernel(got, expected, tol):
 
 
 def gradient_kernel_at_every_size(monkeypatch):
-    """`native.kernel_gradients` made to say yes at every size: the input and weight
-    gradients on the float32 gradient kernel (without AMX, ``matmul_dtype=bfloat16``'s too,
-    on rounded operands)."""
+    """`native.kernel_gradients` and `native.tile_gradients` made to say yes at every size:
+    the input and weight gradients on the float32 gradient kernel (without AMX,
+    ``matmul_dtype=bfloat16``'s too, on rounded operands; with AMX, those on the tiles)."""
     from jaxrnn._src import native
 
     monkeypatch.setattr(native, "GRADIENT_MIN_ROWS", 0)
     monkeypatch.setattr(native, "GRADIENT_NARROW", 1 << 30)
+    monkeypatch.setattr(native, "GRADIENT_TILE_ELEMENTS_PER_ROW", 1 << 40)
 
 
 def check_gradient_kernel_under_vmap(fn, cast=None):

@@ -3,8 +3,9 @@
 Where the CPU has AMX or AVX512-BF16 (`native.bf16_available`), ``jaxrnn.unroll(...,
 matmul_dtype=jnp.bfloat16)`` runs the forward kernel with bfloat16 operands summed in float32,
 and the backward kernel with ``W_h`` rounded to bfloat16 (the tangent rule's ``_dot``); with
-AMX (`native.amx_available`) also the input and weight gradients' kernel, without it that
-kernel's float32 mode on rounded operands where `native.kernel_gradients` says so. XLA's loop with
+AMX (`native.amx_available`) also the input and weight gradients' kernel where
+`native.tile_gradients` says so, without it that kernel's float32 mode on rounded operands
+where `native.kernel_gradients` says so (XLA's dots elsewhere). XLA's loop with
 the same ``matmul_dtype`` is the reference: it is tested against a loop over ``cell.step`` with
 rounded operands in ``test_fastpath.py``. The two sum the same exact products in another
 order, so they agree to float32 rounding, except where that rounding moves an ``h`` across a
@@ -44,6 +45,7 @@ if jax.default_backend() != "cpu" or native._compiler() is None:
     )
 
 MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
+GATES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 4, "gru": 3}
 BF16 = jnp.bfloat16
 needs_bf16 = pytest.mark.skipif(
     not native.bf16_available(), reason="this CPU has neither AMX tiles nor AVX512-BF16"
@@ -58,19 +60,27 @@ def every_gradient_on_the_kernels(monkeypatch):
     monkeypatch.setattr(fastpath, "NATIVE_GRADIENT_KINDS", tuple(native.KIND_CODES))
 
 
-@pytest.fixture(params=["shipped_rule", "kernel_everywhere"])
+@pytest.fixture(params=["shipped_rule", "kernel_everywhere", "tiles_nowhere"])
 def gradient_rule(request, monkeypatch):
-    """The shipped `native.kernel_gradients`, or one saying yes at every size (so that without
-    AMX the input and weight gradients take the float32 kernel on rounded operands)."""
+    """The shipped `native.kernel_gradients` and `native.tile_gradients`; both saying yes at
+    every size (so that without AMX the input and weight gradients take the float32 kernel
+    on rounded operands); or, with AMX, the tiles' saying no (XLA's dots take them)."""
     if request.param == "kernel_everywhere":
         gradient_kernel_at_every_size(monkeypatch)
+    elif request.param == "tiles_nowhere":
+        if not native.amx_available():
+            pytest.skip("this CPU has no AMX tiles (or the OS denies them)")
+        monkeypatch.setattr(native, "GRADIENT_TILE_ELEMENTS_PER_ROW", 0)
 
 
-def _on_the_gradient_kernel(xs, hidden):
+def _on_the_gradient_kernel(xs, hidden, gates):
     """Whether ``matmul_dtype=bfloat16``'s input and weight gradients of ``xs`` run on the
-    gradient kernel: always on AMX, else where `native.kernel_gradients` says so."""
-    rows = int(np.prod(xs.shape[:-1]))
-    return native.amx_available() or native.kernel_gradients(rows, xs.shape[-1], hidden)
+    gradient kernel: on AMX where `native.tile_gradients` says so, else where
+    `native.kernel_gradients` does."""
+    rows, features = int(np.prod(xs.shape[:-1])), xs.shape[-1]
+    if native.amx_available():
+        return native.tile_gradients(rows, features, hidden, gates * hidden)
+    return native.kernel_gradients(rows, features, hidden)
 
 
 def _close_to_bf16_rounding(actual, expected, float32, worst=3e-3, share=0.05):
@@ -182,7 +192,7 @@ def test_bf16_derivatives_equal_xla(cell_name, mode, gradient_rule, monkeypatch)
     grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": BF16}))
     lowered = _lowered(grad, params, xs, carry)
     assert native.TARGET_BACKWARD in lowered
-    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 40)
+    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 40, GATES[cell_name])
     actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
     _close_to_bf16_rounding(actual, expected, float32)
 
@@ -304,7 +314,7 @@ def test_bf16_gradients_under_vmap(cell_name, gradient_rule, monkeypatch):
         return all_three
 
     lowered = _lowered(make(BF16), params, members, xs)
-    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 24)
+    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 24, GATES[cell_name])
     actual, expected, float32 = _on_both(monkeypatch, make, params, members, xs)
     _close_to_bf16_rounding(actual, expected, float32)
 
@@ -393,6 +403,31 @@ def test_the_gradient_kernel_is_float32s(
 def test_the_gradient_kernel_under_vmap():
     """Under ``vmap`` the examples become the kernel's members (`conftest`'s check)."""
     check_gradient_kernel_under_vmap(native.input_and_weight_gradients, cast=_bf16_64)
+
+
+def test_the_shipped_tile_rule():
+    """``matmul_dtype=bfloat16``'s input and weight gradients take the AMX tiles where the
+    weight gradients have at most 8192 elements a row: LSTM H1024 from 1024 rows, LSTM H512
+    from 256, Elman H1024 from 256; XLA's dots below (on AMX; elsewhere the float32 rule)."""
+    assert native.GRADIENT_TILE_ELEMENTS_PER_ROW == 8192
+    assert native.tile_gradients(1024, 1024, 1024, 4096)
+    assert not native.tile_gradients(1023, 1024, 1024, 4096)
+    assert native.tile_gradients(256, 512, 512, 2048) and not native.tile_gradients(
+        200, 512, 512, 2048
+    )
+    assert native.tile_gradients(200, 512, 512, 1536)  # the GRU's three gates
+    assert not native.tile_gradients(100, 1024, 1024, 1024)  # Elman
+    assert native.tile_gradients(64, 128, 128, 512) and native.tile_gradients(1, 8, 16, 64)
+    if not native.amx_available():
+        return
+    cell = jaxrnn.lstm(256)
+    params = cell.init(fresh_key(), 256)
+    grad = jax.grad(lambda p, x: jnp.sum(jaxrnn.unroll(cell, p, x, matmul_dtype=BF16)[0]))
+    for batch, on_tiles in ((3, False), (4, True)):  # 48 and 64 rows, 512 × 1024 weights
+        xs = jax.random.normal(fresh_key(), (batch, 16, 256))
+        text = jax.jit(grad).lower(params, xs).as_text()
+        assert (native.TARGET_GRADIENTS in text) == on_tiles
+        assert native.TARGET_BACKWARD in text
 
 
 @pytest.mark.parametrize(

@@ -571,10 +571,11 @@ def _recurrence_jvp(static, primals, tangents):
     d_biases = tuple(d for d, b in zip((db_x, db_in), biases) if b is not None)
     nonlin, lin = (to_rows(xs), to_rows(h_in), w_x), (to_rows(dxs), dw_x, dw_h, *d_biases)
     terms = functools.partial(_input_terms, md=md, merged=merged, biases=biases)
-    # With ``matmul_dtype`` on AMX: bfloat16 products on the tiles at any size. Otherwise the
-    # float32 kernel where `native.kernel_gradients` says so, a ``matmul_dtype``'s operands
-    # rounded to it by the kernel (the products XLA's dots of the rounded operands sum).
-    tiles = md is not None and _amx()
+    # With ``matmul_dtype`` on AMX: bfloat16 products on the tiles where
+    # `native.tile_gradients` says so. Otherwise the float32 kernel where
+    # `native.kernel_gradients` says so, a ``matmul_dtype``'s operands rounded to it by the
+    # kernel (the products XLA's dots of the rounded operands sum).
+    tiles = md is not None and _amx() and _kernel_gradients(xs, w_h, tiles=True)
     if native and (tiles or _kernel_gradients(xs, w_h)):
         # Transposed by one kernel call for the three matmuls and the bias gradients.
         transpose = functools.partial(
@@ -613,12 +614,16 @@ def _amx() -> bool:
     return native.amx_available()
 
 
-def _kernel_gradients(xs, w_h) -> bool:
+def _kernel_gradients(xs, w_h, tiles=False) -> bool:
     """Whether the float32 input and weight gradients of ``xs: (time, *batch, I)`` run on the
-    native kernel (`native.kernel_gradients`)."""
+    native kernel (`native.kernel_gradients`), or with ``tiles`` those of ``matmul_dtype`` on
+    the AMX tiles (`native.tile_gradients`)."""
     from jaxrnn._src import native
 
-    return native.kernel_gradients(math.prod(xs.shape[:-1]), xs.shape[-1], w_h.shape[0])
+    rows, features, hidden = math.prod(xs.shape[:-1]), xs.shape[-1], w_h.shape[0]
+    if tiles:
+        return native.tile_gradients(rows, features, hidden, w_h.shape[1])
+    return native.kernel_gradients(rows, features, hidden)
 
 
 def _plus(a, *biases):

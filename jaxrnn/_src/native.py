@@ -34,7 +34,7 @@ read at its step before it is written). A third kernel (`input_and_weight_gradie
 computes the input, weight and bias gradients after that loop, the three matmuls over all
 steps, each cotangent read once for all: in float32 where `kernel_gradients` says so (with
 ``matmul_dtype=bfloat16`` without AMX, of the operands rounded to it), and on the tiles with
-``matmul_dtype=bfloat16`` on AMX.
+``matmul_dtype=bfloat16`` on AMX where `tile_gradients` says so (elsewhere XLA's dots).
 It enters through `linear` (a linear primitive with a transpose of its own), so forward mode
 and derivatives of every order keep XLA's loops; derivatives of the kernels' own outputs
 (order two and more) are those of XLA's scan. Under ``vmap`` the kernels run once over all
@@ -201,7 +201,8 @@ def bf16_available() -> bool:
     Without AMX (`amx_available`) only the forward kernel multiplies in bfloat16; the
     gradient pass's backward loop multiplies its float32 cotangents by ``W_h`` rounded to
     bfloat16 as float32 (the same exact products), and its input and weight gradients are
-    XLA's dots."""
+    the float32 kernel's on rounded operands where `kernel_gradients` says so, XLA's dots
+    elsewhere."""
     return available() and _bf16()
 
 
@@ -350,6 +351,30 @@ GRADIENT_MIN_ROWS = 200
 GRADIENT_NARROW = 256
 GRADIENT_WIDEST = 512
 GRADIENT_ROWS_PER_WIDTH = 8
+
+
+# Where ``matmul_dtype=bfloat16``'s input and weight gradients run on the AMX tiles
+# (`input_and_weight_gradients` without ``f32_operands``) rather than as XLA's dots of the
+# bfloat16 operands: where the weight gradients' ``(features + hidden) × columns`` elements
+# are at most GRADIENT_TILE_ELEMENTS_PER_ROW times the rows. Each thread sums the weight
+# gradients of its rows into a float32 copy of its own (zeroed, then added up after the
+# products), so where the rows are few against the weights the copies cost more than the
+# tiles save. Measured on a 2-core Intel Xeon (Sapphire Rapids), forward+backward, ms, XLA's
+# dots / the tiles, in one process (T = 100): LSTM B1 H1024 104 / 148, B2 115 / 153, B4 128 /
+# 157, B8 179 / 191, B16 303 / 268; Elman B1 H1024 14.6 / 21.3; LSTM B1 H512 16.2 / 19.8, B2
+# 21.7 / 22.7, B4 31.7 / 26.8, B8 44.7 / 35.7; GRU B2 H512 14.8 / 12.6, B4 21.3 / 17.2;
+# Elman B1 H512 2.97 / 2.98, B4 7.58 / 5.40; LSTM B1 H256 3.59 / 3.16, B2 5.23 / 4.22; GRU
+# B1 H256 2.68 / 2.56; LSTM B1 H128 1.52 / 1.44; GRU B1 H128 1.17 / 1.20. (The three
+# products and the sums alone, where the rows are few, favour XLA's dots more: 100 × 512 ×
+# 512 × 2048 0.45, 400 0.85, 800 1.11 XLA's time / the tiles'; 100 × 128 × 128 × 512 0.89.)
+GRADIENT_TILE_ELEMENTS_PER_ROW = 8192
+
+
+def tile_gradients(rows: int, features: int, hidden: int, columns: int) -> bool:
+    """Whether ``matmul_dtype=bfloat16``'s input and weight gradients run on the AMX tiles
+    (where `amx_available`) for ``rows`` rows of ``features`` inputs and ``hidden`` units,
+    ``columns`` (gates × hidden) wide (the batch as traced: under ``vmap``, of one example)."""
+    return rows * GRADIENT_TILE_ELEMENTS_PER_ROW >= (features + hidden) * columns
 
 
 def kernel_gradients(rows: int, features: int, hidden: int) -> bool:

@@ -2206,11 +2206,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
 // (ct_h = ct_x but for the GRU), and the bias gradients db_x = Σ_rows ct_x, db_h = Σ_rows
 // ct_h. Each matmul runs on the tiles with the float32 cotangent as its three exact bfloat16
 // parts (`split3`), so each product is float32's and the sums are float32 sums in another
-// order. The rows go in blocks of kGradRows; each block's cotangent is read and split once
-// for all three matmuls and the sums (XLA's float32 dots and reduction read it four times).
-// The blocks go in runs, one per thread at most (`over_slots`), each run's weight and bias
-// gradients summed in float32 accumulators of its own, added up at the end in a fixed order;
-// dx's rows are each block's own.
+// order. The rows go in blocks of at most kGradRows, as many as a multiple of the threads,
+// of equal size (`grad_block_rows`), each padded to the tiles' 32 rows only; each block's
+// cotangent is read and split once for all three matmuls and the sums (XLA's float32 dots
+// and reduction read it four times). The blocks go in runs, one per thread at most
+// (`over_slots`), each run's weight and bias gradients summed in float32 accumulators of its
+// own, added up at the end in a fixed order; dx's rows are each block's own. Blocks of 256
+// rows padded with zeros before (2026-12-06, Intel Xeon, XLA's time / the kernel's, the
+// products alone, rows × I × H × G·H): 800 × 128 × 128 × 384 1.01, now 2.17 (a fourth block
+// of 32 rows took as long as a full one); 200 × 128 × 128 × 512 1.23, now 2.05; 100 × 512 ×
+// 512 × 2048 0.33, now 0.45 (where the rows are few, `native.tile_gradients` leaves the
+// products to XLA's dots).
 
 constexpr int kGradRows = 256;
 // Columns of the cotangent split and multiplied at a time: a slice's parts (3 × 256 × 256 in
@@ -2225,7 +2231,7 @@ struct GradShared {
   const uint16_t* wxt;               // bf16(W_x)ᵀ packed for `gemm_bf16` (GHp × Ip), or null
   const float* wxt32 = nullptr;      // f32: W_xᵀ packed for `gemm_acc`, slice by slice
   bool rounded = false;              // f32: x and h_in (and W_x) rounded to bfloat16 first
-  int block_rows = kGradRows;        // f32: rows a block (`grad_block_rows`)
+  int block_rows = kGradRows;        // rows a block (`grad_block_rows`)
   int blocks = 0, slots = 0;         // blocks of rows; slots, each a run of them (`over_slots`)
   std::atomic<int> next{0}, active{0};  // the next slot to claim; threads at work
   std::atomic<int> next_rows{0}, summing{0};
@@ -2407,20 +2413,22 @@ void grad_blocks(GradShared& sh) {
   if (!slots_left(sh)) return;
   if (!amx_ready()) std::abort();  // the caller checked
   const int I = sh.I, H = sh.H, GH = sh.GH, Ip = sh.Ip, Hp = sh.Hp, GHp = sh.GHp;
-  const int Kp = kGradRows;
+  const int per = sh.block_rows, most = round_up(per, 32);
   const int S = std::min(kGradSlice, GHp);
-  const size_t ldq = static_cast<size_t>(Kp) * S;
-  Halves ax(static_cast<size_t>(Ip) * Kp, 0), ah(static_cast<size_t>(Hp) * Kp, 0);
-  Halves right(3 * ldq), right_h(sh.ct_h ? 3 * ldq : 0), left(sh.dx ? 3 * ldq : 0);
+  const size_t most_q = static_cast<size_t>(most) * S;
+  Halves ax(static_cast<size_t>(Ip) * most, 0), ah(static_cast<size_t>(Hp) * most, 0);
+  Halves right(3 * most_q), right_h(sh.ct_h ? 3 * most_q : 0), left(sh.dx ? 3 * most_q : 0);
   Halves scratch(6 * static_cast<size_t>(S)), rows(32 * static_cast<size_t>(std::max(I, H)));
-  Floats z(sh.dx ? static_cast<size_t>(Kp) * Ip : 0);
+  Floats z(sh.dx ? static_cast<size_t>(most) * Ip : 0);
   set_tiles();
   over_slots(sh, static_cast<size_t>(Ip + Hp + 2) * GHp, [&](int block, float* acc) {
     float* sums = acc + static_cast<size_t>(Ip + Hp) * GHp;
-    const int r0 = block * kGradRows, n = std::min(kGradRows, sh.R - r0);
+    // The block's rows padded to the tiles' 32 (its K), not to kGradRows.
+    const int r0 = block * per, n = std::min(per, sh.R - r0), Kp = round_up(n, 32);
+    const size_t ldq = static_cast<size_t>(Kp) * S;
     transposed_bf16(sh.x, I, r0, n, Kp, ax.data(), rows.data());
     transposed_bf16(sh.h, H, r0, n, Kp, ah.data(), rows.data());
-    if (sh.dx) std::fill(z.begin(), z.end(), 0.0f);
+    if (sh.dx) std::fill_n(z.begin(), static_cast<size_t>(Kp) * Ip, 0.0f);
     for (int s0 = 0; s0 < GHp; s0 += S) {  // a slice of the cotangent's columns
       const int width = std::min(S, GHp - s0), real = std::clamp(GH - s0, 0, width);
       split_block(sh.ct_x + s0, GH, real, width, r0, n, Kp, right.data(), ldq,
@@ -2512,11 +2520,12 @@ void packed_transpose(const float* w, int I, int GH, float* out, bool rounded) {
   }
 }
 
-// Rows a block in float32: at most kGradRows, as many blocks as a multiple of the n threads,
-// of equal size (a multiple of 8 rows, the tiles').
-int grad_block_rows(int R, int n) {
+// Rows a block: at most kGradRows, as many blocks as a multiple of the n threads, of equal
+// size, a multiple of `multiple` rows (float32's tiles take 8; the bf16 tiles' K is 32).
+int grad_block_rows(int R, int n, int multiple) {
+  if (R <= 0) return multiple;
   const int blocks = round_up((R + kGradRows - 1) / kGradRows, n);
-  return std::min(kGradRows, round_up((R + blocks - 1) / blocks, 8));
+  return std::min(kGradRows, round_up((R + blocks - 1) / blocks, multiple));
 }
 
 void grad_blocks_f32(GradShared& sh) {
@@ -2620,7 +2629,7 @@ ffi::Error Gradients(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer
     sh->dw_h = dw_h->typed_data() + static_cast<size_t>(m) * H * GH;
     sh->db_x = db_x->typed_data() + static_cast<size_t>(m) * GH;
     sh->db_h = merged ? nullptr : db_h->typed_data() + static_cast<size_t>(m) * GH;
-    sh->block_rows = f32 ? grad_block_rows(R, n) : kGradRows;
+    sh->block_rows = grad_block_rows(R, n, f32 ? 8 : 32);
     sh->blocks = (R + sh->block_rows - 1) / sh->block_rows;
     const size_t slot_bytes = static_cast<size_t>(Ip + Hp) * GHp * sizeof(float);
     const int t = static_cast<int>(std::max<size_t>(
