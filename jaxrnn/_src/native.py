@@ -347,6 +347,11 @@ def hoists(batch: int, features: int, hidden: int, gates: int) -> bool:
 # 2048 0.84-0.94 in six runs, 16384 0.90-0.94; end to end (fwd+bwd, in one process, kernel /
 # XLA's dots) LSTM B64 T128 H512 667 / 611 and 632 / 618 ms, where at 512 LSTM B32 T128 H256
 # measured 83.0 / 85.1 and B64 160.3 / 159.9. So the kernel stops at GRADIENT_WIDEST.
+# The same rule on a 2-core Intel Xeon (Sapphire Rapids, 2 MiB of L2 a core), 2026-12-06,
+# alone as above: 100 × 128 × 128 × 512 1.02, 200 1.40, 1000 1.54, 6400 1.28, 25600 1.23;
+# 800 × 128 × 128 × 384 1.48, 25600 1.18; 256 × 64 × 64 × 256 1.25; 1000 × 256 × 256 × 1024
+# 0.94, 2048 1.07, 4096 0.98-1.01, 8192 1.03, 25600 1.07; 4096 × 384 × 384 × 1536 0.80-0.84;
+# 800 × 512 × 512 × 2048 0.85, 8192 0.83.
 GRADIENT_MIN_ROWS = 200
 GRADIENT_NARROW = 256
 GRADIENT_WIDEST = 512
