@@ -387,7 +387,10 @@ def test_the_gradient_kernel_is_float32s(
     operands: ``ct_x bf16(W_x)ᵀ``, ``bf16(x)ᵀ ct_x``, ``bf16(h)ᵀ ct_h``, and the sums of
     ``ct_x`` and ``ct_h`` over the rows (the bias gradients). The float32
     cotangents go in as three exact bfloat16 parts, so only float32 sums round (within 1e-6
-    of scale; with the third part dropped, the weight gradients are 9e-6 to 1e-5 off)."""
+    of scale; with the third part dropped, the weight gradients are 9e-6 to 1e-5 off). The
+    bias gradients add a run's rows one after another in float32: at 1000 rows the worst of
+    130 such sums was 0.8e-6 of scale off in the median of 300 draws, 1.9e-6 at most, so
+    they get 4e-6 (a missing or repeated row would be off by about 1e-2 of scale or more)."""
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", str(threads))
     operands = gradient_kernel_operands(rows, features, hidden, gates, merged)
 
@@ -396,7 +399,9 @@ def test_the_gradient_kernel_is_float32s(
 
     got = jax.jit(fn)(*operands)
     assert (got[0] is None) == (not want_dx)
-    assert_gradient_kernel(got, gradient_kernel_reference(*operands, cast=_bf16_64), 1e-6)
+    assert_gradient_kernel(
+        got, gradient_kernel_reference(*operands, cast=_bf16_64), 1e-6, sum_tol=4e-6
+    )
 
 
 @needs_amx
