@@ -45,7 +45,6 @@ if jax.default_backend() != "cpu" or native._compiler() is None:
     )
 
 MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
-GATES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 4, "gru": 3}
 BF16 = jnp.bfloat16
 needs_bf16 = pytest.mark.skipif(
     not native.bf16_available(), reason="this CPU has neither AMX tiles nor AVX512-BF16"
@@ -192,7 +191,9 @@ def test_bf16_derivatives_equal_xla(cell_name, mode, gradient_rule, monkeypatch)
     grad = jax.grad(lambda p, x, c: fast_loss(cell, p, x, c, {**kwargs, "matmul_dtype": BF16}))
     lowered = _lowered(grad, params, xs, carry)
     assert native.TARGET_BACKWARD in lowered
-    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 40, GATES[cell_name])
+    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(
+        xs, 40, fastpath._N_GATES[cell_name]
+    )
     actual, expected, float32 = _on_both(monkeypatch, make, params, xs, carry)
     _close_to_bf16_rounding(actual, expected, float32)
 
@@ -314,7 +315,9 @@ def test_bf16_gradients_under_vmap(cell_name, gradient_rule, monkeypatch):
         return all_three
 
     lowered = _lowered(make(BF16), params, members, xs)
-    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(xs, 24, GATES[cell_name])
+    assert (native.TARGET_GRADIENTS in lowered) == _on_the_gradient_kernel(
+        xs, 24, fastpath._N_GATES[cell_name]
+    )
     actual, expected, float32 = _on_both(monkeypatch, make, params, members, xs)
     _close_to_bf16_rounding(actual, expected, float32)
 

@@ -2413,13 +2413,13 @@ void grad_blocks(GradShared& sh) {
   if (!slots_left(sh)) return;
   if (!amx_ready()) std::abort();  // the caller checked
   const int I = sh.I, H = sh.H, GH = sh.GH, Ip = sh.Ip, Hp = sh.Hp, GHp = sh.GHp;
-  const int per = sh.block_rows, most = round_up(per, 32);
+  const int per = sh.block_rows;  // a multiple of 32 (`grad_block_rows`)
   const int S = std::min(kGradSlice, GHp);
-  const size_t most_q = static_cast<size_t>(most) * S;
-  Halves ax(static_cast<size_t>(Ip) * most, 0), ah(static_cast<size_t>(Hp) * most, 0);
+  const size_t most_q = static_cast<size_t>(per) * S;
+  Halves ax(static_cast<size_t>(Ip) * per, 0), ah(static_cast<size_t>(Hp) * per, 0);
   Halves right(3 * most_q), right_h(sh.ct_h ? 3 * most_q : 0), left(sh.dx ? 3 * most_q : 0);
   Halves scratch(6 * static_cast<size_t>(S)), rows(32 * static_cast<size_t>(std::max(I, H)));
-  Floats z(sh.dx ? static_cast<size_t>(most) * Ip : 0);
+  Floats z(sh.dx ? static_cast<size_t>(per) * Ip : 0);
   set_tiles();
   over_slots(sh, static_cast<size_t>(Ip + Hp + 2) * GHp, [&](int block, float* acc) {
     float* sums = acc + static_cast<size_t>(Ip + Hp) * GHp;
