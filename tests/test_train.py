@@ -126,7 +126,7 @@ def test_fit_learns_and_logs_jsonl(tmp_path, adding_setup):
     task, model, params = adding_setup
     metric = train.task_metric(model, task)
     test = task.sample(jax.random.PRNGKey(9), 64)
-    path = tmp_path / "metrics.jsonl"
+    path = tmp_path / "runs" / "a" / "metrics.jsonl"  # its directory is made
     result = _fit(
         task,
         model,

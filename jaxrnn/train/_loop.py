@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -262,6 +263,8 @@ class _Log:
 
     def __init__(self, path, bar):
         self.path, self.bar = path, bar
+        if path is not None:  # as checkpoint directories are: made where missing
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.pending: list = []
         self.history: list = []
         self.skipped: list = []
@@ -374,7 +377,8 @@ def fit(
       eval_fn: evaluation, ``eval_fn(params) -> dict`` of scalars (or a scalar).
       eval_every: evaluate every this many steps (``0``: only at the end).
       log_every: log every this many steps.
-      metrics_path: a JSONL file the records are appended to, or ``None``.
+      metrics_path: a JSONL file the records are appended to (its directory is created
+        where missing), or ``None``.
       checkpoint_dir: a directory for checkpoints, or ``None``.
       checkpoint_every: checkpoint every this many steps (``0``: only at the end).
       keep_checkpoints: how many checkpoints to keep.
