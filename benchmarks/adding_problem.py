@@ -12,7 +12,7 @@ Writes ``benchmarks/results/adding_problem.json`` and ``.md``, the plots ``docs/
 and ``docs/adding_loss.png``, and the table into README.md between the markers
 ``<!-- adding-problem:start -->`` and ``<!-- adding-problem:end -->``.
 
-Run from the repository root: ``python benchmarks/adding_problem.py`` (about 10 minutes on 2
+Run from the repository root: ``python benchmarks/adding_problem.py`` (about 3 minutes on 2
 CPU cores with 3 seeds; ``--quick`` for a smoke run that writes nothing under docs/ or
 README.md).
 """
