@@ -191,13 +191,13 @@ def main() -> None:
             c: [(r["step"], r["eval_mse"]) for r in curves[c] if "eval_mse" in r] for c in CELLS
         },
     }
+    if args.reuse:  # the measurements are the earlier run's
+        out["machine"], out["date"] = previous["machine"], previous["date"]
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "adding_problem.json"), "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(ROOT, "benchmarks", "results", "adding_problem.md"), "w") as f:
         f.write(table + "\n\n```\n" + diag_text + "\n```\n")
-    if args.reuse:
-        out["machine"], out["date"] = previous["machine"], previous["date"]
     diagnostics.plot_grad_norms(
         {c: trained[c]["grad_norms"] for c in CELLS},
         os.path.join(ROOT, "docs", "grads.png"),
