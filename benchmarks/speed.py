@@ -7,6 +7,7 @@ Usage::
     python benchmarks/speed.py --device cpu --cells lstm:16:256:128 --peers torch --reps 30
     python benchmarks/speed.py --device cpu --tune          # measure the unroll table
     python benchmarks/speed.py --device cpu --host-devices 2 --peers torch,jaxrnn1
+    python benchmarks/speed.py --device cpu --isa avx2     # as on a CPU without AVX-512
 
 Method: every library gets the same random inputs and weights of the same sizes (input size =
 hidden size), in its own default layout (jaxrnn and Flax batch-major, PyTorch time-major). JAX
@@ -24,6 +25,12 @@ computes the outputs; ``fwdbwd`` computes ``sum(outputs)`` and its gradient with
 the weights and the inputs. Peak memory is
 the compiled program's temporary buffers (JAX, from XLA's memory analysis) and
 ``torch.cuda.max_memory_allocated`` (PyTorch on GPU); it is not measured for PyTorch on CPU.
+
+``--isa avx2`` (CPU) caps what each library may use at AVX2 and FMA (`AVX2_ENVIRONMENT`), as
+on a CPU without AVX-512: jaxrnn's kernel is built for it (and so not used: `native.available`),
+PyTorch runs its AVX2 kernels, oneDNN and MKL theirs, and XLA generates AVX2 code. XLA's dots
+do not take the cap (a 2048³ float32 dot ran at 135 and 139 G multiply-adds a second without and
+with it), so JAX's matmuls (Flax's, and jaxrnn's projections and weight gradients) keep AVX-512.
 
 ``--host-devices N`` (CPU): JAX sees ``N`` CPU devices and jaxrnn runs with the batch sharded
 over them (an explicit mesh, ``jax.set_mesh``): XLA runs each device's loop on its own
@@ -263,7 +270,12 @@ def cpu_info():
     kernel = native.available()
     bf16 = "amx" if kernel and native.amx_available() else None
     bf16 = bf16 or ("avx512_bf16" if kernel and native.bf16_available() else None)
-    return {"model": model, "native_kernel": kernel, "native_bf16": bf16}
+    return {
+        "model": model,
+        "native_kernel": kernel,
+        "native_arch": native._arch(),
+        "native_bf16": bf16,
+    }
 
 
 def torch_info(device):
@@ -272,6 +284,8 @@ def torch_info(device):
     except ImportError:
         return None
     info = {"version": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "cpu":
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if device == "gpu" and torch.cuda.is_available():
         info.update(
             cudnn=torch.backends.cudnn.version(),
@@ -446,6 +460,36 @@ def plot(results, passes, path):
     fig.savefig(path, dpi=120)
 
 
+# `--isa avx2`: what each library reads to cap its instruction set at AVX2 (and FMA).
+AVX2_ENVIRONMENT = {
+    "JAXRNN_NATIVE_ARCH": "x86-64-v3",  # jaxrnn's kernel (`native._arch`)
+    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",  # XLA:CPU's generated code and its dot libraries
+    "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
+    "DNNL_MAX_CPU_ISA": "AVX2",  # oneDNN (PyTorch's LSTM, GRU and RNN on CPU)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (PyTorch's matmuls)
+}
+
+
+def cap_isa():
+    """Sets `AVX2_ENVIRONMENT` (XLA_FLAGS appended to) before JAX's backend and PyTorch
+    start, and checks that PyTorch took it."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized() or "torch" in sys.modules:
+        raise SystemExit("--isa: JAX's backend or PyTorch started before the cap was set")
+    for name, value in AVX2_ENVIRONMENT.items():
+        if name == "XLA_FLAGS":
+            value = f"{os.environ.get(name, '')} {value}".strip()
+        os.environ[name] = value
+    try:
+        import torch
+    except ImportError:
+        return
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        raise SystemExit(f"--isa avx2: PyTorch runs its {capability} kernels, expected AVX2")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -482,7 +526,19 @@ def main(argv=None):
         help="CPU: run jaxrnn with the batch sharded over this many CPU devices (must come "
         "before any JAX computation in the process)",
     )
+    parser.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="CPU: avx2 caps every library at AVX2 and FMA, as on a CPU without AVX-512: "
+        "jaxrnn's kernel built for x86-64-v3, XLA's code and PyTorch's kernels (oneDNN, MKL) "
+        "limited to AVX2 (must come before any JAX computation in the process)",
+    )
     args = parser.parse_args(argv)
+    if args.isa != "native":
+        if args.device != "cpu":
+            raise SystemExit("--isa: CPU only (--device cpu)")
+        cap_isa()
     if args.host_devices > 1:
         if args.device != "cpu":
             raise SystemExit("--host-devices: CPU only (--device cpu)")
@@ -530,6 +586,8 @@ def main(argv=None):
         "reps": args.reps,
         "warm_ms": args.warm_ms,
         "host_devices": args.host_devices,
+        "isa": args.isa,
+        "isa_environment": {k: os.environ[k] for k in AVX2_ENVIRONMENT if args.isa != "native"},
         "torch": torch_info(args.device) if "torch" in args.peers else None,
         "unroll_table": {k: list(v) for k, v in fastpath.UNROLL_TABLE.items()},
         "pallas_table": {"/".join(k): list(v) for k, v in fastpath.PALLAS_TABLE.items()},
@@ -569,7 +627,8 @@ def main(argv=None):
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
     md = f", jaxrnn matmuls in {args.matmul_dtype}" if args.matmul_dtype else ""
     hd = f", jaxrnn batch over {args.host_devices} CPU devices" if args.host_devices > 1 else ""
-    print(f"{args.device}, {args.dtype}{md}{hd}, jax {jax.__version__}")
+    isa = ", every library capped at AVX2" if args.isa == "avx2" else ""
+    print(f"{args.device}, {args.dtype}{md}{hd}{isa}, jax {jax.__version__}")
     print(table)
     write(table=table, complete=True)
     if args.plot:

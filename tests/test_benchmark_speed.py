@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import pathlib
+import platform
 import subprocess
 import sys
+
+import pytest
 
 SPEED = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
@@ -75,6 +78,32 @@ def test_tune_rows_feed_the_gpu_table_proposal(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "UNROLL_TABLE['gpu'] = ((1 << 62, " in proc.stdout
     assert "gru:2:5:8 (batch*hidden 16): ms by unroll {1: " in proc.stdout
+
+
+def test_isa_avx2_caps_every_library(tmp_path):
+    """``--isa avx2``: jaxrnn's kernel built for x86-64-v3, and so not used (XLA's loop);
+    PyTorch on its AVX2 kernels; what was set is in the report."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AVX2 is an x86 instruction set")
+    pytest.importorskip("torch")
+    report, stdout = _run(tmp_path, "--isa", "avx2", "--cells", "lstm:2:5:8", "--peers", "torch")
+    meta = report["meta"]
+    assert meta["isa"] == "avx2" and meta["cpu"]["native_arch"] == "x86-64-v3"
+    assert meta["cpu"]["native_kernel"] is False and meta["cpu"]["native_bf16"] is None
+    assert meta["torch"]["cpu_capability"] == "AVX2"
+    assert meta["isa_environment"]["DNNL_MAX_CPU_ISA"] == "AVX2"
+    assert "--xla_cpu_max_isa=AVX2" in meta["isa_environment"]["XLA_FLAGS"]
+    assert "every library capped at AVX2" in stdout and "| lstm 2 5 8 | fwdbwd |" in stdout
+
+
+def test_isa_is_cpu_only(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SPEED), "--device", "gpu", "--isa", "avx2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "--isa: CPU only (--device cpu)" in proc.stderr
 
 
 def test_host_devices_is_cpu_only(tmp_path):

@@ -8,7 +8,12 @@ against XLA's scan; its placement; and its fallback to XLA's loop.
 
 from __future__ import annotations
 
+import os
+import pathlib
+import platform
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,17 @@ if jax.default_backend() != "cpu" or native._compiler() is None:
 
 
 MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What `test_the_portable_code_equals_the_reference` runs again on the portable build (about
+# 100 s there: the derivatives in two modes only, their compiles take most of the time).
+PORTABLE_TESTS = (
+    "test_kernel_equals_the_loop_over_step_in_every_mode",
+    "test_kernel_over_sizes_and_threads",
+    "test_backward_kernel_over_sizes_and_threads",
+    "test_saturated_gates_and_nan_match_xla",
+    "test_the_float32_gradient_kernel",
+    "(test_derivatives_through_the_kernel_equal_xla and everything)",
+)
 SHIPPED_GRADIENT_KINDS = fastpath.NATIVE_GRADIENT_KINDS
 
 
@@ -993,6 +1009,100 @@ def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch, tmp_path):
         assert_trees_close(forward(cell, params, xs), reference_unroll(cell, params, xs))
     finally:
         native._load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        (
+            "native;x",
+            "JAXRNN_NATIVE_ARCH must be a -march name such as native or x86-64-v3, got 'native;x'",
+        ),
+        ("no-such-cpu", "-march=no-such-cpu .* failed"),
+    ],
+)
+def test_an_arch_it_cannot_build_warns_and_keeps_xla(arch, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXRNN_NATIVE_ARCH", arch)
+    monkeypatch.setenv("JAXRNN_CACHE_DIR", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"native CPU kernel is unavailable.*{message}"):
+            assert not native.available()
+        cell = jaxrnn.gru(8)
+        params = cell.init(fresh_key(), 3)
+        xs = jax.random.normal(fresh_key(), (2, 5, 3))
+        assert_trees_close(forward(cell, params, xs), reference_unroll(cell, params, xs))
+    finally:
+        native._load.cache_clear()
+
+
+def test_the_arch_names_the_build(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAXRNN_NATIVE_ARCH", raising=False)
+    assert native._arch() == "native"
+    monkeypatch.setenv("JAXRNN_NATIVE_ARCH", " x86-64-v3 ")
+    assert native._arch() == "x86-64-v3"
+    # each -march gets its own file in the cache (the flags are part of its name)
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(native.subprocess, "run", run)
+    monkeypatch.setattr(native.os, "replace", lambda a, b: pathlib.Path(b).touch())
+    first = native._build("c++")
+    monkeypatch.setenv("JAXRNN_NATIVE_ARCH", "x86-64")
+    second = native._build("c++")
+    assert first != second
+    assert [c for c in calls[0] if c.startswith("-march")] == ["-march=x86-64-v3"]
+    assert [c for c in calls[1] if c.startswith("-march")] == ["-march=x86-64"]
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
+)
+def test_the_portable_code_equals_the_reference():
+    """The kernel built for ``x86-64-v3`` (AVX2 and FMA, none of the AVX-512 code), as on a
+    CPU without AVX-512, and run there anyway (``JAXRNN_NATIVE=always``): this module's tests
+    of its results and derivatives, in a fresh process (the kernel is registered once per
+    process)."""
+    env = dict(os.environ, JAXRNN_NATIVE_ARCH="x86-64-v3", JAXRNN_NATIVE="always")
+    tests = " or ".join(PORTABLE_TESTS)
+    cmd = [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", tests]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    summary = done.stdout.strip().splitlines()[-1:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.fullmatch(r"\d+ passed, \d+ deselected in .*", summary[0] if summary else ""), summary
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
+)
+def test_without_avx512_it_keeps_xla_without_a_warning():
+    """Built for a CPU without AVX-512, the kernel is not used unless forced: its portable
+    code is far slower than XLA's loop (`native.available`)."""
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import jax, jax.numpy as jnp, jaxrnn\n"
+        "from jaxrnn._src import fastpath, native\n"
+        "assert native._load() and not native._avx512() and not native.available()\n"
+        "assert 'native' not in fastpath.placements('lstm', 2, 8, jnp.float32, backend='cpu')\n"
+        "cell = jaxrnn.lstm(8); p = cell.init(jax.random.PRNGKey(0), 3)\n"
+        "xs = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3))\n"
+        "f = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x)[0])\n"
+        "assert native.TARGET not in f.lower(p, xs).as_text()\n"
+        "import os; os.environ['JAXRNN_NATIVE'] = 'always'\n"
+        "g = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x)[0])\n"
+        "assert native.available() and native.TARGET in g.lower(p, xs).as_text()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, JAXRNN_NATIVE_ARCH="x86-64-v3")
+    env.pop("JAXRNN_NATIVE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_switched_off_by_the_environment(monkeypatch):

@@ -45,11 +45,12 @@ with its own. The gradient kernel takes the vmapped axis as members, each with i
 weight gradients.
 
 It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``, ``g++``
-or ``clang++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, cached under
-``$JAXRNN_CACHE_DIR`` (default ``~/.cache/jaxrnn``) by a hash of the source, the flags, the
-jaxlib version and the CPU. Where no compiler works, jaxrnn warns once and keeps XLA's loop
-(the same function). ``JAXRNN_NATIVE=0`` turns the kernel off; ``JAXRNN_NATIVE_THREADS=n``
-caps its threads (default: the cores this process may run on).
+or ``clang++``; ``-O3 -march=native``, or ``-march=$JAXRNN_NATIVE_ARCH``) against the FFI
+headers shipped with jaxlib, cached under ``$JAXRNN_CACHE_DIR`` (default ``~/.cache/jaxrnn``)
+by a hash of the source, the flags, the jaxlib version and the CPU. Where no compiler works,
+jaxrnn warns once and keeps XLA's loop (the same function); where the CPU has no AVX-512, it
+keeps XLA's loop without a warning (`available`). ``JAXRNN_NATIVE=0`` turns the kernel off;
+``JAXRNN_NATIVE_THREADS=n`` caps its threads (default: the cores this process may run on).
 
 Its ``exp`` is a degree-6 polynomial (relative error about 2e-7): results agree with XLA's
 loop to float32 rounding, not bit for bit.
@@ -76,7 +77,7 @@ TARGET = "jaxrnn_rnn_forward_cpu"
 TARGET_BACKWARD = "jaxrnn_rnn_backward_cpu"
 TARGET_GRADIENTS = "jaxrnn_rnn_gradients_cpu"
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "rnn_cpu.cc"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 _LIBRARIES: dict = {}  # the loaded kernel, kept alive for the process
 KIND_CODES = {"elman_tanh": 0, "elman_relu": 1, "lstm": 2, "gru": 3}
 
@@ -84,6 +85,12 @@ KIND_CODES = {"elman_tanh": 0, "elman_relu": 1, "lstm": 2, "gru": 3}
 def enabled() -> bool:
     """False when ``JAXRNN_NATIVE`` is ``0``, ``false``, ``no`` or ``off``."""
     return os.environ.get("JAXRNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _forced() -> bool:
+    """``JAXRNN_NATIVE=always``: the kernel also where it was built without AVX-512 (its
+    portable code; for tests, see `available`)."""
+    return os.environ.get("JAXRNN_NATIVE", "").strip().lower() == "always"
 
 
 def _count(name: str) -> int:
@@ -104,6 +111,19 @@ def _compiler() -> str | None:
         if path:
             return path
     return None
+
+
+def _arch() -> str:
+    """The ``-march`` the kernel is compiled for: ``JAXRNN_NATIVE_ARCH``, else ``native``
+    (this CPU's every feature). A baseline such as ``x86-64-v3`` (AVX2 and FMA, no AVX-512)
+    or ``x86-64`` builds the kernel's portable code, as on a CPU without those features;
+    the tests and `benchmarks/speed.py` use it to run that code here."""
+    arch = os.environ.get("JAXRNN_NATIVE_ARCH", "").strip() or "native"
+    if not all(c.isalnum() or c in "-_." for c in arch):
+        raise ValueError(
+            f"JAXRNN_NATIVE_ARCH must be a -march name such as native or x86-64-v3, got {arch!r}"
+        )
+    return arch
 
 
 def _cpu_signature() -> str:
@@ -127,8 +147,9 @@ def _cache_dir() -> pathlib.Path:
 def _build(compiler: str) -> pathlib.Path:
     """Compiles the kernel into the cache (once per source, flags, jaxlib and CPU)."""
     include = jax.ffi.include_dir()
+    flags = (*FLAGS, f"-march={_arch()}")
     key = hashlib.sha256()
-    parts = (SOURCE.read_text(), " ".join(FLAGS), compiler, jax.__version__, include)
+    parts = (SOURCE.read_text(), " ".join(flags), compiler, jax.__version__, include)
     for part in (*parts, _cpu_signature()):
         key.update(part.encode())
         key.update(b"\0")
@@ -143,7 +164,7 @@ def _build(compiler: str) -> pathlib.Path:
         except OSError:
             continue
         os.close(fd)
-        cmd = [compiler, *FLAGS, "-I", include, str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, "-I", include, str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
@@ -154,13 +175,24 @@ def _build(compiler: str) -> pathlib.Path:
 
 
 def available() -> bool:
-    """Whether the kernel is on, compiled and registered (compiles it on the first call).
+    """Whether the kernel is on, compiled and registered (compiles it on the first call), and
+    built with AVX-512.
 
     False, with one warning saying why, where it cannot be built; False without a warning
     when ``JAXRNN_NATIVE=0`` (read at every trace, so it also turns the kernel off for
-    functions traced later in the same process).
+    functions traced later in the same process), and where the build has no AVX-512 (a CPU
+    without it, such as one with AVX2 only, or not x86; or ``JAXRNN_NATIVE_ARCH`` naming
+    such a CPU): its 16-lane vectors are one AVX-512 register, and compiled without that the
+    kernels ran 15-50 times slower than XLA's loop (`jaxrnn_avx512_available` in the C++ has
+    the numbers). ``JAXRNN_NATIVE=always`` runs that portable build anyway (the tests check
+    its results).
     """
-    return enabled() and _load()
+    return enabled() and _load() and (_avx512() or _forced())
+
+
+@functools.cache
+def _avx512() -> bool:
+    return bool(_LIBRARIES[TARGET].jaxrnn_avx512_available())
 
 
 @functools.cache
