@@ -73,6 +73,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 enum Kind : int32_t { kElmanTanh = 0, kElmanRelu = 1, kLstm = 2, kGru = 3 };
@@ -168,6 +169,9 @@ template <>
 inline v16 load<v16>(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
 inline void store(float* p, float v) { *p = v; }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, 64); }
+template <>
+inline v8 load<v8>(const float* p) { v8 v; std::memcpy(&v, p, 32); return v; }
+inline void store(float* p, v8 v) { std::memcpy(p, &v, 32); }
 
 // exp(x) = 2^n · p(r), x = n ln2 + r, |r| ≤ ln2/2; degree-6 polynomial (relative error ~2e-7).
 // NaN propagates; the argument is clamped to the float32 range of the result.
@@ -218,21 +222,32 @@ inline int panel_width(int N, int j) { return N - j >= 32 ? 32 : (N - j >= 16 ? 
 // from). With kPrefetch, it meanwhile prefetches `pf_lines` cache lines from `pf` into L2
 // (`gemm_acc`: its share of the next block of W), spread over the k loop, a few every 4 k.
 // Row r of the left operand is h[r · ldh + k], or with kT (`gemm_acc_t`) h[k · ldh + r].
+// The tiles' sums are vectors of one register: `v16` with AVX-512; without it, `v8` (8 lanes,
+// one AVX2 register). GCC lowers a `v16` there into pieces passed through the stack (each
+// scalar of h splatted by 16 stores, each sum stored and reloaded every k): built for
+// x86-64-v3, Elman B16 T256 H128 forward took 71 ms with `v16` tiles, 6.7 with `v8` ones.
+#if defined(__AVX512F__)
+using Lanes = v16;
+#else
+using Lanes = v8;
+#endif
+constexpr int kLanes = sizeof(Lanes) / sizeof(float);
+
 template <int R, int NV, bool kPrefetch, bool kT = false>
 inline void tile(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
                  float* z, int ldz, const char* pf, int pf_lines) {
-  constexpr int ldw = 16 * NV;
-  v16 acc[R][NV];
+  constexpr int ldw = 16 * NV, NL = ldw / kLanes;  // NL vectors of kLanes a row
+  Lanes acc[R][NL];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = load<v16>(z0 + r * ld0 + 16 * v);
+    for (int v = 0; v < NL; ++v) acc[r][v] = load<Lanes>(z0 + r * ld0 + kLanes * v);
   auto step = [&](int k) {
-    v16 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = load<v16>(W + k * ldw + 16 * v);
+    Lanes w[NL];
+    for (int v = 0; v < NL; ++v) w[v] = load<Lanes>(W + k * ldw + kLanes * v);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float x = kT ? h[k * ldh + r] : h[r * ldh + k];
-      for (int v = 0; v < NV; ++v) acc[r][v] += x * w[v];
+      for (int v = 0; v < NL; ++v) acc[r][v] += x * w[v];
     }
   };
   int k = 0;
@@ -248,18 +263,31 @@ inline void tile(const float* h, int ldh, const float* W, int K, const float* z0
   for (; k < K; ++k) step(k);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) store(z + r * ldz + 16 * v, acc[r][v]);
+    for (int v = 0; v < NL; ++v) store(z + r * ldz + kLanes * v, acc[r][v]);
 }
 
-// The row tiles of one block of a panel (8 rows at a time, then 4, 2 and 1), which share out
-// the prefetching of `pf_lines` lines from `pf`.
+// The most rows of a tile, and of `row_panels`' panels at once. With AVX-512 a tile of 8 rows
+// × 32 columns keeps its 16 sums in 16 of the 32 registers. With AVX2 (16 registers of 8
+// lanes) 2 rows take 8 of them, leaving room for a row of W; chosen by that count, not
+// measured against other sizes (benchmarks/NOTES.md, 2026-12-07).
+#if defined(__AVX512F__)
+constexpr int kTileRows = 8;
+constexpr int kRowPanels = 4;
+#else
+constexpr int kTileRows = 2;
+constexpr int kRowPanels = 2;
+#endif
+
+// The row tiles of one block of a panel (`kTileRows` rows at a time, then 4, 2 and 1), which
+// share out the prefetching of `pf_lines` lines from `pf`.
 template <int NV, bool kPrefetch, bool kT = false>
 inline void panel(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
                   float* z, int ldz, int B, const char* pf, int pf_lines) {
   const int step = kT ? 1 : ldh;  // from one row of the left operand to the next
   int share = 0, done = 0;
   if constexpr (kPrefetch) {
-    const int tiles = B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2);
+    const int tiles = kTileRows == 8 ? B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2)
+                                     : B / 2 + (B % 2);
     share = tiles > 0 ? (pf_lines + tiles - 1) / tiles : 0;
   }
   auto lines = [&] {  // the next tile's share of the lines: its first one and how many
@@ -269,22 +297,23 @@ inline void panel(const float* h, int ldh, const float* W, int K, const float* z
     return std::make_pair(p, n);
   };
   int b = 0;
-  for (; b + 8 <= B; b += 8) {
-    auto [p, n] = lines();
-    tile<8, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
-                               n);
+  if constexpr (kTileRows == 8) {
+    for (; b + 8 <= B; b += 8) {
+      auto [p, n] = lines();
+      tile<8, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz,
+                                 p, n);
+    }
+    if (b + 4 <= B) {
+      auto [p, n] = lines();
+      tile<4, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz,
+                                 p, n);
+      b += 4;
+    }
   }
-  if (b + 4 <= B) {
-    auto [p, n] = lines();
-    tile<4, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
-                               n);
-    b += 4;
-  }
-  if (b + 2 <= B) {
+  for (; b + 2 <= B; b += 2) {  // with kTileRows == 8, once at most
     auto [p, n] = lines();
     tile<2, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
                                n);
-    b += 2;
   }
   if (b < B) {
     auto [p, n] = lines();
@@ -302,16 +331,18 @@ template <int P, bool kT = false>
 inline void row_panels(const float* h, int ldh, const float* W, int K, const float* z0,
                        float* z) {
   const size_t panel = static_cast<size_t>(K) * 32;
-  v16 acc[P][2];
+  constexpr int NL = 32 / kLanes;
+  Lanes acc[P][NL];
   for (int q = 0; q < P; ++q)
-    for (int v = 0; v < 2; ++v) acc[q][v] = load<v16>(z0 + 32 * q + 16 * v);
+    for (int v = 0; v < NL; ++v) acc[q][v] = load<Lanes>(z0 + 32 * q + kLanes * v);
   for (int k = 0; k < K; ++k) {
     const float x = kT ? h[static_cast<size_t>(k) * ldh] : h[k];
     for (int q = 0; q < P; ++q)
-      for (int v = 0; v < 2; ++v) acc[q][v] += x * load<v16>(W + q * panel + k * 32 + 16 * v);
+      for (int v = 0; v < NL; ++v)
+        acc[q][v] += x * load<Lanes>(W + q * panel + k * 32 + kLanes * v);
   }
   for (int q = 0; q < P; ++q)
-    for (int v = 0; v < 2; ++v) store(z + 32 * q + 16 * v, acc[q][v]);
+    for (int v = 0; v < NL; ++v) store(z + 32 * q + kLanes * v, acc[q][v]);
 }
 
 // In blocks of `rows` rows of a panel: 256 (32 KiB), which stay in L1 while the row tiles
@@ -398,8 +429,8 @@ void gemm_acc_(const float* h, int ldh, const float* W, int N, int K, float* z, 
   const float* out0 = bias != nullptr ? bias : out;
   const size_t panel = static_cast<size_t>(K) * 32;
   int j = 0;
-  for (; j + 128 <= N; j += 128)
-    row_panels<4, kT>(row, ldh, W0 + j / 32 * panel, K, out0 + j, out + j);
+  for (; j + 32 * kRowPanels <= N; j += 32 * kRowPanels)
+    row_panels<kRowPanels, kT>(row, ldh, W0 + j / 32 * panel, K, out0 + j, out + j);
   for (; j + 32 <= N; j += 32)
     row_panels<1, kT>(row, ldh, W0 + j / 32 * panel, K, out0 + j, out + j);
 }
@@ -2742,7 +2773,9 @@ extern "C" int jaxrnn_bf16_available() { return bf16_ready() ? 1 : 0; }
 // (`v16`) are one register there. Built for a CPU without it (AVX2: `-march=x86-64-v3`), GCC
 // splits them through the stack, and every cell ran 15-50 times slower than XLA's loop
 // (measured on a 2-core Intel Xeon built for x86-64-v3: Elman B16 T256 H128 forward 71 against
-// 3.2 ms; LSTM B64 T128 H512 5551 against 227), so `native.available` keeps XLA's loop there.
+// 3.2 ms; LSTM B64 T128 H512 5551 against 227). With the matmuls' tiles in 8 lanes (`Lanes`)
+// it is still slower than XLA's loop (the elementwise code is in `v16`), so
+// `native.available` keeps XLA's loop there.
 extern "C" int jaxrnn_avx512_available() {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   return 1;
