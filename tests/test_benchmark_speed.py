@@ -96,24 +96,15 @@ def test_isa_avx2_caps_every_library(tmp_path):
     assert "every library capped at AVX2" in stdout and "| lstm 2 5 8 | fwdbwd |" in stdout
 
 
-def test_isa_is_cpu_only(tmp_path):
+@pytest.mark.parametrize("option, value", [("--isa", "avx2"), ("--host-devices", "2")])
+def test_cpu_only_options_are_refused_on_gpu(option, value):
     proc = subprocess.run(
-        [sys.executable, str(SPEED), "--device", "gpu", "--isa", "avx2"],
+        [sys.executable, str(SPEED), "--device", "gpu", option, value],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0 and "--isa: CPU only (--device cpu)" in proc.stderr
-
-
-def test_host_devices_is_cpu_only(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SPEED), "--device", "gpu", "--host-devices", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0 and "--host-devices: CPU only" in proc.stderr
+    assert proc.returncode != 0 and f"{option}: CPU only (--device cpu)" in proc.stderr
 
 
 def test_vmap_speed_reports_every_pass(tmp_path):
