@@ -183,7 +183,7 @@ def available() -> bool:
     functions traced later in the same process), and where the build has no AVX-512 (a CPU
     without it, such as one with AVX2 only, or not x86; or ``JAXRNN_NATIVE_ARCH`` naming
     such a CPU): its 16-lane vectors are one AVX-512 register, and compiled without that the
-    kernels ran 15-50 times slower than XLA's loop (`jaxrnn_avx512_available` in the C++ has
+    kernels ran 13-28 times slower than XLA's loop (`jaxrnn_avx512_available` in the C++ has
     the numbers). ``JAXRNN_NATIVE=always`` runs that portable build anyway (the tests check
     its results).
     """

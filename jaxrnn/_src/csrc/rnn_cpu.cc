@@ -2771,7 +2771,7 @@ extern "C" int jaxrnn_bf16_available() { return bf16_ready() ? 1 : 0; }
 
 // Whether this build vectorizes with AVX-512 (F and BW): 1 or 0. The kernels' 16-lane vectors
 // (`v16`) are one register there. Built for a CPU without it (AVX2: `-march=x86-64-v3`), GCC
-// splits them through the stack, and every cell ran 15-50 times slower than XLA's loop
+// splits them through the stack, and every cell ran 13-28 times slower than XLA's loop
 // (measured on a 2-core Intel Xeon built for x86-64-v3: Elman B16 T256 H128 forward 71 against
 // 3.2 ms; LSTM B64 T128 H512 5551 against 227). With the matmuls' tiles in 8 lanes (`Lanes`)
 // it is still slower than XLA's loop (the elementwise code is in `v16`), so
