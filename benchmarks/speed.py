@@ -463,7 +463,7 @@ def plot(results, passes, path):
 # `--isa avx2`: what each library reads to cap its instruction set at AVX2 (and FMA).
 AVX2_ENVIRONMENT = {
     "JAXRNN_NATIVE_ARCH": "x86-64-v3",  # jaxrnn's kernel (`native._arch`)
-    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",  # XLA:CPU's generated code and its dot libraries
+    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",  # XLA:CPU's generated code (not its dots: above)
     "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
     "DNNL_MAX_CPU_ISA": "AVX2",  # oneDNN (PyTorch's LSTM, GRU and RNN on CPU)
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (PyTorch's matmuls)
