@@ -27,7 +27,7 @@ the compiled program's temporary buffers (JAX, from XLA's memory analysis) and
 ``torch.cuda.max_memory_allocated`` (PyTorch on GPU); it is not measured for PyTorch on CPU.
 
 ``--isa avx2`` (CPU) caps what each library may use at AVX2 and FMA (`AVX2_ENVIRONMENT`), as
-on a CPU without AVX-512: jaxrnn's kernel is built for it (and so not used: `native.available`),
+on a CPU without AVX-512: jaxrnn's kernel is built for it (its 8-lane code: `native.available`),
 PyTorch runs its AVX2 kernels, oneDNN and MKL theirs, and XLA generates AVX2 code. XLA's dots
 do not take the cap (a 2048³ float32 dot ran at 135 and 139 G multiply-adds a second without and
 with it), so JAX's matmuls (Flax's, and jaxrnn's projections and weight gradients) keep AVX-512.
@@ -274,6 +274,7 @@ def cpu_info():
         "model": model,
         "native_kernel": kernel,
         "native_arch": native._arch(),
+        "native_lanes": native.vector_lanes() if kernel else None,
         "native_bf16": bf16,
     }
 

@@ -45,6 +45,7 @@ def test_quick_run_reports_every_runner_and_ratio(tmp_path):
     cpu = report["meta"]["cpu"]
     assert cpu["model"] and isinstance(cpu["native_kernel"], bool)
     assert cpu["native_bf16"] in ("amx", "avx512_bf16", None)
+    assert cpu["native_lanes"] in ((16, 8, 0) if cpu["native_kernel"] else (None,))
 
 
 def test_host_devices_shard_the_batch(tmp_path):
@@ -81,15 +82,16 @@ def test_tune_rows_feed_the_gpu_table_proposal(tmp_path):
 
 
 def test_isa_avx2_caps_every_library(tmp_path):
-    """``--isa avx2``: jaxrnn's kernel built for x86-64-v3, and so not used (XLA's loop);
-    PyTorch on its AVX2 kernels; what was set is in the report."""
+    """``--isa avx2``: jaxrnn's kernel built for x86-64-v3 (its 8-lane code); PyTorch on its
+    AVX2 kernels; what was set is in the report."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("AVX2 is an x86 instruction set")
     pytest.importorskip("torch")
     report, stdout = _run(tmp_path, "--isa", "avx2", "--cells", "lstm:2:5:8", "--peers", "torch")
     meta = report["meta"]
     assert meta["isa"] == "avx2" and meta["cpu"]["native_arch"] == "x86-64-v3"
-    assert meta["cpu"]["native_kernel"] is False and meta["cpu"]["native_bf16"] is None
+    assert meta["cpu"]["native_kernel"] is True and meta["cpu"]["native_lanes"] == 8
+    assert meta["cpu"]["native_bf16"] is None
     assert meta["torch"]["cpu_capability"] == "AVX2"
     assert meta["isa_environment"]["DNNL_MAX_CPU_ISA"] == "AVX2"
     assert "--xla_cpu_max_isa=AVX2" in meta["isa_environment"]["XLA_FLAGS"]

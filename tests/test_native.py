@@ -49,7 +49,7 @@ if jax.default_backend() != "cpu" or native._compiler() is None:
 
 MAIN = ("elman_tanh", "elman_relu", "lstm", "gru")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# What `test_the_portable_code_equals_the_reference` runs again on the portable build (about
+# What `test_the_avx2_build_equals_the_reference` runs again on the AVX2 build (about
 # 100 s there: the derivatives in two modes only, their compiles take most of the time).
 PORTABLE_TESTS = (
     "test_kernel_equals_the_loop_over_step_in_every_mode",
@@ -57,6 +57,7 @@ PORTABLE_TESTS = (
     "test_backward_kernel_over_sizes_and_threads",
     "test_saturated_gates_and_nan_match_xla",
     "test_the_float32_gradient_kernel",
+    "test_panel_blocks_give_the_same_sums",
     "(test_derivatives_through_the_kernel_equal_xla and everything)",
 )
 SHIPPED_GRADIENT_KINDS = fastpath.NATIVE_GRADIENT_KINDS
@@ -1062,12 +1063,13 @@ def test_the_arch_names_the_build(monkeypatch, tmp_path):
 @pytest.mark.skipif(
     platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
 )
-def test_the_portable_code_equals_the_reference():
-    """The kernel built for ``x86-64-v3`` (AVX2 and FMA, none of the AVX-512 code), as on a
-    CPU without AVX-512, and run there anyway (``JAXRNN_NATIVE=always``): this module's tests
-    of its results and derivatives, in a fresh process (the kernel is registered once per
-    process)."""
-    env = dict(os.environ, JAXRNN_NATIVE_ARCH="x86-64-v3", JAXRNN_NATIVE="always")
+def test_the_avx2_build_equals_the_reference():
+    """The kernel built for ``x86-64-v3`` (AVX2 and FMA, none of the AVX-512 code: 8-lane
+    vectors, tiles of 3 rows), as on a CPU without AVX-512, where it runs by default: this
+    module's tests of its results and derivatives, in a fresh process (the kernel is
+    registered once per process)."""
+    env = dict(os.environ, JAXRNN_NATIVE_ARCH="x86-64-v3")
+    env.pop("JAXRNN_NATIVE", None)
     tests = " or ".join(PORTABLE_TESTS)
     cmd = [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", tests]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -1076,33 +1078,59 @@ def test_the_portable_code_equals_the_reference():
     assert re.fullmatch(r"\d+ passed, \d+ deselected in .*", summary[0] if summary else ""), summary
 
 
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
-)
-def test_without_avx512_it_keeps_xla_without_a_warning():
-    """Built for a CPU without AVX-512, the kernel is not used unless forced: its portable
-    code is far slower than XLA's loop (`native.available`)."""
-    code = (
-        "import warnings; warnings.simplefilter('error')\n"
-        "import jax, jax.numpy as jnp, jaxrnn\n"
-        "from jaxrnn._src import fastpath, native\n"
-        "assert native._load() and not native._avx512() and not native.available()\n"
-        "assert 'native' not in fastpath.placements('lstm', 2, 8, jnp.float32, backend='cpu')\n"
-        "cell = jaxrnn.lstm(8); p = cell.init(jax.random.PRNGKey(0), 3)\n"
-        "xs = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3))\n"
-        "f = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x)[0])\n"
-        "assert native.TARGET not in f.lower(p, xs).as_text()\n"
-        "import os; os.environ['JAXRNN_NATIVE'] = 'always'\n"
-        "g = jax.jit(lambda p, x: jaxrnn.unroll(cell, p, x)[0])\n"
-        "assert native.available() and native.TARGET in g.lower(p, xs).as_text()\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, JAXRNN_NATIVE_ARCH="x86-64-v3")
+def _in_a_fresh_process(code, **env):
+    """Runs ``code`` in a new Python with ``env`` added (``JAXRNN_NATIVE`` unset); its stdout."""
+    env = dict(os.environ, **env)
     env.pop("JAXRNN_NATIVE", None)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
     )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+_LSTM_UNROLL = (
+    "import warnings; warnings.simplefilter('error')\n"
+    "import jax, jax.numpy as jnp, numpy as np, jaxrnn\n"
+    "from jaxrnn._src import fastpath, native\n"
+    "cell = jaxrnn.lstm(8); p = cell.init(jax.random.PRNGKey(0), 3)\n"
+    "xs = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3))\n"
+    "run = lambda p, x: jaxrnn.unroll(cell, p, x)[0]\n"
+)
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
+)
+def test_the_avx2_build_runs_by_default():
+    """Built for AVX2 without AVX-512, the kernel runs, in 8 lanes, without a warning."""
+    code = _LSTM_UNROLL + (
+        "assert native.available() and native.vector_lanes() == 8\n"
+        "assert 'native' in fastpath.placements('lstm', 2, 8, jnp.float32, backend='cpu')\n"
+        "assert native.TARGET in jax.jit(run).lower(p, xs).as_text()\n"
+        "print('ok')\n"
+    )
+    assert _in_a_fresh_process(code, JAXRNN_NATIVE_ARCH="x86-64-v3") == "ok"
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 is an x86 baseline"
+)
+def test_without_avx2_it_keeps_xla_without_a_warning():
+    """Built for x86-64's baseline (SSE2: no vector of the kernel is one register), the kernel
+    is not used unless forced (`native.available`); forced, its results equal XLA's loop's."""
+    code = _LSTM_UNROLL + (
+        "assert native._load() and native.vector_lanes() == 0 and not native.available()\n"
+        "assert 'native' not in fastpath.placements('lstm', 2, 8, jnp.float32, backend='cpu')\n"
+        "f = jax.jit(run)\n"
+        "assert native.TARGET not in f.lower(p, xs).as_text()\n"
+        "import os; os.environ['JAXRNN_NATIVE'] = 'always'\n"
+        "g = jax.jit(lambda p, x: run(p, x))\n"
+        "assert native.available() and native.TARGET in g.lower(p, xs).as_text()\n"
+        "np.testing.assert_allclose(g(p, xs), f(p, xs), rtol=2e-5, atol=2e-6)\n"
+        "print('ok')\n"
+    )
+    assert _in_a_fresh_process(code, JAXRNN_NATIVE_ARCH="x86-64") == "ok"
 
 
 def test_switched_off_by_the_environment(monkeypatch):

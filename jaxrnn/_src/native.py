@@ -48,9 +48,10 @@ It is C++ compiled on first use with the system compiler (``$CXX``, else ``c++``
 or ``clang++``; ``-O3 -march=native``, or ``-march=$JAXRNN_NATIVE_ARCH``) against the FFI
 headers shipped with jaxlib, cached under ``$JAXRNN_CACHE_DIR`` (default ``~/.cache/jaxrnn``)
 by a hash of the source, the flags, the jaxlib version and the CPU. Where no compiler works,
-jaxrnn warns once and keeps XLA's loop (the same function); where the CPU has no AVX-512, it
-keeps XLA's loop without a warning (`available`). ``JAXRNN_NATIVE=0`` turns the kernel off;
-``JAXRNN_NATIVE_THREADS=n`` caps its threads (default: the cores this process may run on).
+jaxrnn warns once and keeps XLA's loop (the same function); where the CPU has neither AVX-512
+nor AVX2 (or is not x86), it keeps XLA's loop without a warning (`available`).
+``JAXRNN_NATIVE=0`` turns the kernel off; ``JAXRNN_NATIVE_THREADS=n`` caps its threads
+(default: the cores this process may run on).
 
 Its ``exp`` is a degree-6 polynomial (relative error about 2e-7): results agree with XLA's
 loop to float32 rounding, not bit for bit.
@@ -82,15 +83,20 @@ _LIBRARIES: dict = {}  # the loaded kernel, kept alive for the process
 KIND_CODES = {"elman_tanh": 0, "elman_relu": 1, "lstm": 2, "gru": 3}
 
 
+def _setting() -> str:
+    """``JAXRNN_NATIVE``, trimmed and lower-cased (``1`` when unset)."""
+    return os.environ.get("JAXRNN_NATIVE", "1").strip().lower()
+
+
 def enabled() -> bool:
     """False when ``JAXRNN_NATIVE`` is ``0``, ``false``, ``no`` or ``off``."""
-    return os.environ.get("JAXRNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _setting() not in ("0", "false", "no", "off")
 
 
 def _forced() -> bool:
-    """``JAXRNN_NATIVE=always``: the kernel also where it was built without AVX-512 (its
-    portable code; for tests, see `available`)."""
-    return os.environ.get("JAXRNN_NATIVE", "").strip().lower() == "always"
+    """``JAXRNN_NATIVE=always``: the kernel also where its vectors are not one register (a
+    build without AVX2; for tests, see `available`)."""
+    return _setting() == "always"
 
 
 def _count(name: str) -> int:
@@ -176,23 +182,24 @@ def _build(compiler: str) -> pathlib.Path:
 
 def available() -> bool:
     """Whether the kernel is on, compiled and registered (compiles it on the first call), and
-    built with AVX-512.
+    built with AVX-512 or AVX2.
 
     False, with one warning saying why, where it cannot be built; False without a warning
     when ``JAXRNN_NATIVE=0`` (read at every trace, so it also turns the kernel off for
-    functions traced later in the same process), and where the build has no AVX-512 (a CPU
-    without it, such as one with AVX2 only, or not x86; or ``JAXRNN_NATIVE_ARCH`` naming
-    such a CPU): its 16-lane vectors are one AVX-512 register, and compiled without that the
-    kernels ran 13-28 times slower than XLA's loop (`jaxrnn_avx512_available` in the C++ has
-    the numbers). ``JAXRNN_NATIVE=always`` runs that portable build anyway (the tests check
-    its results).
+    functions traced later in the same process), and where the build has neither AVX-512 nor
+    AVX2 and FMA (x86-64's SSE2 baseline, or ARM; or ``JAXRNN_NATIVE_ARCH`` naming such a
+    CPU): its vectors of 16 lanes (AVX-512) or 8 (AVX2) are then no register, and GCC splits
+    them through the stack (`jaxrnn_vector_lanes` in the C++ has the numbers).
+    ``JAXRNN_NATIVE=always`` runs such a build anyway (the tests check its results).
     """
-    return enabled() and _load() and (_avx512() or _forced())
+    return enabled() and _load() and (vector_lanes() > 0 or _forced())
 
 
 @functools.cache
-def _avx512() -> bool:
-    return bool(_LIBRARIES[TARGET].jaxrnn_avx512_available())
+def vector_lanes() -> int:
+    """The lanes of the loaded kernel's vectors: 16 (AVX-512), 8 (AVX2 and FMA), or 0 (a build
+    with neither). Call after `_load`."""
+    return int(_LIBRARIES[TARGET].jaxrnn_vector_lanes())
 
 
 @functools.cache

@@ -75,6 +75,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
 
 enum Kind : int32_t { kElmanTanh = 0, kElmanRelu = 1, kLstm = 2, kGru = 3 };
 
@@ -147,7 +148,7 @@ void advise_huge_pages(float* data, size_t count) {
 #endif
 }
 
-// ---- elementwise math, the same code for one float and for 16 lanes ------------------------
+// ---- elementwise math, the same code for one float, 8 and 16 lanes --------------------------
 
 template <class V>
 inline V splat(float a);
@@ -155,11 +156,15 @@ template <>
 inline float splat<float>(float a) { return a; }
 template <>
 inline v16 splat<v16>(float a) { return v16{} + a; }
+template <>
+inline v8 splat<v8>(float a) { return v8{} + a; }
 
 inline int32_t to_int(float a) { return static_cast<int32_t>(a); }
 inline vi16 to_int(v16 a) { return __builtin_convertvector(a, vi16); }
 inline float bits_to_float(int32_t a) { float f; std::memcpy(&f, &a, 4); return f; }
 inline v16 bits_to_float(vi16 a) { v16 f; std::memcpy(&f, &a, 64); return f; }
+inline vi8 to_int(v8 a) { return __builtin_convertvector(a, vi8); }
+inline v8 bits_to_float(vi8 a) { v8 f; std::memcpy(&f, &a, 32); return f; }
 
 template <class V>
 inline V load(const float* p);
@@ -222,11 +227,12 @@ inline int panel_width(int N, int j) { return N - j >= 32 ? 32 : (N - j >= 16 ? 
 // from). With kPrefetch, it meanwhile prefetches `pf_lines` cache lines from `pf` into L2
 // (`gemm_acc`: its share of the next block of W), spread over the k loop, a few every 4 k.
 // Row r of the left operand is h[r · ldh + k], or with kT (`gemm_acc_t`) h[k · ldh + r].
-// The tiles' sums are vectors of one register: `v16` with AVX-512; without it, `v8` (8 lanes,
-// one AVX2 register). GCC lowers a `v16` there into pieces passed through the stack (each
-// scalar of h splatted by 16 stores, each sum stored and reloaded every k): built for
-// x86-64-v3, Elman B16 T256 H128 forward took 71 ms with `v16` tiles, 6.7 with `v8` ones.
-#if defined(__AVX512F__)
+// The tiles' sums are vectors of one register: `v16` with AVX-512 (F and BW); without it,
+// `v8` (8 lanes, one AVX2 register). GCC lowers a `v16` there into pieces passed through the
+// stack (each scalar of h splatted by 16 stores, each sum stored and reloaded every k): built
+// for x86-64-v3, Elman B16 T256 H128 forward took 71 ms with `v16` tiles, 6.7 with `v8` ones.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define JAXRNN_AVX512 1
 using Lanes = v16;
 #else
 using Lanes = v8;
@@ -268,17 +274,21 @@ inline void tile(const float* h, int ldh, const float* W, int K, const float* z0
 
 // The most rows of a tile, and of `row_panels`' panels at once. With AVX-512 a tile of 8 rows
 // × 32 columns keeps its 16 sums in 16 of the 32 registers. With AVX2 (16 registers of 8
-// lanes) 2 rows take 8 of them, leaving room for a row of W; chosen by that count, not
-// measured against other sizes (benchmarks/NOTES.md, 2026-12-07).
-#if defined(__AVX512F__)
+// lanes) a tile of 3 rows keeps its 12 sums in registers.
+// Measured on a 2-core Intel Xeon built for x86-64-v3, the quick grid's kernel ms with tiles
+// of 2 / 3 / 4 rows (the same run for 2 and 3; fwd, fwd+bwd): LSTM B64 T128 H512 213 / 184 /
+// 226, 590 / 553 / 639; LSTM B16 T256 H128 7.7 / 6.8 / 8.6, 24.5 / 20.8 / 27.2 (4 rows spill
+// sums to the stack).
+#if defined(JAXRNN_AVX512)
 constexpr int kTileRows = 8;
 constexpr int kRowPanels = 4;
 #else
-constexpr int kTileRows = 2;
+constexpr int kTileRows = 3;
 constexpr int kRowPanels = 2;
 #endif
 
-// The row tiles of one block of a panel (`kTileRows` rows at a time, then 4, 2 and 1), which
+// The row tiles of one block of a panel (`kTileRows` rows at a time, then 4, 2 and 1 of what
+// is left), which
 // share out the prefetching of `pf_lines` lines from `pf`.
 template <int NV, bool kPrefetch, bool kT = false>
 inline void panel(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
@@ -287,7 +297,7 @@ inline void panel(const float* h, int ldh, const float* W, int K, const float* z
   int share = 0, done = 0;
   if constexpr (kPrefetch) {
     const int tiles = kTileRows == 8 ? B / 8 + (B % 8 >= 4) + (B % 4 >= 2) + (B % 2)
-                                     : B / 2 + (B % 2);
+                                     : B / 3 + (B % 3 != 0);
     share = tiles > 0 ? (pf_lines + tiles - 1) / tiles : 0;
   }
   auto lines = [&] {  // the next tile's share of the lines: its first one and how many
@@ -310,7 +320,14 @@ inline void panel(const float* h, int ldh, const float* W, int K, const float* z
       b += 4;
     }
   }
-  for (; b + 2 <= B; b += 2) {  // with kTileRows == 8, once at most
+  if constexpr (kTileRows == 3) {
+    for (; b + 3 <= B; b += 3) {
+      auto [p, n] = lines();
+      tile<3, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz,
+                                 p, n);
+    }
+  }
+  for (; b + 2 <= B; b += 2) {  // with kTileRows of 8 or 3, once at most
     auto [p, n] = lines();
     tile<2, NV, kPrefetch, kT>(h + b * step, ldh, W, K, z0 + b * ld0, ld0, z + b * ldz, ldz, p,
                                n);
@@ -926,17 +943,18 @@ inline void units(const Row& w, int u) {
   store(w.h_out + u, w.zero_after ? splat<V>(0.0f) : carry);
 }
 
-// The units of one row: 16 at a time, then one at a time.
+// The units of one row: `kLanes` at a time (one register: 16 with AVX-512, else 8), then one
+// at a time.
 template <class R, void (*Vector)(const R&, int), void (*Scalar)(const R&, int)>
 void over_units(const R& w) {
   int u = 0;
-  for (; u + 16 <= w.U; u += 16) Vector(w, u);
+  for (; u + kLanes <= w.U; u += kLanes) Vector(w, u);
   for (; u < w.U; ++u) Scalar(w, u);
 }
 
 template <int kind>
 struct ForwardRow {
-  static void run(const Row& w) { over_units<Row, units<kind, v16>, units<kind, float>>(w); }
+  static void run(const Row& w) { over_units<Row, units<kind, Lanes>, units<kind, float>>(w); }
 };
 
 // A per-row function of the kind: `Rows<kind>::run` for a row type R.
@@ -1953,7 +1971,7 @@ inline void back_units(const BackRow& w, int j) {
 template <int kind>
 struct BackwardRow {
   static void run(const BackRow& w) {
-    over_units<BackRow, back_units<kind, v16>, back_units<kind, float>>(w);
+    over_units<BackRow, back_units<kind, Lanes>, back_units<kind, float>>(w);
   }
 };
 
@@ -2769,16 +2787,17 @@ extern "C" int jaxrnn_amx_available() { return amx_ready() ? 1 : 0; }
 // tiles, or AVX512-BF16): 1 or 0.
 extern "C" int jaxrnn_bf16_available() { return bf16_ready() ? 1 : 0; }
 
-// Whether this build vectorizes with AVX-512 (F and BW): 1 or 0. The kernels' 16-lane vectors
-// (`v16`) are one register there. Built for a CPU without it (AVX2: `-march=x86-64-v3`), GCC
-// splits them through the stack, and every cell ran 13-28 times slower than XLA's loop
-// (measured on a 2-core Intel Xeon built for x86-64-v3: Elman B16 T256 H128 forward 71 against
-// 3.2 ms; LSTM B64 T128 H512 5551 against 227). With the matmuls' tiles in 8 lanes (`Lanes`)
-// it is still slower than XLA's loop (the elementwise code is in `v16`), so
-// `native.available` keeps XLA's loop there.
-extern "C" int jaxrnn_avx512_available() {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  return 1;
+// The lanes of this build's vectors where they are one register, else 0: 16 built with
+// AVX-512 (F and BW), 8 with AVX2 and FMA (`Lanes`). Built without either (x86-64's SSE2, or
+// ARM), 0: there `native.available` keeps XLA's loop, as GCC splits the vectors through the
+// stack. Measured on a 2-core Intel Xeon built for x86-64-v3 with the elementwise code still
+// in 16 lanes: every cell 13-28 times slower than XLA's loop (Elman B16 T256 H128 forward 71
+// against 3.2 ms; LSTM B64 T128 H512 5551 against 227).
+extern "C" int jaxrnn_vector_lanes() {
+#if defined(JAXRNN_AVX512)
+  return 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 8;
 #else
   return 0;
 #endif
