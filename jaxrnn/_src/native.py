@@ -188,8 +188,8 @@ def available() -> bool:
     when ``JAXRNN_NATIVE=0`` (read at every trace, so it also turns the kernel off for
     functions traced later in the same process), and where the build has neither AVX-512 nor
     AVX2 and FMA (x86-64's SSE2 baseline, or ARM; or ``JAXRNN_NATIVE_ARCH`` naming such a
-    CPU): its vectors of 16 lanes (AVX-512) or 8 (AVX2) are then no register, and GCC splits
-    them through the stack (`jaxrnn_vector_lanes` in the C++ has the numbers).
+    CPU): its vectors (16 lanes for AVX-512, 8 for AVX2) are then not one register, and GCC
+    splits them through the stack (`jaxrnn_vector_lanes` in the C++ has the numbers).
     ``JAXRNN_NATIVE=always`` runs such a build anyway (the tests check its results).
     """
     return enabled() and _load() and (vector_lanes() > 0 or _forced())

@@ -274,11 +274,12 @@ inline void tile(const float* h, int ldh, const float* W, int K, const float* z0
 
 // The most rows of a tile, and of `row_panels`' panels at once. With AVX-512 a tile of 8 rows
 // × 32 columns keeps its 16 sums in 16 of the 32 registers. With AVX2 (16 registers of 8
-// lanes) a tile of 3 rows keeps its 12 sums in registers.
-// Measured on a 2-core Intel Xeon built for x86-64-v3, the quick grid's kernel ms with tiles
-// of 2 / 3 / 4 rows (the same run for 2 and 3; fwd, fwd+bwd): LSTM B64 T128 H512 213 / 184 /
-// 226, 590 / 553 / 639; LSTM B16 T256 H128 7.7 / 6.8 / 8.6, 24.5 / 20.8 / 27.2 (4 rows spill
-// sums to the stack).
+// lanes) a tile of 3 rows keeps its 12 sums in registers, and 3 of the 4 vectors of a row of
+// W and the broadcast of h in the other 4 (GCC reads the fourth vector from memory). Measured
+// on a 2-core Intel Xeon built for x86-64-v3, the quick grid's kernel ms with tiles of 2 / 3
+// / 4 rows (a run of 7 rounds each; fwd, fwd+bwd): LSTM B64 T128 H512 213 / 184 / 226, 590 /
+// 553 / 639; LSTM B16 T256 H128 7.7 / 6.8 / 8.6, 24.5 / 20.8 / 27.2 (4 rows spill sums to
+// the stack).
 #if defined(JAXRNN_AVX512)
 constexpr int kTileRows = 8;
 constexpr int kRowPanels = 4;
@@ -288,8 +289,7 @@ constexpr int kRowPanels = 2;
 #endif
 
 // The row tiles of one block of a panel (`kTileRows` rows at a time, then 4, 2 and 1 of what
-// is left), which
-// share out the prefetching of `pf_lines` lines from `pf`.
+// is left), which share out the prefetching of `pf_lines` lines from `pf`.
 template <int NV, bool kPrefetch, bool kT = false>
 inline void panel(const float* h, int ldh, const float* W, int K, const float* z0, int ld0,
                   float* z, int ldz, int B, const char* pf, int pf_lines) {
