@@ -995,21 +995,27 @@ def test_gradient_of_a_vmapped_loss_and_vmapped_second_order(monkeypatch, name):
     assert_trees_close(actual, jax.jit(both)(params, xs), rtol=2e-5, atol=2e-5)
 
 
-def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_compiler", lambda: None)
-    monkeypatch.setenv("JAXRNN_CACHE_DIR", str(tmp_path))
+def _warns_once_and_keeps_xla(message, cell):
+    """Where the kernel cannot be built: `available` is False and warns once, matching
+    ``message``, and ``cell`` (8 units) runs XLA's loop, equal to the reference. Loads the
+    kernel afresh (``_load``'s cache cleared before and after)."""
     native._load.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="native CPU kernel is unavailable.*no C"):
+        with pytest.warns(RuntimeWarning, match=f"native CPU kernel is unavailable.*{message}"):
             assert not native.available()
         assert not native.available()  # the warning came once
-        assert "native" not in fastpath.placements("lstm", 2, 8, jnp.float32, backend="cpu")
-        cell = jaxrnn.lstm(8)
+        assert "native" not in fastpath.placements(cell.kind, 2, 8, jnp.float32, backend="cpu")
         params = cell.init(fresh_key(), 3)
         xs = jax.random.normal(fresh_key(), (2, 5, 3))
         assert_trees_close(forward(cell, params, xs), reference_unroll(cell, params, xs))
     finally:
         native._load.cache_clear()
+
+
+def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("JAXRNN_CACHE_DIR", str(tmp_path))
+    _warns_once_and_keeps_xla("no C", jaxrnn.lstm(8))
 
 
 @pytest.mark.parametrize(
@@ -1025,16 +1031,7 @@ def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch, tmp_path):
 def test_an_arch_it_cannot_build_warns_and_keeps_xla(arch, message, monkeypatch, tmp_path):
     monkeypatch.setenv("JAXRNN_NATIVE_ARCH", arch)
     monkeypatch.setenv("JAXRNN_CACHE_DIR", str(tmp_path))
-    native._load.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match=f"native CPU kernel is unavailable.*{message}"):
-            assert not native.available()
-        cell = jaxrnn.gru(8)
-        params = cell.init(fresh_key(), 3)
-        xs = jax.random.normal(fresh_key(), (2, 5, 3))
-        assert_trees_close(forward(cell, params, xs), reference_unroll(cell, params, xs))
-    finally:
-        native._load.cache_clear()
+    _warns_once_and_keeps_xla(message, jaxrnn.gru(8))
 
 
 def test_the_arch_names_the_build(monkeypatch, tmp_path):
