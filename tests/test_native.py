@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -1128,6 +1129,54 @@ def test_without_avx2_it_keeps_xla_without_a_warning():
         "print('ok')\n"
     )
     assert _in_a_fresh_process(code, JAXRNN_NATIVE_ARCH="x86-64") == "ok"
+
+
+@pytest.mark.parametrize(
+    "machine, flags",
+    [("aarch64", None), ("arm64", None), ("x86_64", frozenset({"sse2", "avx"}))],
+)
+def test_where_the_kernel_would_stay_off_it_is_not_compiled(machine, flags, monkeypatch):
+    """On ARM, or an x86 CPU that Linux lists without AVX2 and FMA, `available` is False
+    without compiling the kernel (no compiler run, no warning), and the cell runs XLA's loop,
+    equal to the reference; ``JAXRNN_NATIVE=always`` still builds it."""
+    tried = []
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(native, "_compiler", lambda: tried.append(1))
+    monkeypatch.delenv("JAXRNN_NATIVE_ARCH", raising=False)
+    monkeypatch.delenv("JAXRNN_NATIVE", raising=False)
+    native._load.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not native._may_have_vectors()
+            assert not native.available()
+            cell = jaxrnn.gru(8)
+            assert "native" not in fastpath.placements(cell.kind, 2, 8, jnp.float32, backend="cpu")
+            params = cell.init(fresh_key(), 3)
+            xs = jax.random.normal(fresh_key(), (2, 5, 3))
+            assert_trees_close(forward(cell, params, xs), reference_unroll(cell, params, xs))
+        assert tried == []
+        monkeypatch.setenv("JAXRNN_NATIVE", "always")
+        with pytest.warns(RuntimeWarning, match="native CPU kernel is unavailable.*no C"):
+            assert not native.available()  # forced: it tries to build (here: no compiler)
+        assert tried == [1]
+    finally:
+        native._load.cache_clear()
+
+
+def test_named_arch_or_unknown_flags_leave_it_to_the_build(monkeypatch):
+    """On x86 the build answers (`vector_lanes`) where the CPU's flags are unknown or
+    ``JAXRNN_NATIVE_ARCH`` names a CPU, and where the flags list AVX2 and FMA."""
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("JAXRNN_NATIVE_ARCH", raising=False)
+    for flags in (None, frozenset({"sse2", "avx", "avx2", "fma"})):
+        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: flags)
+        assert native._may_have_vectors()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"sse2"}))
+    assert not native._may_have_vectors()
+    monkeypatch.setenv("JAXRNN_NATIVE_ARCH", "x86-64-v3")
+    assert native._may_have_vectors()
 
 
 def test_switched_off_by_the_environment(monkeypatch):

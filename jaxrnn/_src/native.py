@@ -49,7 +49,8 @@ or ``clang++``; ``-O3 -march=native``, or ``-march=$JAXRNN_NATIVE_ARCH``) agains
 headers shipped with jaxlib, cached under ``$JAXRNN_CACHE_DIR`` (default ``~/.cache/jaxrnn``)
 by a hash of the source, the flags, the jaxlib version and the CPU. Where no compiler works,
 jaxrnn warns once and keeps XLA's loop (the same function); where the CPU has neither AVX-512
-nor AVX2 (or is not x86), it keeps XLA's loop without a warning (`available`).
+nor AVX2 (or is not x86), it keeps XLA's loop without a warning, and without compiling
+where it can tell beforehand (ARM; Linux's CPU flags: `available`).
 ``JAXRNN_NATIVE=0`` turns the kernel off; ``JAXRNN_NATIVE_THREADS=n`` caps its threads
 (default: the cores this process may run on).
 
@@ -180,6 +181,37 @@ def _build(compiler: str) -> pathlib.Path:
     raise RuntimeError(f"no writable cache directory for the kernel (tried {_cache_dir()})")
 
 
+_X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as Linux lists them (``/proc/cpuinfo``), or None where it
+    does not (another OS, or an unreadable file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+def _may_have_vectors() -> bool:
+    """Whether a build of the kernel here may have vectors of one register (`vector_lanes`
+    above 0), asked before compiling it, so that a CPU where the kernel stays off neither
+    waits for the compiler nor sees its warnings: False on a CPU other than x86 (ARM), and,
+    built for this CPU (``-march=native``), on one that Linux lists without AVX2 or FMA.
+    Elsewhere (a named ``JAXRNN_NATIVE_ARCH``, flags unknown) the build answers."""
+    if platform.machine().lower() not in _X86:
+        return False
+    if (os.environ.get("JAXRNN_NATIVE_ARCH", "").strip() or "native") != "native":
+        return True  # (`_load` checks the name, and warns where it is bad)
+    flags = _cpu_flags()
+    return flags is None or {"avx2", "fma"} <= flags
+
+
 def available() -> bool:
     """Whether the kernel is on, compiled and registered (compiles it on the first call), and
     built with AVX-512 or AVX2.
@@ -190,9 +222,13 @@ def available() -> bool:
     AVX2 and FMA (x86-64's SSE2 baseline, or ARM; or ``JAXRNN_NATIVE_ARCH`` naming such a
     CPU): its vectors (16 lanes for AVX-512, 8 for AVX2) are then not one register, and GCC
     splits them through the stack (`jaxrnn_vector_lanes` in the C++ has the numbers).
-    ``JAXRNN_NATIVE=always`` runs such a build anyway (the tests check its results).
+    ``JAXRNN_NATIVE=always`` runs such a build anyway (the tests check its results). Where
+    the CPU tells beforehand that the build would have neither (`_may_have_vectors`: ARM, an
+    x86 CPU without AVX2), it is not compiled unless forced.
     """
-    return enabled() and _load() and (vector_lanes() > 0 or _forced())
+    if not enabled() or not (_forced() or _may_have_vectors()):
+        return False
+    return _load() and (vector_lanes() > 0 or _forced())
 
 
 @functools.cache
