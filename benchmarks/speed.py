@@ -26,6 +26,14 @@ the weights and the inputs. Peak memory is
 the compiled program's temporary buffers (JAX, from XLA's memory analysis) and
 ``torch.cuda.max_memory_allocated`` (PyTorch on GPU); it is not measured for PyTorch on CPU.
 
+The last column is jaxrnn's rate in multiply-adds of its matmuls a second (`multiply_adds`:
+a forward pass makes ``T·B·G·H·(I + H)``, a gradient three times that), and that rate against
+XLA's on one large square matmul timed in the same run (`xla_matmul_rate`; the same dtype and
+default precision, so TF32 on a GPU): near 100 %, a cell is bound by its multiply-adds, and
+no library runs it much faster on that machine; far below, by something else (the time per
+step, memory). Under ``--isa avx2`` that matmul keeps AVX-512 (below), so the share
+understates what an AVX2 CPU's cores give.
+
 ``--isa avx2`` (CPU) caps what each library may use at AVX2 and FMA (`AVX2_ENVIRONMENT`), as
 on a CPU without AVX-512: jaxrnn's kernel is built for it (its 8-lane code: `native.available`),
 PyTorch runs its AVX2 kernels, oneDNN and MKL theirs, and XLA generates AVX2 code. XLA's dots
@@ -301,6 +309,34 @@ def torch_info(device):
     return info
 
 
+GATES = {"elman": 1, "lstm": 4, "gru": 3}
+MATMUL_SIZE = {"cpu": 2048, "gpu": 8192}  # the side of `xla_matmul_rate`'s square matmul
+
+
+def multiply_adds(kind: str, batch: int, time_: int, hidden: int, pass_: str) -> int:
+    """The multiply-adds of a cell's matmuls, input size = hidden size. Forward: the input
+    projection ``x W_x`` and the recurrent ``h W_h``, ``T·B·G·H·(I + H)`` for ``G`` gate blocks
+    (Elman 1, LSTM 4, GRU 3). A gradient adds the backward recurrence (``ct W_hᵀ``), the input
+    gradient (``ct W_xᵀ``) and the weight gradients (``xᵀ ct``, ``h_inᵀ ct``): three times the
+    forward's. Elementwise work (the gates) is not counted."""
+    forward = time_ * batch * GATES[kind] * hidden * (hidden + hidden)
+    return forward * (3 if pass_ == "fwdbwd" else 1)
+
+
+def xla_matmul_rate(device: str, dtype, reps: int, rng: random.Random) -> dict:
+    """XLA's rate on one square float matmul (`MATMUL_SIZE`) in ``dtype``, at the default
+    precision: ``{"n", "median_ms", "g_multiply_adds_per_s"}``. What a cell bound by its
+    multiply-adds can reach on this machine, measured in the same run as the cells."""
+    n = MATMUL_SIZE[device]
+    a, b = (
+        jax.random.normal(jax.random.PRNGKey(k), (n, n), jnp.float32).astype(dtype) for k in (7, 8)
+    )
+    dot = jax.jit(jnp.dot).lower(a, b).compile()
+    times = time_interleaved({"dot": lambda: jax.block_until_ready(dot(a, b))}, reps, rng)
+    ms = 1e3 * statistics.median(times["dot"][0])
+    return {"n": n, "median_ms": ms, "g_multiply_adds_per_s": n**3 / ms / 1e6}
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -367,12 +403,15 @@ def bench_cell(spec, args, rng):
             built[name] = runner
     result = {"cell": spec, "kind": kind, "batch": batch, "time": time_, "hidden": hidden}
     result["jaxrnn_devices"] = 1 if mesh is None else mesh.size
+    result["multiply_adds"] = {}
     for pass_ in args.passes:
         runners = {name: r[pass_][0] for name, r in built.items()}
         times = time_interleaved(runners, args.reps, rng, args.warm_ms / 1e3)
+        count = result["multiply_adds"][pass_] = multiply_adds(kind, batch, time_, hidden, pass_)
         result[pass_] = {
             name: {
                 "median_ms": 1e3 * statistics.median(ts),
+                "g_multiply_adds_per_s": count / statistics.median(ts) / 1e9,
                 "min_ms": 1e3 * min(ts),
                 "cpu_median_ms": 1e3 * statistics.median(cpu),
                 "first_call_or_compile_s": built[name][pass_][1],
@@ -414,10 +453,15 @@ def tune(args, rng):
         yield rows
 
 
-def markdown(results, passes, peers) -> str:
+def markdown(results, passes, peers, matmul=None) -> str:
+    """The table: per cell and pass, each runner's median, the ratios, and (given ``matmul``,
+    `xla_matmul_rate`'s result) jaxrnn's multiply-adds a second, G, and that against XLA's
+    large matmul."""
     peers = [p for p in peers if any(p in r.get(passes[0], {}) for r in results)]
     head = ["cell (B T H)", "pass", "jaxrnn ms"]
     head += [f"{PEER_LABELS[p]} ms" for p in peers] + [f"ratio {p}" for p in peers]
+    if matmul:
+        head.append("jaxrnn G multiply-adds/s (of XLA's matmul)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         for pass_ in passes:
@@ -431,6 +475,10 @@ def markdown(results, passes, peers) -> str:
                 cells.append(f"{row[p]['median_ms']:.2f}" if p in row else "–")
             for p in peers:
                 cells.append(f"{row[p]['median_ms'] / ours:.2f}" if p in row else "–")
+            if matmul:
+                rate = row["jaxrnn"]["g_multiply_adds_per_s"]
+                share = 100 * rate / matmul["g_multiply_adds_per_s"]
+                cells.append(f"{rate:.1f} ({share:.0f} %)")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -610,6 +658,10 @@ def main(argv=None):
                     json.dump({"meta": meta, "tune": rows}, f, indent=1)
         return
     results = []
+    matmul_dtype = jnp.dtype(args.matmul_dtype or args.dtype)
+    meta["xla_matmul"] = xla_matmul_rate(args.device, matmul_dtype, args.reps, rng)
+    meta["xla_matmul"]["dtype"] = matmul_dtype.name
+    print(f"xla_matmul: {json.dumps(meta['xla_matmul'])}", flush=True)
 
     def write(**extra):
         if args.out:
@@ -623,13 +675,18 @@ def main(argv=None):
         brief = {p: {n: round(v["median_ms"], 2) for n, v in r[p].items()} for p in args.passes}
         print(f"{spec} ({time.perf_counter() - start:.0f}s): {brief}", flush=True)
         write(complete=False)  # partial results survive a time limit
-    table = markdown(results, args.passes, args.peers)
+    table = markdown(results, args.passes, args.peers, meta["xla_matmul"])
     print()
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
     md = f", jaxrnn matmuls in {args.matmul_dtype}" if args.matmul_dtype else ""
     hd = f", jaxrnn batch over {args.host_devices} CPU devices" if args.host_devices > 1 else ""
     isa = ", every library capped at AVX2" if args.isa == "avx2" else ""
     print(f"{args.device}, {args.dtype}{md}{hd}{isa}, jax {jax.__version__}")
+    xm = meta["xla_matmul"]
+    print(
+        f"XLA's {xm['n']}×{xm['n']} {xm['dtype']} matmul in the same run: "
+        f"{xm['g_multiply_adds_per_s']:.1f} G multiply-adds/s"
+    )
     print(table)
     write(table=table, complete=True)
     if args.plot:

@@ -41,6 +41,22 @@ def test_quick_run_reports_every_runner_and_ratio(tmp_path):
             assert set(r[pass_]) == {"jaxrnn", "flax", "scan"}
             assert all(v["median_ms"] > 0 for v in r[pass_].values())
     assert "| gru 2 5 8 | fwdbwd |" in stdout and "ratio flax" in stdout
+    # Multiply-adds: T·B·G·H·(I + H) forward, three times that for the gradient; jaxrnn's
+    # rate against XLA's large matmul, measured in the same run.
+    elman, gru = report["results"]
+    assert elman["multiply_adds"] == {"fwd": 5 * 2 * 8 * 16, "fwdbwd": 3 * 5 * 2 * 8 * 16}
+    assert gru["multiply_adds"] == {"fwd": 5 * 2 * 3 * 8 * 16, "fwdbwd": 3 * 5 * 2 * 3 * 8 * 16}
+    matmul = report["meta"]["xla_matmul"]
+    assert matmul["n"] == 2048 and matmul["dtype"] == "float32"
+    assert matmul["g_multiply_adds_per_s"] > 0
+    for r in report["results"]:
+        for pass_ in ("fwd", "fwdbwd"):
+            rate = r[pass_]["jaxrnn"]["g_multiply_adds_per_s"]
+            assert rate == pytest.approx(
+                r["multiply_adds"][pass_] / r[pass_]["jaxrnn"]["median_ms"] / 1e6
+            )
+    assert "jaxrnn G multiply-adds/s (of XLA's matmul)" in stdout
+    assert "XLA's 2048×2048 float32 matmul in the same run" in stdout
     # Which CPU, and how the native kernel multiplies bfloat16 there.
     cpu = report["meta"]["cpu"]
     assert cpu["model"] and isinstance(cpu["native_kernel"], bool)
