@@ -42,11 +42,12 @@ __all__ = [
     "unroll",
 ]
 
-_SUBPACKAGES = ("diagnostics", "tasks", "train")
+_SUBPACKAGES = ("diagnostics", "flax", "interop", "tasks", "train")
 
 
 def __getattr__(name: str):
-    # Subpackages load on first use (``jaxrnn.train``), keeping ``import jaxrnn`` light.
+    # Subpackages load on first use (``jaxrnn.train``, ``jaxrnn.interop.from_torch``), keeping
+    # ``import jaxrnn`` light: none of them imports PyTorch or Flax's module system until used.
     if name in _SUBPACKAGES:
         import importlib
 

@@ -412,6 +412,31 @@ def test_import_jaxrnn_imports_no_framework():
     assert out.stdout.strip() == "[]"
 
 
+def test_subpackages_are_attributes_of_a_plain_import():
+    """After ``import jaxrnn`` alone, ``jaxrnn.interop``, ``jaxrnn.flax.linen`` and the other
+    subpackages load on first use; a misspelt name is an AttributeError naming it."""
+    code = (
+        "import sys, jaxrnn\n"
+        "assert 'torch' not in sys.modules and 'jaxrnn.interop' not in sys.modules\n"
+        "assert callable(jaxrnn.interop.from_torch) and 'torch' not in sys.modules\n"
+        "assert 'flax.linen' not in sys.modules and 'flax.nnx' not in sys.modules\n"
+        "assert jaxrnn.flax.linen.RNN.__name__ == 'RNN' and 'flax.nnx' not in sys.modules\n"
+        "assert jaxrnn.flax.nnx.RNN.__name__ == 'RNN'\n"
+        "assert callable(jaxrnn.train.fit) and jaxrnn.tasks and jaxrnn.diagnostics\n"
+        "for owner, name in ((jaxrnn, 'interopp'), (jaxrnn.flax, 'linnen')):\n"
+        "    try:\n"
+        "        getattr(owner, name)\n"
+        "    except AttributeError as err:\n"
+        "        assert repr(name) in str(err), err\n"
+        "    else:\n"
+        "        raise AssertionError(name)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
 def test_bfloat16_round_trip_is_exact():
     source = torch.nn.LSTM(3, 4, bidirectional=True).to(torch.bfloat16)
     target = torch.nn.LSTM(3, 4, bidirectional=True).to(torch.bfloat16)
