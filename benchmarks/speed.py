@@ -309,7 +309,6 @@ def torch_info(device):
     return info
 
 
-GATES = {"elman": 1, "lstm": 4, "gru": 3}
 MATMUL_SIZE = {"cpu": 2048, "gpu": 8192}  # the side of `xla_matmul_rate`'s square matmul
 
 
@@ -319,13 +318,14 @@ def multiply_adds(kind: str, batch: int, time_: int, hidden: int, pass_: str) ->
     (Elman 1, LSTM 4, GRU 3). A gradient adds the backward recurrence (``ct W_hᵀ``), the input
     gradient (``ct W_xᵀ``) and the weight gradients (``xᵀ ct``, ``h_inᵀ ct``): three times the
     forward's. Elementwise work (the gates) is not counted."""
-    forward = time_ * batch * GATES[kind] * hidden * (hidden + hidden)
+    gates = fastpath._N_GATES[getattr(jaxrnn, kind)(hidden).kind]
+    forward = time_ * batch * gates * hidden * (hidden + hidden)
     return forward * (3 if pass_ == "fwdbwd" else 1)
 
 
 def xla_matmul_rate(device: str, dtype, reps: int, rng: random.Random) -> dict:
     """XLA's rate on one square float matmul (`MATMUL_SIZE`) in ``dtype``, at the default
-    precision: ``{"n", "median_ms", "g_multiply_adds_per_s"}``. What a cell bound by its
+    precision: ``{"n", "dtype", "median_ms", "g_multiply_adds_per_s"}``. What a cell bound by its
     multiply-adds can reach on this machine, measured in the same run as the cells."""
     n = MATMUL_SIZE[device]
     a, b = (
@@ -334,7 +334,12 @@ def xla_matmul_rate(device: str, dtype, reps: int, rng: random.Random) -> dict:
     dot = jax.jit(jnp.dot).lower(a, b).compile()
     times = time_interleaved({"dot": lambda: jax.block_until_ready(dot(a, b))}, reps, rng)
     ms = 1e3 * statistics.median(times["dot"][0])
-    return {"n": n, "median_ms": ms, "g_multiply_adds_per_s": n**3 / ms / 1e6}
+    return {
+        "n": n,
+        "dtype": jnp.dtype(dtype).name,
+        "median_ms": ms,
+        "g_multiply_adds_per_s": n**3 / ms / 1e6,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,9 +663,8 @@ def main(argv=None):
                     json.dump({"meta": meta, "tune": rows}, f, indent=1)
         return
     results = []
-    matmul_dtype = jnp.dtype(args.matmul_dtype or args.dtype)
+    matmul_dtype = args.matmul_dtype or args.dtype
     meta["xla_matmul"] = xla_matmul_rate(args.device, matmul_dtype, args.reps, rng)
-    meta["xla_matmul"]["dtype"] = matmul_dtype.name
     print(f"xla_matmul: {json.dumps(meta['xla_matmul'])}", flush=True)
 
     def write(**extra):

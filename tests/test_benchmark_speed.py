@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from jaxrnn._src import native
 
 SPEED = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
@@ -100,7 +101,7 @@ def test_tune_rows_feed_the_gpu_table_proposal(tmp_path):
 def test_isa_avx2_caps_every_library(tmp_path):
     """``--isa avx2``: jaxrnn's kernel built for x86-64-v3 (its 8-lane code); PyTorch on its
     AVX2 kernels; what was set is in the report."""
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if not native.on_x86_64():
         pytest.skip("AVX2 is an x86 instruction set")
     pytest.importorskip("torch")
     report, stdout = _run(tmp_path, "--isa", "avx2", "--cells", "lstm:2:5:8", "--peers", "torch")

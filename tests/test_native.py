@@ -1058,9 +1058,7 @@ def test_the_arch_names_the_build(monkeypatch, tmp_path):
     assert [c for c in calls[1] if c.startswith("-march")] == ["-march=x86-64"]
 
 
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
-)
+@pytest.mark.skipif(not native.on_x86_64(), reason="x86-64-v3 is an x86 baseline")
 def test_the_avx2_build_equals_the_reference():
     """The kernel built for ``x86-64-v3`` (AVX2 and FMA, none of the AVX-512 code: 8-lane
     vectors, tiles of 3 rows), as on a CPU without AVX-512, where it runs by default: this
@@ -1097,9 +1095,7 @@ _LSTM_UNROLL = (
 )
 
 
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 baseline"
-)
+@pytest.mark.skipif(not native.on_x86_64(), reason="x86-64-v3 is an x86 baseline")
 def test_the_avx2_build_runs_by_default():
     """Built for AVX2 without AVX-512, the kernel runs, in 8 lanes, without a warning."""
     code = _LSTM_UNROLL + (
@@ -1111,9 +1107,7 @@ def test_the_avx2_build_runs_by_default():
     assert _in_a_fresh_process(code, JAXRNN_NATIVE_ARCH="x86-64-v3") == "ok"
 
 
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 is an x86 baseline"
-)
+@pytest.mark.skipif(not native.on_x86_64(), reason="x86-64 is an x86 baseline")
 def test_without_avx2_it_keeps_xla_without_a_warning():
     """Built for x86-64's baseline (SSE2: no vector of the kernel is one register), the kernel
     is not used unless forced (`native.available`); forced, its results equal XLA's loop's."""

@@ -181,7 +181,10 @@ def _build(compiler: str) -> pathlib.Path:
     raise RuntimeError(f"no writable cache directory for the kernel (tried {_cache_dir()})")
 
 
-_X86 = ("x86_64", "amd64", "i386", "i686")
+def on_x86_64() -> bool:
+    """Whether this is an x86-64 CPU (Linux's ``x86_64``, Windows' ``AMD64``), where the kernel
+    has its vector builds; jaxlib has no other x86."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 @functools.cache
@@ -204,7 +207,7 @@ def _may_have_vectors() -> bool:
     waits for the compiler nor sees its warnings: False on a CPU other than x86 (ARM), and,
     built for this CPU (``-march=native``), on one that Linux lists without AVX2 or FMA.
     Elsewhere (a named ``JAXRNN_NATIVE_ARCH``, flags unknown) the build answers."""
-    if platform.machine().lower() not in _X86:
+    if not on_x86_64():
         return False
     if (os.environ.get("JAXRNN_NATIVE_ARCH", "").strip() or "native") != "native":
         return True  # (`_load` checks the name, and warns where it is bad)
