@@ -142,9 +142,24 @@ def _jax_runner(fwd: Callable, loss: Callable, args: tuple, mesh=None):
     return out
 
 
-def jaxrnn_runner(kind, xs_bm, dtype, *, reference=False, matmul_dtype=None, mesh=None):
+def jaxrnn_runner(
+    kind, xs_bm, dtype, *, reference=False, matmul_dtype=None, mesh=None, network=(1, False)
+):
+    """``network = (layers, bidirectional)``: past one layer or one direction, the network
+    `jaxrnn.stack` builds (each layer's inputs the previous layer's outputs)."""
     hidden = xs_bm.shape[-1]
     cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
+    if network != (1, False):
+        if reference or matmul_dtype is not None:
+            return None  # the plain scan and matmul_dtype are single-layer runs
+        net = jaxrnn.stack(cell, network[0], bidirectional=network[1])
+        net_params = net.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
+
+        def run_net(params, xs):
+            return net.apply(params, xs)[0]
+
+        loss = lambda p, x: jnp.sum(run_net(p, x).astype(jnp.float32))  # noqa: E731
+        return _jax_runner(run_net, loss, (net_params, xs_bm), mesh)
     params = cell.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
 
     if reference:  # the plain hoisted lax.scan, unroll 8, differentiated by JAX
@@ -183,14 +198,28 @@ def host_mesh(n: int, batch: int):
     return jax.make_mesh((n,), ("batch",), devices=jax.devices()[:n])
 
 
-def flax_runner(kind, xs_bm, dtype):
+def flax_runner(kind, xs_bm, dtype, network=(1, False)):
+    """Flax's ``nn.RNN``; for a network, ``layers`` of them, each direction pair in
+    ``nn.Bidirectional`` (outputs concatenated, as PyTorch and `jaxrnn.stack` do)."""
     import flax.linen as nn
 
     hidden = xs_bm.shape[-1]
     cell_cls = {"elman": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[kind]
-    model = nn.RNN(cell_cls(hidden, dtype=dtype, param_dtype=dtype))
+    layers, bidirectional = network
+
+    class Network(nn.Module):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, xs):
+            make = lambda: nn.RNN(cell_cls(hidden, dtype=self.dtype, param_dtype=self.dtype))  # noqa: E731
+            for _ in range(layers):
+                xs = nn.Bidirectional(make(), make())(xs) if bidirectional else make()(xs)
+            return xs
+
+    model = Network(dtype)
     # Flax's orthogonal initializer has no bfloat16: initialize in float32, then cast.
-    params = nn.RNN(cell_cls(hidden)).init(jax.random.PRNGKey(0), xs_bm.astype(jnp.float32))
+    params = Network().init(jax.random.PRNGKey(0), xs_bm.astype(jnp.float32))
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
     def run(params, xs):
@@ -199,32 +228,36 @@ def flax_runner(kind, xs_bm, dtype):
     return _jax_runner(run, lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), (params, xs_bm))
 
 
-def cudnn_runner(kind, xs_bm, dtype):
+def cudnn_runner(kind, xs_bm, dtype, network=(1, False)):
     """LSTM through ``jax.experimental.rnn`` (cuDNN from JAX); GPU only."""
     if kind != "lstm" or jax.default_backend() != "gpu":
         return None
     from jax.experimental import rnn
 
     batch, _, hidden = xs_bm.shape
-    weights = rnn.init_lstm_weight(jax.random.PRNGKey(0), hidden, hidden, 1, False).astype(dtype)
-    zeros = jnp.zeros((1, batch, hidden), dtype)
+    layers, bi = network
+    key = jax.random.PRNGKey(0)
+    weights = rnn.init_lstm_weight(key, hidden, hidden, layers, bi).astype(dtype)
+    zeros = jnp.zeros((layers * (1 + bi), batch, hidden), dtype)
     lengths = jnp.full((batch,), xs_bm.shape[1], jnp.int32)
 
     def run(weights, xs):
-        ys, _, _ = rnn.lstm(xs, zeros, zeros, weights, lengths, hidden, hidden, 1, 0.0, False)
+        ys, _, _ = rnn.lstm(xs, zeros, zeros, weights, lengths, hidden, hidden, layers, 0.0, bi)
         return ys
 
     return _jax_runner(run, lambda w, x: jnp.sum(run(w, x).astype(jnp.float32)), (weights, xs_bm))
 
 
-def torch_runner(kind, xs_bm, dtype, device):
+def torch_runner(kind, xs_bm, dtype, device, network=(1, False)):
     import torch
 
     hidden = xs_bm.shape[-1]
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[jnp.dtype(dtype).name]
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     module = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
-    model = module(hidden, hidden).to(dev, tdtype)
+    layers, bidirectional = network
+    model = module(hidden, hidden, num_layers=layers, bidirectional=bidirectional)
+    model = model.to(dev, tdtype)
     # After a dtype change cuDNN's weights are no longer one contiguous block, and PyTorch
     # warns that it compacts them at every call: compact them once, here.
     model.flatten_parameters()
@@ -312,14 +345,23 @@ def torch_info(device):
 MATMUL_SIZE = {"cpu": 2048, "gpu": 8192}  # the side of `xla_matmul_rate`'s square matmul
 
 
-def multiply_adds(kind: str, batch: int, time_: int, hidden: int, pass_: str) -> int:
+def multiply_adds(
+    kind: str, batch: int, time_: int, hidden: int, pass_: str, network=(1, False)
+) -> int:
     """The multiply-adds of a cell's matmuls, input size = hidden size. Forward: the input
     projection ``x W_x`` and the recurrent ``h W_h``, ``T·B·G·H·(I + H)`` for ``G`` gate blocks
     (Elman 1, LSTM 4, GRU 3). A gradient adds the backward recurrence (``ct W_hᵀ``), the input
     gradient (``ct W_xᵀ``) and the weight gradients (``xᵀ ct``, ``h_inᵀ ct``): three times the
-    forward's. Elementwise work (the gates) is not counted."""
+    forward's. Elementwise work (the gates) is not counted. A network of ``(layers,
+    bidirectional)`` counts every layer and direction, ``I = D·H`` from the second layer on for
+    ``D`` directions."""
     gates = fastpath._N_GATES[getattr(jaxrnn, kind)(hidden).kind]
-    forward = time_ * batch * gates * hidden * (hidden + hidden)
+    layers, bidirectional = network
+    directions = 2 if bidirectional else 1
+    forward = 0
+    for layer in range(layers):
+        inputs = hidden if layer == 0 else directions * hidden
+        forward += directions * time_ * batch * gates * hidden * (inputs + hidden)
     return forward * (3 if pass_ == "fwdbwd" else 1)
 
 
@@ -379,23 +421,25 @@ def bench_cell(spec, args, rng):
     dtype = jnp.dtype(args.dtype)
     xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time_, hidden), jnp.float32).astype(dtype)
     mesh = host_mesh(args.host_devices, batch)
+    net = (args.layers, args.bidirectional)
+    md = args.matmul_dtype
     builders = {
-        "jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype, mesh=mesh)
+        "jaxrnn": lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=md, mesh=mesh, network=net)
     }
     for peer in args.peers:
         if peer == "torch":
-            builders[peer] = lambda: torch_runner(kind, xs, dtype, args.device)
+            builders[peer] = lambda: torch_runner(kind, xs, dtype, args.device, network=net)
         elif peer == "flax":
-            builders[peer] = lambda: flax_runner(kind, xs, dtype)
+            builders[peer] = lambda: flax_runner(kind, xs, dtype, network=net)
         elif peer == "cudnn":
-            builders[peer] = lambda: cudnn_runner(kind, xs, dtype)
+            builders[peer] = lambda: cudnn_runner(kind, xs, dtype, network=net)
         elif peer == "scan":
-            builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, reference=True)
+            builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, reference=True, network=net)
         elif peer == "jaxrnn1":
-            builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=args.matmul_dtype)
+            builders[peer] = lambda: jaxrnn_runner(kind, xs, dtype, matmul_dtype=md, network=net)
         elif peer == "xla":  # jaxrnn with its kernels off
             builders[peer] = lambda: without_kernels(
-                jaxrnn_runner, kind, xs, dtype, matmul_dtype=args.matmul_dtype, mesh=mesh
+                jaxrnn_runner, kind, xs, dtype, matmul_dtype=md, mesh=mesh, network=net
             )
     built = {}
     for name, build in builders.items():
@@ -407,12 +451,14 @@ def bench_cell(spec, args, rng):
         if runner is not None:
             built[name] = runner
     result = {"cell": spec, "kind": kind, "batch": batch, "time": time_, "hidden": hidden}
+    result["layers"], result["bidirectional"] = net
     result["jaxrnn_devices"] = 1 if mesh is None else mesh.size
     result["multiply_adds"] = {}
     for pass_ in args.passes:
         runners = {name: r[pass_][0] for name, r in built.items()}
         times = time_interleaved(runners, args.reps, rng, args.warm_ms / 1e3)
-        count = result["multiply_adds"][pass_] = multiply_adds(kind, batch, time_, hidden, pass_)
+        count = multiply_adds(kind, batch, time_, hidden, pass_, net)
+        result["multiply_adds"][pass_] = count
         result[pass_] = {
             name: {
                 "median_ms": 1e3 * statistics.median(ts),
@@ -458,6 +504,13 @@ def tune(args, rng):
         yield rows
 
 
+def network_label(layers: int, bidirectional: bool) -> str:
+    """`` ×2 layers, bidirectional`` and the like for a network; empty for one cell."""
+    if layers == 1 and not bidirectional:
+        return ""
+    return f" ×{layers} layers" + (", bidirectional" if bidirectional else "")
+
+
 def markdown(results, passes, peers, matmul=None) -> str:
     """The table: per cell and pass, each runner's median, the ratios, and (given ``matmul``,
     `xla_matmul_rate`'s result) jaxrnn's multiply-adds a second, G, and that against XLA's
@@ -473,6 +526,7 @@ def markdown(results, passes, peers, matmul=None) -> str:
             row = r[pass_]
             ours = row["jaxrnn"]["median_ms"]
             label = f"{r['kind']} {r['batch']} {r['time']} {r['hidden']}"
+            label += network_label(r.get("layers", 1), r.get("bidirectional", False))
             if r.get("jaxrnn_devices", 1) > 1:
                 label += f" [{r['jaxrnn_devices']} devices]"
             cells = [label, pass_, f"{ours:.2f}"]
@@ -561,6 +615,18 @@ def main(argv=None):
         help="jaxrnn's matmul operands in this dtype, accumulating in --dtype (unroll's "
         "matmul_dtype); peers unchanged",
     )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="time networks of this many layers (jaxrnn.stack, PyTorch's num_layers, Flax's "
+        "nn.RNN stacked) instead of single cells; input size = hidden size",
+    )
+    parser.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="every layer both ways, outputs concatenated (with --layers)",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per cell and pass")
     parser.add_argument(
         "--warm-ms",
@@ -593,6 +659,11 @@ def main(argv=None):
         if args.device != "cpu":
             raise SystemExit("--isa: CPU only (--device cpu)")
         cap_isa()
+    if args.layers < 1:
+        raise SystemExit(f"--layers must be at least 1, got {args.layers}")
+    network = args.layers > 1 or args.bidirectional
+    if network and (args.tune or args.matmul_dtype):
+        raise SystemExit("--layers/--bidirectional: not with --tune or --matmul-dtype")
     if args.host_devices > 1:
         if args.device != "cpu":
             raise SystemExit("--host-devices: CPU only (--device cpu)")
@@ -640,6 +711,8 @@ def main(argv=None):
         "reps": args.reps,
         "warm_ms": args.warm_ms,
         "host_devices": args.host_devices,
+        "layers": args.layers,
+        "bidirectional": args.bidirectional,
         "isa": args.isa,
         "isa_environment": {k: os.environ[k] for k in AVX2_ENVIRONMENT if args.isa != "native"},
         "torch": torch_info(args.device) if "torch" in args.peers else None,
@@ -684,6 +757,8 @@ def main(argv=None):
     print(f"ratio = peer time / jaxrnn time (> 1: jaxrnn faster); median of {args.reps}, ")
     md = f", jaxrnn matmuls in {args.matmul_dtype}" if args.matmul_dtype else ""
     hd = f", jaxrnn batch over {args.host_devices} CPU devices" if args.host_devices > 1 else ""
+    if network:
+        hd += ", networks" + network_label(args.layers, args.bidirectional)
     isa = ", every library capped at AVX2" if args.isa == "avx2" else ""
     print(f"{args.device}, {args.dtype}{md}{hd}{isa}, jax {jax.__version__}")
     xm = meta["xla_matmul"]

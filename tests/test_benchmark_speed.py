@@ -65,6 +65,41 @@ def test_quick_run_reports_every_runner_and_ratio(tmp_path):
     assert cpu["native_lanes"] in ((16, 8, 0) if cpu["native_kernel"] else (None,))
 
 
+def test_networks_time_every_layer_and_direction(tmp_path):
+    """``--layers 2 --bidirectional``: jaxrnn's `stack`, Flax's stacked ``nn.Bidirectional``
+    and jaxrnn with its kernels off (PyTorch's ``num_layers`` where it is installed) run the
+    same network; the multiply-adds count both directions of both layers, the second layer's
+    inputs ``2H`` wide; the single-layer plain scan is not a network and is left out."""
+    pytest.importorskip("torch")
+    report, stdout = _run(
+        tmp_path, "--cells", "lstm:2:5:8", "--layers", "2", "--bidirectional",
+        "--peers", "torch,flax,xla,scan",
+    )  # fmt: skip
+    (r,) = report["results"]
+    assert (r["layers"], r["bidirectional"]) == (2, True)
+    assert (report["meta"]["layers"], report["meta"]["bidirectional"]) == (2, True)
+    forward = 2 * 5 * 2 * 4 * 8 * ((8 + 8) + (16 + 8))  # D·T·B·G·H·(I + H), layer by layer
+    assert r["multiply_adds"] == {"fwd": forward, "fwdbwd": 3 * forward}
+    for pass_ in ("fwd", "fwdbwd"):
+        assert set(r[pass_]) == {"jaxrnn", "torch", "flax", "xla"}
+    assert "| lstm 2 5 8 ×2 layers, bidirectional | fwdbwd |" in stdout
+    assert "networks ×2 layers, bidirectional" in stdout
+
+
+def test_network_options_are_checked():
+    for argv, message in (
+        (["--layers", "0"], "--layers must be at least 1, got 0"),
+        (["--bidirectional", "--matmul-dtype", "bfloat16"], "not with --tune or --matmul-dtype"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(SPEED), "--device", "cpu", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0 and message in proc.stderr
+
+
 def test_host_devices_shard_the_batch(tmp_path):
     """``--host-devices 2``: jaxrnn runs batch-sharded over two CPU devices where the batch
     divides, on one device where it does not; ``jaxrnn1`` is the one-device run."""
