@@ -48,10 +48,8 @@
 #include <vector>
 
 #if defined(__linux__)
-#include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
-#include <sys/uio.h>
 #include <unistd.h>
 #endif
 
@@ -126,111 +124,33 @@ using Packed = std::vector<float, Uninitialized<float>>;
 // a cycle).
 using Halves = std::vector<uint16_t, Aligned<uint16_t>>;
 
-// Asks for transparent huge pages (2 MiB) under a large buffer that is not yet in memory.
-// XLA:CPU allocates its temporaries for a call as one block, and glibc maps a block of 32 MiB
-// or more anew in each call, so the first write of every 4 KiB page faults: about 0.45 ms per
-// MiB on a 2-core Intel Xeon virtual machine, 0.14 under huge pages (the gradient pass of LSTM
-// B64 T128 H512 took 65 000 faults a call). So where a buffer of at least 1 MiB is not
-// resident (mincore on its first whole page), the advice covers the whole mapping it lies in,
-// when that mapping is exactly one block glibc mapped for one allocation (its chunk header,
-// at the mapping's start, holds the mapping's size with the IS_MMAPPED bit: the block of the
-// call, whose other buffers XLA's own operations write too); else the 2 MiB-aligned inside
-// of the buffer itself. Memory the allocator reuses, already resident, is left as it is.
-// `advised` keeps the range advised last, so that a call's other buffers in the same block
-// look nothing up again. Linux only (MADV_HUGEPAGE takes effect where the system's
-// transparent_hugepage setting is "madvise" or "always"); a hint, never an error.
-struct Advised {
-  uintptr_t lo = 0, hi = 0;
-};
-
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-// The anonymous private mapping [lo, hi) that holds `p`, from /proc/self/maps; false where
-// there is none or the file cannot be read.
-bool anonymous_mapping(uintptr_t p, uintptr_t* lo, uintptr_t* hi) {
-  const int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  std::vector<char> storage(size_t{1} << 16);  // lines of the file, a block at a time
-  char* const buf = storage.data();
-  const size_t size = storage.size();
-  size_t have = 0;
-  bool found = false, done = false;
-  while (!done) {
-    const ssize_t got = read(fd, buf + have, size - 1 - have);
-    if (got <= 0) break;
-    have += static_cast<size_t>(got);
-    buf[have] = 0;
-    char* line = buf;
-    for (char* nl; (nl = std::strchr(line, '\n')) != nullptr; line = nl + 1) {
-      // "lo-hi perms offset dev inode [path]"
-      char* q = line;
-      const uintptr_t a = std::strtoull(q, &q, 16);
-      const uintptr_t b = std::strtoull(q + 1, &q, 16);
-      if (a > p) {
-        done = true;
-        break;
-      }
-      if (p >= b) continue;
-      const char* perms = q + 1;
-      q += 6;
-      const unsigned long long offset = std::strtoull(q, &q, 16);
-      while (*q == ' ') ++q;
-      while (*q != ' ' && *q != '\n') ++q;  // dev
-      const unsigned long long inode = std::strtoull(q, &q, 10);
-      while (*q == ' ') ++q;
-      found = perms[0] == 'r' && perms[1] == 'w' && perms[3] == 'p' && offset == 0 &&
-              inode == 0 && *q == '\n';
-      if (found) {
-        *lo = a;
-        *hi = b;
-      }
-      done = true;
-      break;
-    }
-    const size_t rest = have - static_cast<size_t>(line - buf);
-    std::memmove(buf, line, rest);
-    have = rest;
-    if (have >= size - 1) break;  // a line longer than the buffer: give up
-  }
-  close(fd);
-  return found;
-}
-#endif
-
-void advise_huge_pages(const void* data, size_t bytes, Advised* advised) {
+// Asks for transparent huge pages (2 MiB) under a large result buffer that is not yet in
+// memory. XLA:CPU allocates its temporaries for a call as one block, and glibc maps a block of
+// 32 MiB or more anew in each call, so the first write of every 4 KiB page faults: about 0.45
+// ms per MiB on a 2-core Intel Xeon virtual machine, 0.14 under huge pages (the gradient pass
+// of LSTM B64 T128 H512 took 65 000 faults a call). Where a buffer of at least 1 MiB is not
+// resident (mincore on its first whole page: memory the allocator reuses is left as it is),
+// the advice covers the 2 MiB pages the buffer touches, reaching past its ends into whatever
+// lies around it, less than 2 MiB each side (in the block: other temporaries, which XLA
+// writes in the same call), so that a buffer smaller than 4 MiB, or not aligned, gets huge
+// pages too. Linux only (MADV_HUGEPAGE takes effect where the system's transparent_hugepage
+// setting is "madvise" or "always"; it changes no contents); a hint, never an error.
+void advise_huge_pages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const uintptr_t p = reinterpret_cast<uintptr_t>(data);
-  if (bytes < (uintptr_t{1} << 20) || (p >= advised->lo && p < advised->hi)) return;
   const uintptr_t probe = (p + page - 1) & ~(page - 1);
   unsigned char resident = 0;
-  if (probe + page > p + bytes || mincore(reinterpret_cast<void*>(probe), 1, &resident) != 0 ||
-      (resident & 1))
+  if (bytes < (uintptr_t{1} << 20) || probe + page > p + bytes ||
+      mincore(reinterpret_cast<void*>(probe), 1, &resident) != 0 || (resident & 1))
     return;
-  uintptr_t lo = 0, hi = 0;
-  constexpr size_t kMmapped = 2;  // glibc's IS_MMAPPED bit of a chunk's size
-  size_t head = 0;
-  if (anonymous_mapping(p, &lo, &hi)) {
-    // The chunk header's size field, read through the kernel: where the mapping is several
-    // merged into one, its start may belong to another allocation, freed meanwhile, and a
-    // plain load there could fault.
-    iovec local{&head, sizeof(head)};
-    iovec remote{reinterpret_cast<void*>(lo + sizeof(size_t)), sizeof(head)};
-    if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != sizeof(head)) head = 0;
-  }
-  if (head != ((hi - lo) | kMmapped)) {
-    lo = p;
-    hi = p + bytes;
-  }
-  const uintptr_t begin = (lo + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = hi & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  advised->lo = lo;
-  advised->hi = hi;
+  const uintptr_t begin = p & ~(kHuge - 1);
+  const uintptr_t end = (p + bytes + kHuge - 1) & ~(kHuge - 1);
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
   (void)data;
   (void)bytes;
-  (void)advised;
 #endif
 }
 
@@ -1859,12 +1779,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     base.h_in = h_in->typed_data();
   }
   if (huge_pages) {
-    Advised advised;
-    advise_huge_pages(ys->typed_data(), flags * H * sizeof(float), &advised);
-    if (base.h_in != nullptr) advise_huge_pages(base.h_in, flags * H * sizeof(float), &advised);
+    advise_huge_pages(ys->typed_data(), flags * H * sizeof(float));
+    if (base.h_in != nullptr) advise_huge_pages(base.h_in, flags * H * sizeof(float));
     for (int k = 0; k < 4; ++k)
       if (base.res[k] != nullptr)
-        advise_huge_pages(base.res[k], flags * H * layout.width[k] * sizeof(float), &advised);
+        advise_huge_pages(base.res[k], flags * H * layout.width[k] * sizeof(float));
   }
 
   const int x_rows = projected ? 0 : I;
@@ -2278,9 +2197,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct_ys, ffi::Buff
   base.panel_rows = panel_rows(forced_panel_rows);
   // ct_u takes coef[0]'s buffer (written by the forward kernel; the Elman's, ct_ys's); ct_v is
   // new.
-  Advised advised;
   if (huge_pages && base.ct_v != nullptr)
-    advise_huge_pages(base.ct_v, flags * GH * sizeof(float), &advised);
+    advise_huge_pages(base.ct_v, flags * GH * sizeof(float));
 
   const int n = thread_count(threads, static_cast<int>(pool.num_threads()), B, G, H);
   const int rows_m = B / members;
