@@ -8,6 +8,7 @@ Usage::
     python benchmarks/speed.py --device cpu --tune          # measure the unroll table
     python benchmarks/speed.py --device cpu --host-devices 2 --peers torch,jaxrnn1
     python benchmarks/speed.py --device cpu --isa avx2     # as on a CPU without AVX-512
+    python benchmarks/speed.py --device cpu --cells lstm:16:256:128 --layers 2 --bidirectional
 
 Method: every library gets the same random inputs and weights of the same sizes (input size =
 hidden size), in its own default layout (jaxrnn and Flax batch-major, PyTorch time-major). JAX
