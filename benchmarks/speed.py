@@ -150,20 +150,17 @@ def jaxrnn_runner(
     `jaxrnn.stack` builds (each layer's inputs the previous layer's outputs)."""
     hidden = xs_bm.shape[-1]
     cell = {"elman": jaxrnn.elman, "lstm": jaxrnn.lstm, "gru": jaxrnn.gru}[kind](hidden)
-    if network != (1, False):
-        if reference or matmul_dtype is not None:
-            return None  # the plain scan and matmul_dtype are single-layer runs
-        net = jaxrnn.stack(cell, network[0], bidirectional=network[1])
-        net_params = net.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
+    is_network = network != (1, False)
+    if is_network and (reference or matmul_dtype is not None):
+        return None  # the plain scan and matmul_dtype are single-layer runs
+    model = jaxrnn.stack(cell, network[0], bidirectional=network[1]) if is_network else cell
+    params = model.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
 
-        def run_net(params, xs):
-            return net.apply(params, xs)[0]
+    if is_network:
 
-        loss = lambda p, x: jnp.sum(run_net(p, x).astype(jnp.float32))  # noqa: E731
-        return _jax_runner(run_net, loss, (net_params, xs_bm), mesh)
-    params = cell.init(jax.random.PRNGKey(0), hidden, dtype=dtype)
-
-    if reference:  # the plain hoisted lax.scan, unroll 8, differentiated by JAX
+        def run(params, xs):
+            return model.apply(params, xs)[0]
+    elif reference:  # the plain hoisted lax.scan, unroll 8, differentiated by JAX
 
         def run(params, xs):
             xs_tm = jnp.moveaxis(xs, 1, 0)
