@@ -6,6 +6,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import (
     FAST_CELLS,
@@ -18,6 +19,7 @@ from conftest import (
     mode_inputs,
     random_carry,
     random_like,
+    reference_unroll,
 )
 from jax.test_util import check_grads
 
@@ -385,6 +387,106 @@ def test_bf16_matmuls_in_every_pass(cell_name):
     # float32 operands are the default computation, bit for bit.
     same = jax.grad(loss, argnums=(0, 1))(params, xs, jnp.float32)
     assert_trees_close(same, jax.grad(loss, argnums=(0, 1))(params, xs, None), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# bfloat16 data: inputs, params and carry in bfloat16.
+
+BF16 = jnp.bfloat16
+BF16_MODES = ("batch_major", "no_batch", "everything", "everything_time_major_reverse")
+
+
+def _as(tree, dtype):
+    """``tree``'s floating leaves cast to ``dtype``."""
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _close_to_scale(actual, expected, tol):
+    """Every element within ``tol`` times its array's scale (its largest magnitude, at least
+    1): bfloat16 rounds relative to each value, and the errors of a step carry into the next
+    in proportion to the states' size (a ReLU Elman's grow past 1)."""
+
+    def check(a, e):
+        e = np.asarray(e, np.float64)
+        bound = tol * max(1.0, float(np.max(np.abs(e), initial=0.0)))
+        np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=0, atol=bound)
+
+    jax.tree_util.tree_map(check, actual, expected)
+
+
+def _bf16_inputs(cell_name, mode):
+    """A cell, bfloat16 params (biases too: drawn, not zero) and one mode's bfloat16 inputs."""
+    cell = FAST_CELLS[cell_name](HIDDEN)
+    params = random_like(cell.init(fresh_key(), INPUT_SIZE, dtype=BF16), 0.7)
+    xs, carry, kwargs = mode_inputs(cell, mode, BF16)
+    if carry is not None:
+        carry = _as(carry, BF16)
+    return cell, params, xs, carry, kwargs
+
+
+@pytest.mark.parametrize("path", ["default", "xla_loop"])
+@pytest.mark.parametrize("mode", BF16_MODES)
+@pytest.mark.parametrize("cell_name", MAIN_CELLS + ("elman_relu", "gru_nobias"))
+def test_bfloat16_data_follows_the_loop_over_step(cell_name, mode, path, monkeypatch):
+    """bfloat16 in, bfloat16 out (outputs and final carry), near the loop over ``cell.step``
+    in bfloat16 and near the float32 loop on the same values. Both paths: the default (on a
+    CPU whose native kernel multiplies bfloat16, the kernel in float32 with bfloat16 matmul
+    operands: `fastpath.bf16_data_on_kernel`) and XLA's loop in bfloat16."""
+    if path == "xla_loop":
+        monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    cell, params, xs, carry, kwargs = _bf16_inputs(cell_name, mode)
+    ys, final = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))(params, xs, carry)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((ys, final))} == {jnp.dtype(BF16)}
+    loop_kwargs = {k: v for k, v in kwargs.items() if k != "unroll"}
+    in_bf16 = reference_unroll(cell, params, xs, carry, **loop_kwargs)
+    in_f32 = reference_unroll(
+        cell, _as(params, jnp.float32), xs.astype(jnp.float32), _as(carry, jnp.float32),
+        **loop_kwargs,
+    )  # fmt: skip
+    actual = _as((ys, final), jnp.float32)
+    _close_to_scale(actual, _as(in_f32, jnp.float32), 2e-2)
+    _close_to_scale(actual, _as(in_bf16, jnp.float32), 3e-2)
+
+
+@pytest.mark.parametrize("path", ["default", "xla_loop"])
+@pytest.mark.parametrize("cell_name", MAIN_CELLS)
+def test_bfloat16_data_gradients(cell_name, path, monkeypatch):
+    """Gradients of bfloat16 params, inputs and carry are bfloat16, near those of the float32
+    reference scan on the same values; forward mode runs too."""
+    if path == "xla_loop":
+        monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    cell, params, xs, carry, kwargs = _bf16_inputs(cell_name, "everything_time_major_reverse")
+
+    def loss(p, x, c):
+        ys, final = jaxrnn.unroll(cell, p, x, c, **kwargs)
+        leaves = jax.tree_util.tree_leaves((ys, final))
+        return sum(jnp.sum(jnp.sin(2.0 * leaf.astype(jnp.float32))) for leaf in leaves)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(BF16)}
+    up = [_as(a, jnp.float32) for a in (params, xs, carry)]
+    with reference_path():
+        expected = jax.jit(jax.grad(lambda p, x, c: loss(p, x, c), argnums=(0, 1, 2)))(*up)
+    _close_to_scale(_as(grads, jnp.float32), expected, 3e-2)
+    tangent = jax.jvp(lambda x: loss(params, x, carry), (xs,), (random_like(xs),))[1]
+    assert jnp.isfinite(tangent)
+
+
+def test_bfloat16_data_on_the_kernel_where_it_multiplies_bfloat16(monkeypatch):
+    """`fastpath.bf16_data_on_kernel`: a CPU whose native kernel multiplies bfloat16, a
+    built-in kind, bfloat16 inputs; never elsewhere."""
+    xs = jnp.zeros((TIME, 3, INPUT_SIZE), BF16)
+    on_cpu = jax.default_backend() == "cpu" and native.available() and native.bf16_available()
+    for kind in fastpath.KINDS:
+        assert fastpath.bf16_data_on_kernel(kind, xs, 8) == on_cpu
+        assert not fastpath.bf16_data_on_kernel(kind, xs.astype(jnp.float32), 8)
+        assert not fastpath.bf16_data_on_kernel(kind, xs.astype(jnp.float16), 8)
+        assert not fastpath.bf16_data_on_kernel(kind, xs, 8, backend="gpu")
+        assert not fastpath.bf16_data_on_kernel(kind, xs[:, :0], 8)
+    monkeypatch.setattr(native, "bf16_available", lambda: False)
+    assert not fastpath.bf16_data_on_kernel("lstm", xs, 8, backend="cpu")
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,70 @@ def test_bf16_kernel_equals_xla_in_every_mode(cell_name, mode, monkeypatch):
     assert float(jnp.max(jnp.abs(float32[0] - actual[0]))) > 1e-4
 
 
+def _as(tree, dtype):
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _bf16_rounding_of(actual, expected, worst=8e-3, equal=0.98):
+    """``actual`` (bfloat16) is ``expected`` (float32) rounded to bfloat16: at least ``equal``
+    of the elements exactly (measured: 99.3 % and more), every one within ``worst`` of its
+    array's scale, two bfloat16 steps (measured: within 5e-4): float32 sums in another order
+    move a few values across a rounding boundary, and what follows from them (the module's
+    docstring)."""
+    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+        assert a.dtype == BF16 and a.shape == e.shape
+        if a.size == 0:
+            continue
+        a, rounded = np.asarray(a, np.float64), np.asarray(e.astype(BF16), np.float64)
+        e = np.asarray(e, np.float64)
+        scale = max(1.0, float(np.max(np.abs(e))))
+        error = float(np.max(np.abs(a - rounded))) / scale
+        assert error <= worst, f"max error {error:.3g} > {worst}"
+        share = float(np.mean(a == rounded))
+        assert share >= equal, f"{share:.3f} of the elements are the rounded float32 ones"
+
+
+@needs_bf16
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cell_name", MAIN)
+def test_bfloat16_data_is_the_kernel_on_float32_values(cell_name, mode, monkeypatch):
+    """bfloat16 inputs, params and carry run the native kernel in float32 with bfloat16
+    matmul operands (`fastpath.bf16_data_on_kernel`): the outputs and final carry are those
+    of ``matmul_dtype=bfloat16`` on the float32 values in XLA's loop, rounded to bfloat16;
+    the gradients those of that loop (its outputs rounded too), rounded."""
+    monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
+    cell = FAST_CELLS[cell_name](40)
+    params = _as(cell.init(fresh_key(), 33), BF16)
+    xs, carry, kwargs = mode_inputs(cell, mode)
+    xs = jnp.concatenate([xs] * 11, axis=-1)[..., :33].astype(BF16)
+    carry = None if carry is None else _as(carry, BF16)
+    kwargs.pop("unroll", None)
+
+    def make(md):
+        def loss(p, x, c):
+            ys, final = jaxrnn.unroll(cell, p, x, c, matmul_dtype=md, **kwargs)
+            # Rounded as the bfloat16 path's outputs are, so are their cotangents in both.
+            leaves = jax.tree_util.tree_leaves(_as((ys, final), BF16))
+            return sum(jnp.sum(jnp.sin(2.0 * leaf.astype(jnp.float32))) for leaf in leaves)
+
+        forward = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, matmul_dtype=md, **kwargs))
+        return forward, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    forward, gradient = make(None)
+    assert native.TARGET in forward.lower(params, xs, carry).as_text()
+    actual = forward(params, xs, carry), gradient(params, xs, carry)
+    with monkeypatch.context() as m:
+        m.setenv("JAXRNN_NATIVE", "0")
+        forward, gradient = make(BF16)
+        up = [_as(a, jnp.float32) for a in (params, xs, carry)]
+        assert native.TARGET not in forward.lower(*up).as_text()
+        expected = forward(*up), gradient(*up)
+    _bf16_rounding_of(actual[0], expected[0])
+    _bf16_rounding_of(actual[1], expected[1])
+
+
 @needs_bf16
 @pytest.mark.parametrize("mode", ["batch_major", "everything", "everything_time_major_reverse"])
 @pytest.mark.parametrize("cell_name", MAIN)
