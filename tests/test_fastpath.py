@@ -426,16 +426,28 @@ def _bf16_inputs(cell_name, mode):
     return cell, params, xs, carry, kwargs
 
 
-@pytest.mark.parametrize("path", ["default", "xla_loop"])
+def _bf16_path(path, monkeypatch):
+    """``"default"``; ``"float32_kernel"``: as on a CPU whose native kernel does not multiply
+    bfloat16 (where it runs); ``"xla_loop"``: the kernel off."""
+    if path == "xla_loop":
+        monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    elif path == "float32_kernel":
+        monkeypatch.setattr(native, "bf16_available", lambda: False)
+
+
+BF16_PATHS = ("default", "float32_kernel", "xla_loop")
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
 @pytest.mark.parametrize("mode", BF16_MODES)
 @pytest.mark.parametrize("cell_name", MAIN_CELLS + ("elman_relu", "gru_nobias"))
 def test_bfloat16_data_follows_the_loop_over_step(cell_name, mode, path, monkeypatch):
     """bfloat16 in, bfloat16 out (outputs and final carry), near the loop over ``cell.step``
-    in bfloat16 and near the float32 loop on the same values. Both paths: the default (on a
-    CPU whose native kernel multiplies bfloat16, the kernel in float32 with bfloat16 matmul
-    operands: `fastpath.bf16_data_on_kernel`) and XLA's loop in bfloat16."""
-    if path == "xla_loop":
-        monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    in bfloat16 and near the float32 loop on the same values, on every path
+    (`fastpath.bf16_data_on_kernel`): the native kernel in float32 with bfloat16 matmul
+    operands (by default on a CPU that multiplies bfloat16), the kernel in float32 (on one
+    that does not), and XLA's loop in bfloat16."""
+    _bf16_path(path, monkeypatch)
     cell, params, xs, carry, kwargs = _bf16_inputs(cell_name, mode)
     ys, final = jax.jit(lambda p, x, c: jaxrnn.unroll(cell, p, x, c, **kwargs))(params, xs, carry)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((ys, final))} == {jnp.dtype(BF16)}
@@ -450,13 +462,12 @@ def test_bfloat16_data_follows_the_loop_over_step(cell_name, mode, path, monkeyp
     _close_to_scale(actual, _as(in_bf16, jnp.float32), 3e-2)
 
 
-@pytest.mark.parametrize("path", ["default", "xla_loop"])
+@pytest.mark.parametrize("path", BF16_PATHS)
 @pytest.mark.parametrize("cell_name", MAIN_CELLS)
 def test_bfloat16_data_gradients(cell_name, path, monkeypatch):
     """Gradients of bfloat16 params, inputs and carry are bfloat16, near those of the float32
     reference scan on the same values; forward mode runs too."""
-    if path == "xla_loop":
-        monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    _bf16_path(path, monkeypatch)
     cell, params, xs, carry, kwargs = _bf16_inputs(cell_name, "everything_time_major_reverse")
 
     def loss(p, x, c):
@@ -474,19 +485,22 @@ def test_bfloat16_data_gradients(cell_name, path, monkeypatch):
     assert jnp.isfinite(tangent)
 
 
-def test_bfloat16_data_on_the_kernel_where_it_multiplies_bfloat16(monkeypatch):
-    """`fastpath.bf16_data_on_kernel`: a CPU whose native kernel multiplies bfloat16, a
-    built-in kind, bfloat16 inputs; never elsewhere."""
+def test_bfloat16_data_on_the_kernel_where_it_runs(monkeypatch):
+    """`fastpath.bf16_data_on_kernel`: with bfloat16 operands where the CPU's native kernel
+    multiplies bfloat16, in float32 where the kernel runs without that, else XLA's loop."""
     xs = jnp.zeros((TIME, 3, INPUT_SIZE), BF16)
-    on_cpu = jax.default_backend() == "cpu" and native.available() and native.bf16_available()
+    kernel = jax.default_backend() == "cpu" and native.available()
+    expected = None if not kernel else "bfloat16" if native.bf16_available() else "float32"
     for kind in fastpath.KINDS:
-        assert fastpath.bf16_data_on_kernel(kind, xs, 8) == on_cpu
-        assert not fastpath.bf16_data_on_kernel(kind, xs.astype(jnp.float32), 8)
-        assert not fastpath.bf16_data_on_kernel(kind, xs.astype(jnp.float16), 8)
-        assert not fastpath.bf16_data_on_kernel(kind, xs, 8, backend="gpu")
-        assert not fastpath.bf16_data_on_kernel(kind, xs[:, :0], 8)
+        assert fastpath.bf16_data_on_kernel(kind, xs, 8) == expected
+        assert fastpath.bf16_data_on_kernel(kind, xs.astype(jnp.float32), 8) is None
+        assert fastpath.bf16_data_on_kernel(kind, xs.astype(jnp.float16), 8) is None
+        assert fastpath.bf16_data_on_kernel(kind, xs, 8, backend="gpu") is None
+        assert fastpath.bf16_data_on_kernel(kind, xs[:, :0], 8) is None
     monkeypatch.setattr(native, "bf16_available", lambda: False)
-    assert not fastpath.bf16_data_on_kernel("lstm", xs, 8, backend="cpu")
+    assert fastpath.bf16_data_on_kernel("lstm", xs, 8) == ("float32" if kernel else None)
+    monkeypatch.setenv("JAXRNN_NATIVE", "0")
+    assert fastpath.bf16_data_on_kernel("lstm", xs, 8) is None
 
 
 @pytest.mark.parametrize(

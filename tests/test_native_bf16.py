@@ -168,12 +168,12 @@ def _as(tree, dtype):
     )
 
 
-def _bf16_rounding_of(actual, expected, worst=8e-3, equal=0.98):
+def _bf16_rounding_of(actual, expected, worst=8e-3, equal=0.9):
     """``actual`` (bfloat16) is ``expected`` (float32) rounded to bfloat16: at least ``equal``
-    of the elements exactly (measured: 99.3 % and more), every one within ``worst`` of its
-    array's scale, two bfloat16 steps (measured: within 5e-4): float32 sums in another order
-    move a few values across a rounding boundary, and what follows from them (the module's
-    docstring)."""
+    of the elements exactly (measured: 96 % and more, mostly over 98 %), every one within
+    ``worst`` of its array's scale, two bfloat16 steps (measured: within 6e-4): float32 sums
+    in another order move a few values across a rounding boundary, and what follows from
+    them (the module's docstring)."""
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
         assert a.dtype == BF16 and a.shape == e.shape
         if a.size == 0:
@@ -187,14 +187,22 @@ def _bf16_rounding_of(actual, expected, worst=8e-3, equal=0.98):
         assert share >= equal, f"{share:.3f} of the elements are the rounded float32 ones"
 
 
-@needs_bf16
+@pytest.mark.parametrize("operands", ["bfloat16", "float32"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cell_name", MAIN)
-def test_bfloat16_data_is_the_kernel_on_float32_values(cell_name, mode, monkeypatch):
-    """bfloat16 inputs, params and carry run the native kernel in float32 with bfloat16
-    matmul operands (`fastpath.bf16_data_on_kernel`): the outputs and final carry are those
-    of ``matmul_dtype=bfloat16`` on the float32 values in XLA's loop, rounded to bfloat16;
-    the gradients those of that loop (its outputs rounded too), rounded."""
+def test_bfloat16_data_is_the_kernel_on_float32_values(cell_name, mode, operands, monkeypatch):
+    """bfloat16 inputs, params and carry run the native kernel in float32
+    (`fastpath.bf16_data_on_kernel`), with bfloat16 matmul operands where the kernel
+    multiplies bfloat16, else float32 ones (as on a CPU without): the outputs and final carry
+    are those of the same ``matmul_dtype`` on the float32 values in XLA's loop, rounded to
+    bfloat16; the gradients those of that loop (its outputs rounded too), rounded."""
+    if operands == "bfloat16" and not native.bf16_available():
+        pytest.skip("this CPU has neither AMX tiles nor AVX512-BF16")
+    if not native.available():
+        pytest.skip("the native kernel is not used on this CPU")
+    if operands == "float32":
+        monkeypatch.setattr(native, "bf16_available", lambda: False)
+    md = BF16 if operands == "bfloat16" else None
     monkeypatch.setenv("JAXRNN_NATIVE_THREADS", "2")
     cell = FAST_CELLS[cell_name](40)
     params = _as(cell.init(fresh_key(), 33), BF16)
@@ -218,7 +226,7 @@ def test_bfloat16_data_is_the_kernel_on_float32_values(cell_name, mode, monkeypa
     actual = forward(params, xs, carry), gradient(params, xs, carry)
     with monkeypatch.context() as m:
         m.setenv("JAXRNN_NATIVE", "0")
-        forward, gradient = make(BF16)
+        forward, gradient = make(md)
         up = [_as(a, jnp.float32) for a in (params, xs, carry)]
         assert native.TARGET not in forward.lower(*up).as_text()
         expected = forward(*up), gradient(*up)

@@ -32,9 +32,8 @@ projection's tangent either way.
 On CPU (float32, no ``matmul_dtype`` or bfloat16 on a CPU with AMX or AVX512-BF16, an
 unsharded batch) the primal loop of both passes runs instead in the native kernel (`native`:
 the time loop as one FFI call on all cores), which also writes the residuals; the tangent
-rule and its transpose stay in XLA (`placements`). Where that CPU takes bfloat16 products,
-bfloat16 inputs run there too, in float32 with bfloat16 matmul operands
-(`bf16_data_on_kernel`).
+rule and its transpose stay in XLA (`placements`). bfloat16 inputs run there too, in float32
+(with bfloat16 matmul operands where the kernel multiplies bfloat16: `bf16_data_on_kernel`).
 
 Semantics are exactly those of the runner's reference scan (``unroll.run_time_major``): masked
 steps hold the carry and output zero, resets put the carry back to zeros before a step (after
@@ -921,35 +920,40 @@ def _float32(tree):
     )
 
 
-def bf16_data_on_kernel(kind, xs, hidden, backend=None) -> bool:
-    r"""Whether bfloat16 inputs run on the native CPU kernels, in float32 with bfloat16
-    matmul operands: where ``matmul_dtype=bfloat16`` on float32 inputs of this size would
-    (`placements`: a CPU whose kernel multiplies bfloat16, `native.bf16_available`; an
-    unsharded batch; non-empty inputs).
+def bf16_data_on_kernel(kind, xs, hidden, backend=None):
+    r"""Whether, and how, bfloat16 inputs run on the native CPU kernels: ``"bfloat16"``
+    where ``matmul_dtype=bfloat16`` on float32 inputs of this size would run there (a CPU
+    whose kernel multiplies bfloat16, `native.bf16_available`), else ``"float32"`` where
+    float32 inputs would (`placements`: the kernel built and used on this CPU, an unsharded
+    batch, non-empty inputs), else ``None`` (XLA's loop, in bfloat16).
 
-    There `run` computes on the inputs, params and carry cast to float32 (exactly) with
-    ``matmul_dtype=bfloat16``, and rounds the outputs and final carry to bfloat16:
+    There `run` computes on the inputs, params and carry cast to float32 (exactly), with
+    ``matmul_dtype`` the answer's (``"float32"``: none), and rounds the outputs and final
+    carry to bfloat16. With bfloat16 operands
 
     .. math::
 
         z_t = \mathrm{bf16}(x_t) \mathrm{bf16}(W_x) + \mathrm{bf16}(h_{t-1})
         \mathrm{bf16}(W_h) + b \quad \text{(exact products, float32 sums)}
 
-    with the gates, the carry between steps and the gradients in float32: what the same
-    cells compute in bfloat16 throughout (XLA's loop), less the rounding of every
-    intermediate to bfloat16 (PyTorch's oneDNN bfloat16 LSTM keeps its gates in float32
-    too). XLA's bfloat16 loop on CPU ran 5–12× slower (2 cores, LSTM B16 T256 H128 forward
-    27.9 ms against 3.8 for PyTorch's bfloat16 LSTM)."""
+    and in float32 ``h_{t-1}`` enters unrounded; either way the gates, the carry between
+    steps and the gradients stay in float32: what the same cells compute in bfloat16
+    throughout (XLA's loop), less the rounding of every intermediate to bfloat16 (PyTorch's
+    oneDNN bfloat16 LSTM keeps its gates in float32 too). On the quick grid (2 Intel cores,
+    AMX) XLA's bfloat16 loop ran 4.9–14.6× slower than the kernels with bfloat16 operands."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or xs.dtype != jnp.bfloat16 or kind not in KINDS:
-        return False
+        return None
     sharded = sharding.time_major_batch(xs) is not None
     batch = math.prod(xs.shape[1:-1])
-    modes = placements(
-        kind, batch, hidden, jnp.float32, jnp.dtype(jnp.bfloat16), backend=backend,
-        sharded=sharded, empty=xs.size == 0,
-    )  # fmt: skip
-    return modes[0] == "native"
+    for name, md in (("bfloat16", jnp.dtype(jnp.bfloat16)), ("float32", None)):
+        modes = placements(
+            kind, batch, hidden, jnp.float32, md, backend=backend, sharded=sharded,
+            empty=xs.size == 0,
+        )  # fmt: skip
+        if modes[0] == "native":
+            return name
+    return None
 
 
 def run(
@@ -969,10 +973,12 @@ def run(
     dtype = xs.dtype
     md = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
     md = None if md == dtype else md  # the input dtype: the default computation
-    if md is None and bf16_data_on_kernel(kind, xs, params[1].shape[0]):
+    on_kernel = None if md is not None else bf16_data_on_kernel(kind, xs, params[1].shape[0])
+    if on_kernel is not None:
         ys, final = run(
             cell, _float32(params), xs.astype(jnp.float32), _float32(carry), mask=mask,
-            resets=resets, reverse=reverse, unroll=unroll, matmul_dtype=jnp.bfloat16,
+            resets=resets, reverse=reverse, unroll=unroll,
+            matmul_dtype=jnp.bfloat16 if on_kernel == "bfloat16" else None,
             batch_major=batch_major,
         )  # fmt: skip
         final = jax.tree_util.tree_map(lambda a, c: a.astype(c.dtype), final, carry)

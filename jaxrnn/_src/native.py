@@ -21,12 +21,11 @@ The fast path (`fastpath.placements`) runs it on CPU in float32, without ``matmu
 with ``matmul_dtype=bfloat16`` where the CPU has AMX tiles or AVX512-BF16 (`bf16_available`:
 the forward kernel's matmuls then multiply bfloat16 operands on the tiles, or with VDPBF16PS,
 and sum in float32, its input projection in the kernel on AMX, hoisted by `HOIST_TABLE`
-without; the backward kernel multiplies
-its float32 cotangents by ``W_h`` rounded to bfloat16, exactly, on the tiles too, or without
-AMX in float32; bfloat16 inputs run there as such float32 ones,
-`fastpath.bf16_data_on_kernel`), on an unsharded batch, in both passes: the forward-only pass
-takes the outputs and final carry; the gradient pass also the residuals of the linear JVP
-rule (``h`` entering each step and the per-kind arrays of
+without; the backward kernel multiplies its float32 cotangents by ``W_h`` rounded to
+bfloat16, exactly, on the tiles too, or without AMX in float32; bfloat16 inputs run as
+float32 ones, `fastpath.bf16_data_on_kernel`), on an unsharded batch, in both passes: the
+forward-only pass takes the outputs and final carry; the gradient pass also the residuals of
+the linear JVP rule (``h`` entering each step and the per-kind arrays of
 `RESIDUAL_WIDTHS`). The gradient pass's backward loop is a second kernel (`backward`): the
 transpose of that rule's tangent loop, with the same chunks of units, each step finishing
 ``λ_h = ct_v W_hᵀ`` for its units from the previous step's published ``ct_v``.

@@ -196,11 +196,12 @@ def unroll(
       params: the cell's params (from ``cell.init``).
       xs: ``(*batch, time, input_size)``, or ``(time, *batch, input_size)`` with
         ``time_major=True``. Floating point; computation runs in its dtype, except bfloat16
-        for the built-in cells on a CPU whose native kernel multiplies bfloat16 (AMX tiles
-        or AVX512-BF16): there they run in float32 with bfloat16 matmul operands (as
-        ``matmul_dtype=jnp.bfloat16`` on the float32 values) and round the outputs and final
-        carry to bfloat16, rather than rounding every intermediate (5-16x faster than
-        bfloat16 throughout in XLA's loop; `fastpath.bf16_data_on_kernel`).
+        for the built-in cells on a CPU where the native kernel runs: there they run in
+        float32, with bfloat16 matmul operands where the kernel multiplies bfloat16 (AMX
+        tiles or AVX512-BF16; as ``matmul_dtype=jnp.bfloat16`` on the float32 values), and
+        round the outputs and final carry to bfloat16, rather than rounding every
+        intermediate (1.4-16x faster than bfloat16 throughout in XLA's loop;
+        `fastpath.bf16_data_on_kernel`).
       carry: the initial carry, as ``cell.initial_carry(batch_shape)``; default zeros.
       time_major: layout of ``xs``, ``ys``, ``mask`` and ``resets``.
       reverse: run from the last (valid) step to the first.
